@@ -1,0 +1,218 @@
+"""The shared base of every lightning_debug callback: cadence, findings, logging, report, resume."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_debug.findings import Finding, Severity
+from lightning_debug.report import (
+    FINDINGS_FILE,
+    OUTPUT_SUBDIR,
+    append_finding,
+    build_report,
+    format_markdown,
+    format_report,
+    write_report,
+)
+
+
+class DiagnosticCallback(Callback):
+    """Base class of every lightning_debug callback.
+
+    It owns the machinery each check shares, so a subclass only measures and judges:
+
+    - **cadence**: :meth:`is_measured_step` is true every ``every_n_steps`` optimizer steps (default:
+      the Trainer's ``log_every_n_steps``);
+    - **findings**: :meth:`report` records a :class:`~lightning_debug.Finding` in ``.findings``, warns
+      once per check id on rank 0, appends it to ``<log_dir>/lightning_debug/findings.jsonl`` at once,
+      and logs it as TensorBoard text;
+    - **logging**: :meth:`log_scalars` to every attached logger; images, histograms and text to
+      TensorBoard when a :class:`~lightning.pytorch.loggers.TensorBoardLogger` is attached;
+    - **report**: the first lightning_debug callback in ``Trainer(callbacks=...)`` writes the
+      end-of-run report of all of them (console table, TensorBoard text, ``report.json``) when fit ends,
+      is halted, or raises;
+    - **resume**: findings and the subclass's :meth:`extra_state` travel in the checkpoint.
+
+    Subclasses that override :meth:`setup`, :meth:`on_fit_end` or :meth:`on_exception` call ``super()``.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
+
+    Raises:
+        ValueError: if ``every_n_steps`` is not a positive integer or ``None``.
+    """
+
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"`every_n_steps` must be a positive integer or None, got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self.findings: list[Finding] = []
+        self._warned_checks: set[str] = set()
+        self._output_dir: Path | None = None
+        self._report_written = False
+        self.halted_reason: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # trainer.log_dir broadcasts from rank 0, so every rank agrees on where findings go.
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        self._output_dir = Path(log_dir) / OUTPUT_SUBDIR
+        self._report_written = False
+
+    @property
+    def output_dir(self) -> Path | None:
+        """``<log_dir>/lightning_debug`` once the trainer is set up."""
+        return self._output_dir
+
+    def measure_interval(self, trainer: pl.Trainer) -> int:
+        return self.every_n_steps or max(1, int(trainer.log_every_n_steps))
+
+    def is_measured_step(self, trainer: pl.Trainer) -> bool:
+        """Whether the optimizer step about to happen (``trainer.global_step``) is a measured one."""
+        return trainer.global_step % self.measure_interval(trainer) == 0
+
+    # ------------------------------------------------------------------ findings
+    def report(
+        self,
+        trainer: pl.Trainer,
+        check: str,
+        severity: Severity,
+        message: str,
+        hint: str,
+        data: Mapping[str, Any] | None = None,
+    ) -> Finding:
+        """Record a finding: every rank keeps it, rank 0 warns, writes and logs it at once."""
+        finding = Finding(
+            source=type(self).__name__,
+            check=check,
+            severity=severity,
+            step=int(trainer.global_step),
+            message=message,
+            hint=hint,
+            data=dict(data or {}),
+        )
+        self.findings.append(finding)
+        if not trainer.is_global_zero:
+            return finding
+        if self._output_dir is not None:
+            append_finding(self._output_dir / FINDINGS_FILE, finding)
+        self.log_text(trainer, "lightning_debug/findings", _finding_markdown(finding))
+        if check not in self._warned_checks:
+            self._warned_checks.add(check)
+            if severity == "info":
+                rank_zero_info(finding.format())
+            else:
+                rank_zero_warn(finding.format(), category=UserWarning)
+        return finding
+
+    def summary(self) -> dict[str, Any]:
+        """The callback's key numbers for the end-of-run report (override to add some)."""
+        return {}
+
+    # ------------------------------------------------------------------ logging
+    def log_scalars(self, trainer: pl.Trainer, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log scalars to every attached logger (rank 0 only), at the current global step by default."""
+        if not metrics or not trainer.is_global_zero:
+            return
+        step = int(trainer.global_step) if step is None else step
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(metrics), step=step)
+
+    @staticmethod
+    def tensorboard(trainer: pl.Trainer) -> Any | None:
+        """The first TensorBoard ``SummaryWriter`` attached to the trainer, on rank 0; else None."""
+        if not trainer.is_global_zero:
+            return None
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
+
+    def log_text(self, trainer: pl.Trainer, tag: str, text: str, step: int | None = None) -> None:
+        writer = self.tensorboard(trainer)
+        if writer is not None:
+            writer.add_text(tag, text, global_step=int(trainer.global_step) if step is None else step)
+
+    def log_image(self, trainer: pl.Trainer, tag: str, image: np.ndarray | Tensor, step: int | None = None) -> None:
+        """Log an ``(H, W, 3)`` uint8 image to TensorBoard when attached."""
+        writer = self.tensorboard(trainer)
+        if writer is not None:
+            writer.add_image(tag, image, global_step=int(trainer.global_step) if step is None else step, dataformats="HWC")
+
+    def log_histogram(self, trainer: pl.Trainer, tag: str, values: Tensor, step: int | None = None) -> None:
+        writer = self.tensorboard(trainer)
+        if writer is not None:
+            writer.add_histogram(tag, values.detach().float().cpu(), global_step=int(trainer.global_step) if step is None else step)
+
+    # ------------------------------------------------------------------ report
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        halted = [cb.halted_reason for cb in _diagnostic_callbacks(trainer) if cb.halted_reason]
+        self._write_run_report(trainer, f"halted: {halted[0]}" if halted else "completed")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._write_run_report(trainer, f"failed: {type(exception).__name__}: {exception}")
+
+    def _write_run_report(self, trainer: pl.Trainer, status: str) -> None:
+        callbacks = _diagnostic_callbacks(trainer)
+        if not callbacks or callbacks[0] is not self or self._report_written or not trainer.is_global_zero:
+            return
+        self._report_written = True
+        findings = [finding for cb in callbacks for finding in cb.findings]
+        summaries = {_summary_key(cb, callbacks): cb.summary() for cb in callbacks}
+        run_report = build_report(findings, status, summaries)
+        if self._output_dir is not None:
+            path = write_report(self._output_dir, run_report)
+            run_report_text = format_report(run_report) + f"\n  (written to {path})"
+        else:
+            run_report_text = format_report(run_report)
+        print(run_report_text, flush=True)
+        self.log_text(trainer, "lightning_debug/report", format_markdown(run_report))
+        for logger in trainer.loggers:
+            logger.save()
+
+    # ------------------------------------------------------------------ resume
+    def extra_state(self) -> dict[str, Any]:
+        """State a subclass keeps across checkpoint and resume (override)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned (override)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "findings": [f.to_dict() for f in self.findings],
+            "warned_checks": sorted(self._warned_checks),
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.findings = [Finding.from_dict(raw) for raw in state_dict.get("findings", [])]
+        self._warned_checks = set(state_dict.get("warned_checks", []))
+        self.load_extra_state(dict(state_dict.get("extra", {})))
+
+
+def _diagnostic_callbacks(trainer: pl.Trainer) -> list[DiagnosticCallback]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, DiagnosticCallback)]  # type: ignore[attr-defined]
+
+
+def _summary_key(callback: DiagnosticCallback, callbacks: list[DiagnosticCallback]) -> str:
+    name = type(callback).__name__
+    same = [cb for cb in callbacks if type(cb) is type(callback)]
+    return name if len(same) == 1 else f"{name}[{same.index(callback)}]"
+
+
+def _finding_markdown(finding: Finding) -> str:
+    return (
+        f"**{finding.severity.upper()}** `{finding.check}` ({finding.source}, step {finding.step})  \n"
+        f"{finding.message}  \n**fix:** {finding.hint}"
+    )
+

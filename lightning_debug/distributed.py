@@ -1,0 +1,40 @@
+"""Cross-rank helpers built on ``trainer.strategy``; identity on a single device.
+
+Every helper here is a collective under DDP: call it on every rank, in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+ReduceOp = Literal["sum", "mean", "max", "min"]
+
+
+def reduce(trainer: pl.Trainer, tensor: Tensor, op: ReduceOp = "sum") -> Tensor:
+    """Reduce ``tensor`` across ranks and return a new tensor; the input is left untouched."""
+    if trainer.world_size <= 1:
+        return tensor.clone()
+    value = tensor.detach().clone()
+    if op in ("max", "min"):
+        value = trainer.strategy.reduce(value, reduce_op=getattr(torch.distributed.ReduceOp, op.upper()))
+    else:
+        value = trainer.strategy.reduce(value, reduce_op=op)
+    return value
+
+
+def any_rank(trainer: pl.Trainer, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one rank."""
+    if trainer.world_size <= 1:
+        return bool(flag)
+    return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
+
+
+def all_ranks(trainer: pl.Trainer, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on every rank."""
+    if trainer.world_size <= 1:
+        return bool(flag)
+    return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=True))

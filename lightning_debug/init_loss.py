@@ -1,0 +1,450 @@
+"""InitLossCallback: is the loss of the untouched model what initialisation should give?"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_debug.base import DiagnosticCallback
+from lightning_debug.distributed import all_ranks, reduce
+from lightning_debug.isolation import isolated
+
+Task = Literal["multiclass", "binary", "regression"]
+TASKS: tuple[str, ...] = ("multiclass", "binary", "regression")
+
+
+class InitLossError(RuntimeError):
+    """Raised by ``InitLossCallback(strict=True)`` when the loss at init fails the check."""
+
+
+class InitLossCallback(DiagnosticCallback):
+    r"""Checklist item "verify loss @ init": measure the loss of the initial model before any update.
+
+    At ``on_train_start`` it runs your own ``training_step`` (so any loss function works) on the first
+    ``num_batches`` training batches, in train mode and without gradients, and compares the mean loss
+    with what initialisation should give:
+
+    ===============  =============================================  ===============================
+    task             expected at init (uniform predictor)           best constant predictor
+    ===============  =============================================  ===============================
+    ``multiclass``   :math:`\ln C` (2.303 for 10 classes)           entropy of the class prior
+    ``binary``       :math:`\ln 2` = 0.693                          :math:`H(p)` of the positive rate
+    ``regression``   :math:`\mathrm{Var}(y) + \bar y^2` (predict 0)  :math:`\mathrm{Var}(y)`
+    ===============  =============================================  ===============================
+
+    A loss above ``expected * (1 + rtol)`` means the final layer's outputs are too large at init; the
+    hint names the final layer, the factor to scale its weights by (from the measured output std) and
+    the bias to start from (log class priors, ``logit(p)``, or the target mean). A loss below
+    ``best_constant * (1 - rtol)`` is suspicious: the model sees the labels, or the loss is reduced
+    wrongly. Class priors and target statistics come from the arguments, else from the measured
+    batches when a batch is ``(inputs, ..., target)`` or ``target_fn`` extracts the target.
+
+    Training afterwards is bit-identical to training without the callback: the global RNG, the
+    loaders' generators, BatchNorm statistics, train/eval flags and ``self.log`` results are restored.
+    Under DDP every rank measures its own batches and the loss is averaged across ranks. On resume
+    from a checkpoint the check is not repeated. Under manual optimization (``training_step`` steps
+    the optimizer itself) the check is skipped with an info finding.
+
+    Logged scalars (step 0):
+
+    ===========================  =====================================================
+    tag                          meaning
+    ===========================  =====================================================
+    ``init_loss/measured``       mean loss over the measured batches (all ranks)
+    ``init_loss/expected``       the uniform-predictor loss, or ``expected_loss``
+    ``init_loss/best_constant``  the best constant predictor's loss, when known
+    ``init_loss/output_std``     std of the final layer's outputs (logits)
+    ===========================  =====================================================
+
+    Findings: ``init_loss.too_high`` (warning), ``init_loss.too_low`` (warning),
+    ``init_loss.non_finite`` (error), ``init_loss.prior_not_used`` (info),
+    ``init_loss.not_measured`` (info).
+
+    Args:
+        task: ``"multiclass"``, ``"binary"`` or ``"regression"``; may be None when ``expected_loss`` is given.
+        num_classes: number of classes (``task="multiclass"``, at least 2).
+        class_priors: class frequencies summing to 1 (``task="multiclass"``; default: measured).
+        positive_rate: fraction of positives in (0, 1) (``task="binary"``; default: measured).
+        target_mean: mean of the targets (``task="regression"``; default: measured).
+        target_var: variance of the targets, > 0 (``task="regression"``; default: measured).
+        expected_loss: the loss init should give, for any other loss function; overrides the task formula.
+        num_batches: how many training batches to average over.
+        rtol: relative tolerance around the expected losses.
+        strict: raise :class:`InitLossError` before training when the check fails.
+        target_fn: maps a batch to its target tensor, for batches that are not ``(inputs, target)``.
+
+    Raises:
+        ValueError: when the arguments are missing or inconsistent (the message names the argument).
+
+    Example::
+
+        trainer = Trainer(callbacks=[InitLossCallback(task="multiclass", num_classes=10)])
+    """
+
+    def __init__(
+        self,
+        task: Task | None = None,
+        num_classes: int | None = None,
+        *,
+        class_priors: Sequence[float] | None = None,
+        positive_rate: float | None = None,
+        target_mean: float | None = None,
+        target_var: float | None = None,
+        expected_loss: float | None = None,
+        num_batches: int = 4,
+        rtol: float = 0.25,
+        strict: bool = False,
+        target_fn: Callable[[Any], Tensor] | None = None,
+    ) -> None:
+        super().__init__(every_n_steps=None)
+        _validate(task, num_classes, class_priors, positive_rate, target_mean, target_var, expected_loss, num_batches, rtol)
+        self.task = task
+        self.num_classes = num_classes
+        self.class_priors = None if class_priors is None else [float(p) for p in class_priors]
+        self.positive_rate = positive_rate
+        self.target_mean = target_mean
+        self.target_var = target_var
+        self.expected_loss = expected_loss
+        self.num_batches = num_batches
+        self.rtol = rtol
+        self.strict = strict
+        self.target_fn = target_fn
+        self.result: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ hook
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.result is not None or trainer.global_step > 0:
+            return  # measured before, or resumed: the model is no longer at init
+        if not pl_module.automatic_optimization:
+            self.report(
+                trainer, "init_loss.not_measured", "info",
+                "The loss at init was not measured: under manual optimization training_step steps the optimizer.",
+                "Compute the loss of one batch before training yourself, or pass expected_loss and measure it in a test.",
+            )
+            self.result = {"status": "not_measured"}
+            return
+        measurement = self._measure(trainer, pl_module)
+        if measurement is None:
+            return
+        self.result = self._judge(trainer, measurement)
+        self._log(trainer, self.result)
+        if self.strict and self.result["status"] not in ("ok", "prior_not_used"):
+            raise InitLossError(f"InitLossCallback(strict=True): {self.findings[-1].format()}")
+
+    # ------------------------------------------------------------------ measure
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
+        loader = trainer.train_dataloader
+        if loader is None:
+            return None
+        loss_total = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+        out_moments = torch.zeros(3, dtype=torch.float64, device=pl_module.device)  # sum, sum of squares, count
+        target_stats = torch.zeros(self._target_stats_size(), dtype=torch.float64, device=pl_module.device)
+        batches = 0
+        has_targets = True
+        final_layer = _FinalLayerProbe(pl_module)
+        with isolated(pl_module, train_mode=True, loaders=[loader]), final_layer:
+            for batch_idx, batch in enumerate(loader):
+                if batch_idx >= self.num_batches:
+                    break
+                batch = trainer.strategy.batch_to_device(batch)
+                with trainer.precision_plugin.forward_context():
+                    output = pl_module.training_step(batch, batch_idx)
+                loss = output["loss"] if isinstance(output, dict) else output
+                if not isinstance(loss, Tensor):
+                    self.report(
+                        trainer, "init_loss.not_measured", "info",
+                        f"The loss at init was not measured: training_step returned {type(output).__name__}, not a loss tensor.",
+                        "Return the loss tensor (or a dict with a 'loss' key) from training_step.",
+                    )
+                    self.result = {"status": "not_measured"}
+                    return None
+                loss_total += loss.detach().double()
+                batches += 1
+                if final_layer.output is not None:
+                    out = final_layer.output.double()
+                    out_moments += torch.stack([out.sum(), (out * out).sum(), out.new_tensor(out.numel())])
+                target = self._target(batch)
+                if target is None:
+                    has_targets = False
+                else:
+                    target_stats += self._target_stats(target.to(pl_module.device))
+        has_targets = all_ranks(trainer, has_targets and batches > 0)
+        totals = reduce(trainer, torch.cat([torch.stack([loss_total, loss_total.new_tensor(batches)]), out_moments, target_stats]))
+        values = totals.cpu().tolist()  # the one host transfer
+        loss_sum, batch_count, out_sum, out_sq, out_n = values[:5]
+        stats = values[5:]
+        if batch_count == 0:
+            return None
+        out_std = None
+        if out_n > 1:
+            mean = out_sum / out_n
+            out_std = math.sqrt(max(out_sq / out_n - mean * mean, 0.0))
+        return {
+            "measured": loss_sum / batch_count,
+            "batches": int(batch_count),
+            "output_std": out_std,
+            "final_layer": final_layer.name,
+            "target_stats": stats if has_targets else None,
+        }
+
+    def _target(self, batch: Any) -> Tensor | None:
+        if self.target_fn is not None:
+            return self.target_fn(batch)
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[-1], Tensor):
+            target = batch[-1]
+            if self.task == "multiclass" and not target.is_floating_point():
+                return target
+            if self.task == "binary" and bool(((target == 0) | (target == 1)).all()):
+                return target
+            if self.task == "regression" and target.is_floating_point():
+                return target
+        return None
+
+    def _target_stats_size(self) -> int:
+        if self.task == "multiclass":
+            return int(self.num_classes or 0)
+        return {"binary": 2, "regression": 3}.get(str(self.task), 0)
+
+    def _target_stats(self, target: Tensor) -> Tensor:
+        if self.task == "multiclass":
+            counts = torch.bincount(target.flatten().long().clamp(0, int(self.num_classes or 1) - 1), minlength=self.num_classes or 0)
+            return counts.double()
+        values = target.flatten().double()
+        if self.task == "binary":
+            return torch.stack([values.sum(), values.new_tensor(values.numel())])
+        if self.task == "regression":
+            return torch.stack([values.sum(), (values * values).sum(), values.new_tensor(values.numel())])
+        return values.new_zeros(0)
+
+    # ------------------------------------------------------------------ judge
+    def _references(self, target_stats: list[float] | None) -> dict[str, Any]:
+        """Expected (uniform-predictor) and best-constant losses, and the final-layer bias to start from."""
+        refs: dict[str, Any] = {"expected": self.expected_loss, "best_constant": None, "bias": None}
+        if self.task == "multiclass":
+            num_classes = int(self.num_classes or 2)
+            priors = self.class_priors
+            if priors is None and target_stats is not None and sum(target_stats) > 0:
+                priors = [c / sum(target_stats) for c in target_stats]
+            refs["expected"] = self.expected_loss if self.expected_loss is not None else math.log(num_classes)
+            if priors is not None:
+                refs["best_constant"] = -sum(p * math.log(p) for p in priors if p > 0)
+                floor = 1e-6
+                log_p = [math.log(max(p, floor)) for p in priors]
+                refs["bias"] = [round(v - sum(log_p) / len(log_p), 3) for v in log_p]
+                refs["priors"] = [round(p, 4) for p in priors]
+        elif self.task == "binary":
+            rate = self.positive_rate
+            if rate is None and target_stats is not None and target_stats[1] > 0:
+                rate = target_stats[0] / target_stats[1]
+            refs["expected"] = self.expected_loss if self.expected_loss is not None else math.log(2)
+            if rate is not None and 0 < rate < 1:
+                refs["best_constant"] = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+                refs["bias"] = round(math.log(rate / (1 - rate)), 4)
+                refs["positive_rate"] = round(rate, 4)
+        elif self.task == "regression":
+            mean, var = self.target_mean, self.target_var
+            if target_stats is not None and target_stats[2] > 1:
+                total, squares, count = target_stats
+                mean = total / count if mean is None else mean
+                var = max(squares / count - (total / count) ** 2, 0.0) if var is None else var
+            if mean is not None and var is not None:
+                refs["expected"] = self.expected_loss if self.expected_loss is not None else var + mean * mean
+                refs["best_constant"] = var
+                refs["bias"] = round(mean, 4)
+                refs["target_std"] = math.sqrt(var)
+        return refs
+
+    def _judge(self, trainer: pl.Trainer, measurement: dict[str, Any]) -> dict[str, Any]:
+        refs = self._references(measurement["target_stats"])
+        measured, expected, best = measurement["measured"], refs["expected"], refs["best_constant"]
+        result = {**measurement, **refs, "status": "ok"}
+        result.pop("target_stats")
+        data = {k: v for k, v in result.items() if k != "status"}
+        if not math.isfinite(measured):
+            result["status"] = "non_finite"
+            self.report(
+                trainer, "init_loss.non_finite", "error",
+                f"The loss at init is {measured} over {measurement['batches']} batches: the model or the loss "
+                f"produces NaN/Inf before any update.",
+                "Check the inputs for NaN/Inf, log(0) or division by zero in the loss, and the init of custom layers; "
+                "use a numerically stable loss (cross_entropy on logits, BCEWithLogitsLoss).",
+                data,
+            )
+            return result
+        if expected is None:
+            self.report(
+                trainer, "init_loss.not_measured", "info",
+                f"The loss at init is {measured:.4g}, but there is no reference to compare it with: the target "
+                "statistics are unknown.",
+                "Pass target_mean and target_var (regression), target_fn, or expected_loss.",
+                data,
+            )
+            result["status"] = "no_reference"
+            return result
+        if measured > expected * (1 + self.rtol):
+            result["status"] = "too_high"
+            self.report(
+                trainer, "init_loss.too_high", "warning",
+                f"The loss at init is {measured:.4g}, expected about {expected:.4g} "
+                f"({self._expected_words()}); it is {measured / expected:.3g}x too high, so the final layer "
+                f"starts out too confident{self._output_words(result)}.",
+                self._too_high_hint(result),
+                data,
+            )
+            return result
+        low_reference = best if best is not None else expected
+        if measured < low_reference * (1 - self.rtol):
+            result["status"] = "too_low"
+            which = "the best constant predictor" if best is not None else "the expected loss at init"
+            self.report(
+                trainer, "init_loss.too_low", "warning",
+                f"The loss at init is {measured:.4g}, below {which} ({low_reference:.4g}) by more than "
+                f"{self.rtol:.0%}: an untrained model cannot know that much about the targets.",
+                "Look for a label leak (the target, or a function of it, among the inputs) or a wrong loss "
+                "reduction (divided by the batch size twice, averaged over the wrong dimension).",
+                data,
+            )
+            return result
+        if best is not None and best < expected * (1 - self.rtol) and measured > best * (1 + self.rtol):
+            result["status"] = "prior_not_used"
+            self.report(
+                trainer, "init_loss.prior_not_used", "info",
+                f"The targets are imbalanced: a constant predictor reaches {best:.4g}, the model starts at "
+                f"{measured:.4g}. Its first steps will only learn the bias (a 'hockey stick' loss curve).",
+                f"Initialise the final layer's bias to {self._bias_words(result)} so training starts at {best:.4g}.",
+                data,
+            )
+        return result
+
+    def _expected_words(self) -> str:
+        if self.expected_loss is not None:
+            return "the expected_loss you passed"
+        if self.task == "multiclass":
+            return f"ln {self.num_classes} for a uniform prediction over {self.num_classes} classes"
+        if self.task == "binary":
+            return "ln 2 for predicting p=0.5"
+        return "Var(y) + mean(y)^2 for predicting 0"
+
+    @staticmethod
+    def _output_words(result: dict[str, Any]) -> str:
+        if result.get("output_std") is None:
+            return ""
+        layer = f" `{result['final_layer']}`" if result.get("final_layer") else ""
+        return f" (final layer{layer} outputs have std {result['output_std']:.3g})"
+
+    def _too_high_hint(self, result: dict[str, Any]) -> str:
+        layer = f"`{result['final_layer']}`" if result.get("final_layer") else "the final layer"
+        target_std = 0.5 if self.task != "regression" else 0.5 * float(result.get("target_std") or 1.0)
+        if result.get("output_std"):
+            factor = target_std / result["output_std"]
+            scale = (
+                f"Scale {layer}'s weights down by {factor:.3g} (e.g. `layer.weight.data.mul_({factor:.3g})`) so its "
+                f"outputs have std ~{target_std:.2g}"
+            )
+        else:
+            scale = f"Initialise {layer}'s weights much smaller (e.g. std 0.01, or zeros)"
+        bias = self._bias_words(result)
+        return f"{scale}, and set its bias to {bias}." if bias else f"{scale}."
+
+    def _bias_words(self, result: dict[str, Any]) -> str:
+        bias = result.get("bias")
+        if bias is None:
+            return "zero" if self.task in ("multiclass", "binary") else ""
+        if self.task == "multiclass":
+            return f"the log class priors (log p, centred: {bias})" if len(bias) <= 20 else "the log class priors"
+        if self.task == "binary":
+            return f"logit(p) = {bias} (p = {result.get('positive_rate')})"
+        return f"the target mean {bias}"
+
+    def _log(self, trainer: pl.Trainer, result: dict[str, Any]) -> None:
+        scalars = {
+            f"init_loss/{key}": float(result[key])
+            for key in ("measured", "expected", "best_constant", "output_std")
+            if isinstance(result.get(key), (int, float)) and math.isfinite(result[key])
+        }
+        self.log_scalars(trainer, scalars, step=0)
+
+    # ------------------------------------------------------------------ report / resume
+    def summary(self) -> dict[str, Any]:
+        return dict(self.result or {})
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"result": self.result}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.result = state.get("result")
+
+
+class _FinalLayerProbe:
+    """Remembers the output of the last module with a weight that ran in each forward (the logits)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.name: str | None = None
+        self.output: Tensor | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _FinalLayerProbe:
+        for name, module in self.model.named_modules():
+            if isinstance(getattr(module, "weight", None), nn.Parameter) and name:
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, Tensor) and output.is_floating_point():
+                self.name, self.output = name, output.detach()
+            else:
+                self.name, self.output = None, None
+
+        return hook
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _validate(
+    task: str | None,
+    num_classes: int | None,
+    class_priors: Sequence[float] | None,
+    positive_rate: float | None,
+    target_mean: float | None,
+    target_var: float | None,
+    expected_loss: float | None,
+    num_batches: int,
+    rtol: float,
+) -> None:
+    if task is None and expected_loss is None:
+        raise ValueError(f"`task` must be one of {TASKS}, or pass `expected_loss`")
+    if task is not None and task not in TASKS:
+        raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
+    if task == "multiclass":
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"`num_classes` must be an integer >= 2 for task='multiclass', got {num_classes!r}")
+    elif num_classes is not None:
+        raise ValueError(f"`num_classes` is only accepted with task='multiclass', got task={task!r}")
+    if class_priors is not None:
+        if task != "multiclass":
+            raise ValueError("`class_priors` is only accepted with task='multiclass'")
+        priors = [float(p) for p in class_priors]
+        if len(priors) != num_classes or any(p < 0 for p in priors) or abs(sum(priors) - 1) > 1e-3:
+            raise ValueError(f"`class_priors` must be {num_classes} non-negative numbers summing to 1, got {class_priors!r}")
+    if positive_rate is not None and (task != "binary" or not 0 < positive_rate < 1):
+        raise ValueError(f"`positive_rate` must be in (0, 1) and is only accepted with task='binary', got {positive_rate!r}")
+    if (target_mean is not None or target_var is not None) and task != "regression":
+        raise ValueError("`target_mean` and `target_var` are only accepted with task='regression'")
+    if target_var is not None and not target_var > 0:
+        raise ValueError(f"`target_var` must be > 0, got {target_var!r}")
+    if expected_loss is not None and not (math.isfinite(expected_loss) and expected_loss > 0):
+        raise ValueError(f"`expected_loss` must be a finite number > 0, got {expected_loss!r}")
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"`num_batches` must be a positive integer, got {num_batches!r}")
+    if not 0 < rtol < 1:
+        raise ValueError(f"`rtol` must be in (0, 1), got {rtol!r}")

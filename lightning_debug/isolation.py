@@ -1,0 +1,79 @@
+"""Run extra forward passes without leaving a trace on training.
+
+A monitor that evaluates the model (the loss at init, predictions on a fixed batch, a batch-mixing
+probe) must leave training bit-identical: the global RNG streams (which dropout and every new
+DataLoader iterator draw from), the loaders' own generators, BatchNorm running statistics, each
+module's train/eval flag and the user's ``self.log`` results are all put back exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from torch.utils.data import DataLoader
+
+
+def loader_generators(loaders: Iterable[Any]) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a DataLoader and its samplers draw from."""
+    generators: list[torch.Generator] = []
+    for loader in loaders:
+        if not isinstance(loader, DataLoader):
+            continue
+        candidates = [loader.generator, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if batch_sampler is not None:
+            candidates.append(getattr(batch_sampler, "sampler", None))
+        for candidate in candidates:
+            generator = candidate if isinstance(candidate, torch.Generator) else getattr(candidate, "generator", None)
+            if isinstance(generator, torch.Generator) and all(generator is not g for g in generators):
+                generators.append(generator)
+    return generators
+
+
+@contextmanager
+def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Make ``self.log`` / ``self.log_dict`` no-ops, so an extra ``training_step`` adds nothing to the user's metrics."""
+
+    def _no_log(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    pl_module.log = _no_log  # type: ignore[method-assign]
+    pl_module.log_dict = _no_log  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log
+        del pl_module.log_dict
+
+
+@contextmanager
+def isolated(pl_module: pl.LightningModule, train_mode: bool, loaders: Iterable[Any] = ()) -> Iterator[None]:
+    """Evaluate ``pl_module`` under ``torch.no_grad`` with every piece of training state restored afterwards.
+
+    Args:
+        pl_module: the module to evaluate.
+        train_mode: put every submodule in train mode (True) or eval mode (False) for the evaluation.
+        loaders: DataLoaders whose generators the evaluation may advance (by creating an iterator).
+    """
+    rng_states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    generator_states = [(g, g.get_state()) for g in loader_generators(loaders)]
+    training_flags = [(module, module.training) for module in pl_module.modules()]
+    buffers = [(buffer, buffer.detach().clone()) for buffer in pl_module.buffers()]
+    try:
+        pl_module.train(train_mode)
+        with torch.no_grad(), muted_logging(pl_module):
+            yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        for module, flag in training_flags:
+            module.training = flag
+        for generator, state in generator_states:
+            generator.set_state(state)
+        _set_rng_states(rng_states)

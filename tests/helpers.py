@@ -1,0 +1,95 @@
+"""Shared test helpers: real Trainers on real data, DDP runs as subprocesses, exact state comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins import MixedPrecision
+
+from lightning_debug.data import DigitsDataModule
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def quiet_trainer(tmp_path: Path, callbacks: Sequence[Callback] = (), **kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer without progress bar, model summary or checkpoints, logging into ``tmp_path``."""
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=5,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **defaults)
+
+
+def fp16_cpu_plugin(init_scale: float = 2.0**40) -> MixedPrecision:
+    """16-mixed with a real GradScaler on CPU; the huge init_scale overflows during the first steps."""
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+
+
+def train_state(
+    tmp_path: Path,
+    make_model: Callable[[], pl.LightningModule],
+    callbacks: Sequence[Callback] = (),
+    datamodule: pl.LightningDataModule | None = None,
+    seed: int = 0,
+    **trainer_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """Seed, build, train; return a copy of the final ``state_dict``."""
+    pl.seed_everything(seed, workers=True)
+    model = make_model()
+    trainer = quiet_trainer(tmp_path, callbacks, **trainer_kwargs)
+    trainer.fit(model, datamodule=datamodule or DigitsDataModule(batch_size=32))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs: max |diff| = {(a[key].double() - b[key].double()).abs().max()}"
+
+
+def run_ddp_script(tmp_path: Path, body: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run ``body`` (a Python script using ``strategy="ddp", devices=2``) in a subprocess.
+
+    Lightning re-executes ``sys.argv`` for the second rank, so DDP cannot run inside pytest itself.
+    The script runs with ``cwd=tmp_path``; fails the test with the output when it exits non-zero.
+    """
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(body))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"DDP script failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def findings_files(root: Path) -> list[Path]:
+    return sorted(root.rglob("lightning_debug/findings.jsonl"))
+
+
+def all_findings(root: Path) -> list[dict[str, Any]]:
+    return [row for path in findings_files(root) for row in read_jsonl(path)]
