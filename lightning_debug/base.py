@@ -52,7 +52,9 @@ class DiagnosticCallback(Callback):
     """
 
     def __init__(self, every_n_steps: int | None = None) -> None:
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1):
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
+        ):
             raise ValueError(f"`every_n_steps` must be a positive integer or None, got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
         self.findings: list[Finding] = []
@@ -74,7 +76,7 @@ class DiagnosticCallback(Callback):
         return self._output_dir
 
     def measure_interval(self, trainer: pl.Trainer) -> int:
-        return self.every_n_steps or max(1, int(trainer.log_every_n_steps))
+        return self.every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
 
     def is_measured_step(self, trainer: pl.Trainer) -> bool:
         """Whether the optimizer step about to happen (``trainer.global_step``) is a measured one."""
@@ -146,12 +148,16 @@ class DiagnosticCallback(Callback):
         """Log an ``(H, W, 3)`` uint8 image to TensorBoard when attached."""
         writer = self.tensorboard(trainer)
         if writer is not None:
-            writer.add_image(tag, image, global_step=int(trainer.global_step) if step is None else step, dataformats="HWC")
+            writer.add_image(
+                tag, image, global_step=int(trainer.global_step) if step is None else step, dataformats="HWC"
+            )
 
     def log_histogram(self, trainer: pl.Trainer, tag: str, values: Tensor, step: int | None = None) -> None:
         writer = self.tensorboard(trainer)
         if writer is not None:
-            writer.add_histogram(tag, values.detach().float().cpu(), global_step=int(trainer.global_step) if step is None else step)
+            writer.add_histogram(
+                tag, values.detach().float().cpu(), global_step=int(trainer.global_step) if step is None else step
+            )
 
     # ------------------------------------------------------------------ report
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -215,4 +221,3 @@ def _finding_markdown(finding: Finding) -> str:
         f"**{finding.severity.upper()}** `{finding.check}` ({finding.source}, step {finding.step})  \n"
         f"{finding.message}  \n**fix:** {finding.hint}"
     )
-

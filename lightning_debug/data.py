@@ -36,7 +36,12 @@ class DigitsDataModule(pl.LightningDataModule):
     """
 
     def __init__(
-        self, batch_size: int = 64, image_shape: bool = False, standardize: bool = True, shuffle: bool = True, seed: int = 0
+        self,
+        batch_size: int = 64,
+        image_shape: bool = False,
+        standardize: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_debug.base import DiagnosticCallback
-from lightning_debug.distributed import all_ranks, reduce
+from lightning_debug.distributed import all_ranks, any_rank, reduce
 from lightning_debug.isolation import isolated
 
 Task = Literal["multiclass", "binary", "regression"]
@@ -102,7 +102,9 @@ class InitLossCallback(DiagnosticCallback):
         target_fn: Callable[[Any], Tensor] | None = None,
     ) -> None:
         super().__init__(every_n_steps=None)
-        _validate(task, num_classes, class_priors, positive_rate, target_mean, target_var, expected_loss, num_batches, rtol)
+        _validate(
+            task, num_classes, class_priors, positive_rate, target_mean, target_var, expected_loss, num_batches, rtol
+        )
         self.task = task
         self.num_classes = num_classes
         self.class_priors = None if class_priors is None else [float(p) for p in class_priors]
@@ -122,9 +124,11 @@ class InitLossCallback(DiagnosticCallback):
             return  # measured before, or resumed: the model is no longer at init
         if not pl_module.automatic_optimization:
             self.report(
-                trainer, "init_loss.not_measured", "info",
+                trainer,
+                "init_loss.not_measured",
+                "info",
                 "The loss at init was not measured: under manual optimization training_step steps the optimizer.",
-                "Compute the loss of one batch before training yourself, or pass expected_loss and measure it in a test.",
+                "Compute the loss of one batch before training yourself and compare it with ln(num_classes).",
             )
             self.result = {"status": "not_measured"}
             return
@@ -147,22 +151,22 @@ class InitLossCallback(DiagnosticCallback):
         batches = 0
         has_targets = True
         final_layer = _FinalLayerProbe(pl_module)
+        problem: str | None = None
         with isolated(pl_module, train_mode=True, loaders=[loader]), final_layer:
             for batch_idx, batch in enumerate(loader):
                 if batch_idx >= self.num_batches:
                     break
                 batch = trainer.strategy.batch_to_device(batch)
-                with trainer.precision_plugin.forward_context():
-                    output = pl_module.training_step(batch, batch_idx)
+                try:
+                    with trainer.precision_plugin.forward_context():
+                        output = pl_module.training_step(batch, batch_idx)
+                except Exception as err:  # the user's step: their training will meet it again, not our crash
+                    problem = f"training_step raised {type(err).__name__}: {err}"
+                    break
                 loss = output["loss"] if isinstance(output, dict) else output
                 if not isinstance(loss, Tensor):
-                    self.report(
-                        trainer, "init_loss.not_measured", "info",
-                        f"The loss at init was not measured: training_step returned {type(output).__name__}, not a loss tensor.",
-                        "Return the loss tensor (or a dict with a 'loss' key) from training_step.",
-                    )
-                    self.result = {"status": "not_measured"}
-                    return None
+                    problem = f"training_step returned {type(output).__name__}, not a loss tensor"
+                    break
                 loss_total += loss.detach().double()
                 batches += 1
                 if final_layer.output is not None:
@@ -173,21 +177,35 @@ class InitLossCallback(DiagnosticCallback):
                     has_targets = False
                 else:
                     target_stats += self._target_stats(target.to(pl_module.device))
+        if any_rank(trainer, problem is not None):
+            self.report(
+                trainer,
+                "init_loss.not_measured",
+                "info",
+                f"The loss at init was not measured: {problem or 'another rank could not measure it'}.",
+                "Return the loss tensor (or a dict with a 'loss' key) from training_step, or pass expected_loss "
+                "and check the loss of one batch before training yourself.",
+            )
+            self.result = {"status": "not_measured"}
+            return None
         has_targets = all_ranks(trainer, has_targets and batches > 0)
-        totals = reduce(trainer, torch.cat([torch.stack([loss_total, loss_total.new_tensor(batches)]), out_moments, target_stats]))
+        totals = reduce(
+            trainer, torch.cat([torch.stack([loss_total, loss_total.new_tensor(batches)]), out_moments, target_stats])
+        )
         values = totals.cpu().tolist()  # the one host transfer
         loss_sum, batch_count, out_sum, out_sq, out_n = values[:5]
         stats = values[5:]
         if batch_count == 0:
             return None
-        out_std = None
+        out_mean = out_std = None
         if out_n > 1:
-            mean = out_sum / out_n
-            out_std = math.sqrt(max(out_sq / out_n - mean * mean, 0.0))
+            out_mean = out_sum / out_n
+            out_std = math.sqrt(max(out_sq / out_n - out_mean * out_mean, 0.0))
         return {
             "measured": loss_sum / batch_count,
             "batches": int(batch_count),
             "output_std": out_std,
+            "output_mean": out_mean,
             "final_layer": final_layer.name,
             "target_stats": stats if has_targets else None,
         }
@@ -212,7 +230,9 @@ class InitLossCallback(DiagnosticCallback):
 
     def _target_stats(self, target: Tensor) -> Tensor:
         if self.task == "multiclass":
-            counts = torch.bincount(target.flatten().long().clamp(0, int(self.num_classes or 1) - 1), minlength=self.num_classes or 0)
+            counts = torch.bincount(
+                target.flatten().long().clamp(0, int(self.num_classes or 1) - 1), minlength=self.num_classes or 0
+            )
             return counts.double()
         values = target.flatten().double()
         if self.task == "binary":
@@ -268,7 +288,9 @@ class InitLossCallback(DiagnosticCallback):
         if not math.isfinite(measured):
             result["status"] = "non_finite"
             self.report(
-                trainer, "init_loss.non_finite", "error",
+                trainer,
+                "init_loss.non_finite",
+                "error",
                 f"The loss at init is {measured} over {measurement['batches']} batches: the model or the loss "
                 f"produces NaN/Inf before any update.",
                 "Check the inputs for NaN/Inf, log(0) or division by zero in the loss, and the init of custom layers; "
@@ -278,7 +300,9 @@ class InitLossCallback(DiagnosticCallback):
             return result
         if expected is None:
             self.report(
-                trainer, "init_loss.not_measured", "info",
+                trainer,
+                "init_loss.not_measured",
+                "info",
                 f"The loss at init is {measured:.4g}, but there is no reference to compare it with: the target "
                 "statistics are unknown.",
                 "Pass target_mean and target_var (regression), target_fn, or expected_loss.",
@@ -289,10 +313,11 @@ class InitLossCallback(DiagnosticCallback):
         if measured > expected * (1 + self.rtol):
             result["status"] = "too_high"
             self.report(
-                trainer, "init_loss.too_high", "warning",
+                trainer,
+                "init_loss.too_high",
+                "warning",
                 f"The loss at init is {measured:.4g}, expected about {expected:.4g} "
-                f"({self._expected_words()}); it is {measured / expected:.3g}x too high, so the final layer "
-                f"starts out too confident{self._output_words(result)}.",
+                f"({self._expected_words()}); it is {measured / expected:.3g}x too high{self._cause_words(result)}.",
                 self._too_high_hint(result),
                 data,
             )
@@ -302,7 +327,9 @@ class InitLossCallback(DiagnosticCallback):
             result["status"] = "too_low"
             which = "the best constant predictor" if best is not None else "the expected loss at init"
             self.report(
-                trainer, "init_loss.too_low", "warning",
+                trainer,
+                "init_loss.too_low",
+                "warning",
                 f"The loss at init is {measured:.4g}, below {which} ({low_reference:.4g}) by more than "
                 f"{self.rtol:.0%}: an untrained model cannot know that much about the targets.",
                 "Look for a label leak (the target, or a function of it, among the inputs) or a wrong loss "
@@ -313,7 +340,9 @@ class InitLossCallback(DiagnosticCallback):
         if best is not None and best < expected * (1 - self.rtol) and measured > best * (1 + self.rtol):
             result["status"] = "prior_not_used"
             self.report(
-                trainer, "init_loss.prior_not_used", "info",
+                trainer,
+                "init_loss.prior_not_used",
+                "info",
                 f"The targets are imbalanced: a constant predictor reaches {best:.4g}, the model starts at "
                 f"{measured:.4g}. Its first steps will only learn the bias (a 'hockey stick' loss curve).",
                 f"Initialise the final layer's bias to {self._bias_words(result)} so training starts at {best:.4g}.",
@@ -330,26 +359,56 @@ class InitLossCallback(DiagnosticCallback):
             return "ln 2 for predicting p=0.5"
         return "Var(y) + mean(y)^2 for predicting 0"
 
-    @staticmethod
-    def _output_words(result: dict[str, Any]) -> str:
-        if result.get("output_std") is None:
+    def _cause_words(self, result: dict[str, Any]) -> str:
+        if self._scale_factor(result) is None:
             return ""
-        layer = f" `{result['final_layer']}`" if result.get("final_layer") else ""
-        return f" (final layer{layer} outputs have std {result['output_std']:.3g})"
+        return (
+            f": the final layer `{result['final_layer']}` starts out too large (its outputs have std "
+            f"{result['output_std']:.3g}, expected about {self._output_std_target(result):.2g} or less)"
+        )
+
+    def _output_std_target(self, result: dict[str, Any]) -> float:
+        """The final-layer output std that keeps the init loss near the uniform predictor's."""
+        return 0.5 * float(result.get("target_std") or 1.0) if self.task == "regression" else 0.5
+
+    def _scale_factor(self, result: dict[str, Any]) -> float | None:
+        """How much to shrink the final layer's weights, when its outputs are measurably too large."""
+        std = result.get("output_std")
+        if not std or not result.get("final_layer"):
+            return None
+        factor = self._output_std_target(result) / std
+        return factor if factor < 0.5 else None
 
     def _too_high_hint(self, result: dict[str, Any]) -> str:
         layer = f"`{result['final_layer']}`" if result.get("final_layer") else "the final layer"
-        target_std = 0.5 if self.task != "regression" else 0.5 * float(result.get("target_std") or 1.0)
-        if result.get("output_std"):
-            factor = target_std / result["output_std"]
-            scale = (
-                f"Scale {layer}'s weights down by {factor:.3g} (e.g. `layer.weight.data.mul_({factor:.3g})`) so its "
-                f"outputs have std ~{target_std:.2g}"
+        fixes = []
+        factor = self._scale_factor(result)
+        if factor is not None:
+            target = self._output_std_target(result)
+            code = f"{layer.strip('`')}.weight.data.mul_({factor:.3g})"
+            fixes.append(
+                f"multiply {layer}'s initial weights by {factor:.3g} (`{code}`) so its outputs have std ~{target:.2g}"
             )
-        else:
-            scale = f"Initialise {layer}'s weights much smaller (e.g. std 0.01, or zeros)"
-        bias = self._bias_words(result)
-        return f"{scale}, and set its bias to {bias}." if bias else f"{scale}."
+        out_mean, target_std = result.get("output_mean"), result.get("target_std")
+        if (
+            self.task == "regression"
+            and out_mean is not None
+            and target_std
+            and abs(out_mean - result["bias"]) > target_std
+        ):
+            fixes.append(f"set its bias to {self._bias_words(result)} (its outputs average {out_mean:.3g} now)")
+        elif factor is not None and self._bias_words(result):
+            fixes.append(f"set its bias to {self._bias_words(result)}")
+        if not fixes:
+            std = result.get("output_std")
+            return (
+                "The final layer's outputs are not large"
+                + (f" (std {std:.3g})" if std else "")
+                + ", so the excess comes from elsewhere: check that the loss matches the task (logits, not "
+                "probabilities, into cross_entropy; class indices as targets) and the expected_loss you passed."
+            )
+        text = "; ".join(fixes)
+        return text[0].upper() + text[1:] + "."
 
     def _bias_words(self, result: dict[str, Any]) -> str:
         bias = result.get("bias")
@@ -435,9 +494,13 @@ def _validate(
             raise ValueError("`class_priors` is only accepted with task='multiclass'")
         priors = [float(p) for p in class_priors]
         if len(priors) != num_classes or any(p < 0 for p in priors) or abs(sum(priors) - 1) > 1e-3:
-            raise ValueError(f"`class_priors` must be {num_classes} non-negative numbers summing to 1, got {class_priors!r}")
+            raise ValueError(
+                f"`class_priors` must be {num_classes} non-negative numbers summing to 1, got {class_priors!r}"
+            )
     if positive_rate is not None and (task != "binary" or not 0 < positive_rate < 1):
-        raise ValueError(f"`positive_rate` must be in (0, 1) and is only accepted with task='binary', got {positive_rate!r}")
+        raise ValueError(
+            f"`positive_rate` must be in (0, 1) and is only accepted with task='binary', got {positive_rate!r}"
+        )
     if (target_mean is not None or target_var is not None) and task != "regression":
         raise ValueError("`target_mean` and `target_var` are only accepted with task='regression'")
     if target_var is not None and not target_var > 0:

@@ -37,7 +37,7 @@ def loader_generators(loaders: Iterable[Any]) -> list[torch.Generator]:
 
 @contextmanager
 def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
-    """Make ``self.log`` / ``self.log_dict`` no-ops, so an extra ``training_step`` adds nothing to the user's metrics."""
+    """Make ``self.log`` / ``self.log_dict`` no-ops: an extra ``training_step`` adds nothing to the user's metrics."""
 
     def _no_log(*args: Any, **kwargs: Any) -> None:
         return None

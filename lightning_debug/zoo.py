@@ -62,13 +62,14 @@ class DigitsMLP(pl.LightningModule):
         self.head = nn.Linear(widths[-1], num_classes)
         with torch.no_grad():
             for layer in self.layers:
+                assert isinstance(layer, nn.Linear)
                 layer.weight.mul_(weight_scale)
                 if hidden_bias is not None:
                     layer.bias.fill_(hidden_bias)
             self.head.weight.mul_(last_layer_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        act = _FUNCTIONAL[self.hparams["activation"]]
+        act: Any = _FUNCTIONAL[self.hparams["activation"]]
         for index, (layer, norm, module_act) in enumerate(zip(self.layers, self.norms, self.acts)):
             x = norm(layer(x))
             x = act(x) if self.hparams["functional"] else module_act(x)
@@ -107,9 +108,14 @@ class DigitsCNN(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
-            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.BatchNorm2d(2 * channels), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Conv2d(1, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1),
+            nn.BatchNorm2d(2 * channels),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
         )
         self.head = nn.Linear(8 * channels, 10)
 
@@ -133,7 +139,7 @@ class DigitsRNN(pl.LightningModule):
         self.rnn = nn.RNN(8, hidden, batch_first=True, nonlinearity="tanh")
         self.head = nn.Linear(hidden, 10)
         with torch.no_grad():
-            self.rnn.weight_hh_l0.mul_(recurrent_scale)
+            self.rnn.get_parameter("weight_hh_l0").mul_(recurrent_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         sequence, _ = self.rnn(x.reshape(-1, 8, 8))

@@ -61,7 +61,9 @@ def train_state(
 def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs: max |diff| = {(a[key].double() - b[key].double()).abs().max()}"
+        assert torch.equal(a[key], b[key]), (
+            f"{key} differs: max |diff| = {(a[key].double() - b[key].double()).abs().max()}"
+        )
 
 
 def run_ddp_script(tmp_path: Path, body: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
