@@ -3,6 +3,7 @@
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.findings import SEVERITIES, Finding, Severity
 from lightning_debug.init_loss import InitLossCallback, InitLossError
+from lightning_debug.preset import suite
 from lightning_debug.report import read_findings
 
 __version__ = "0.1.0"
@@ -16,4 +17,5 @@ __all__ = [
     "Severity",
     "__version__",
     "read_findings",
+    "suite",
 ]
