@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_debug.dashboard import write_layout
 from lightning_debug.findings import Finding, Severity
 from lightning_debug.report import (
     FINDINGS_FILE,
@@ -69,6 +70,9 @@ class DiagnosticCallback(Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir
         self._output_dir = Path(log_dir) / OUTPUT_SUBDIR
         self._report_written = False
+        writer = self.tensorboard(trainer)
+        if writer is not None and _diagnostic_callbacks(trainer)[0] is self:
+            write_layout(writer)  # one dashboard per run, written by the callback that writes the report
 
     @property
     def output_dir(self) -> Path | None:

@@ -97,13 +97,13 @@ def write_report(directory: Path, report: dict[str, Any]) -> Path:
     return path
 
 
-def find_findings_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Every ``findings.jsonl`` at or below the given files or directories, sorted."""
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Every ``lightning_debug`` output directory (holding findings.jsonl or report.json) at or below ``paths``."""
     found: set[Path] = set()
     for raw in paths:
         path = Path(raw)
         if path.is_file():
-            found.add(path)
+            found.add(path.parent)
         elif path.is_dir():
-            found.update(path.rglob(FINDINGS_FILE))
-    return sorted(found)
+            found.update(p.parent for name in (FINDINGS_FILE, REPORT_FILE) for p in path.rglob(name))
+    return sorted(d for d in found if d.name == OUTPUT_SUBDIR or (d / FINDINGS_FILE).exists())
