@@ -190,6 +190,11 @@ class DiagnosticCallback(Callback):
             logger.save()
 
     # ------------------------------------------------------------------ resume
+    @property
+    def state_key(self) -> str:
+        # distinct per configuration, so several instances of one class can share a checkpoint
+        return self._generate_state_key(every_n_steps=self.every_n_steps)
+
     def extra_state(self) -> dict[str, Any]:
         """State a subclass keeps across checkpoint and resume (override)."""
         return {}

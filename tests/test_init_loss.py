@@ -368,8 +368,9 @@ def test_resume_restores_the_result_and_does_not_measure_the_trained_model_again
     assert first.result["status"] == "too_high"
 
     resumed = InitLossCallback(task="multiclass", num_classes=10)
-    trainer = quiet_trainer(tmp_path, [resumed], max_steps=8)
+    trainer = quiet_trainer(tmp_path, [resumed], max_steps=8, max_epochs=5)
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 8
     assert resumed.result == first.result
     assert [f.check for f in resumed.findings] == ["init_loss.too_high"]
 

@@ -1,0 +1,96 @@
+import json
+
+import lightning.pytorch as pl
+import pytest
+from helpers import quiet_trainer, read_jsonl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_debug import DiagnosticCallback
+from lightning_debug.data import DigitsDataModule
+from lightning_debug.zoo import DigitsMLP
+
+
+class StepCounter(DiagnosticCallback):
+    """Reports a finding on every measured step and logs the step as a scalar."""
+
+    def __init__(self, every_n_steps=None):
+        super().__init__(every_n_steps)
+        self.measured_steps: list[int] = []
+        self.lines_on_disk: list[int] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if not self.is_measured_step(trainer):
+            return
+        self.measured_steps.append(trainer.global_step)
+        self.log_scalars(trainer, {"counter/step": float(trainer.global_step)})
+        self.report(trainer, "counter.seen", "warning", f"step {trainer.global_step}", "none")
+        self.lines_on_disk.append(len(read_jsonl(self.output_dir / "findings.jsonl")))
+
+    def summary(self):
+        return {"measured": len(self.measured_steps)}
+
+    def extra_state(self):
+        return {"measured_steps": self.measured_steps}
+
+    def load_extra_state(self, state):
+        self.measured_steps = list(state["measured_steps"])
+
+
+def fit(tmp_path, callbacks, **kwargs):
+    kwargs.setdefault("max_steps", 10)
+    trainer = quiet_trainer(tmp_path, callbacks, **kwargs)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
+    return trainer
+
+
+def test_cadence_follows_log_every_n_steps_unless_set(tmp_path):
+    default, own = StepCounter(), StepCounter(every_n_steps=3)
+    fit(tmp_path, [default, own], log_every_n_steps=4)
+    assert default.measured_steps == [0, 4, 8]
+    assert own.measured_steps == [0, 3, 6, 9]
+
+
+def test_each_finding_is_on_disk_when_it_happens_and_warned_once_per_check(tmp_path):
+    callback = StepCounter(every_n_steps=2)
+    with pytest.warns(UserWarning, match="counter.seen") as record:
+        fit(tmp_path, [callback])
+    assert callback.lines_on_disk == [1, 2, 3, 4, 5]
+    assert len([w for w in record if "counter.seen" in str(w.message)]) == 1
+    assert len(callback.findings) == 5
+
+
+def test_the_first_callback_writes_one_report_for_all(tmp_path):
+    first, second = StepCounter(every_n_steps=5), StepCounter(every_n_steps=2)
+    fit(tmp_path, [first, second])
+    [report_path] = tmp_path.rglob("lightning_debug/report.json")
+    report = json.loads(report_path.read_text())
+    assert report["status"] == "completed"
+    assert report["counts"]["warning"] == 2 + 5
+    assert report["summaries"] == {"StepCounter[0]": {"measured": 2}, "StepCounter[1]": {"measured": 5}}
+
+
+def test_scalars_reach_loggers_other_than_tensorboard(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    fit(tmp_path, [StepCounter(every_n_steps=5)], logger=logger)
+    text = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "counter/step" in text.splitlines()[0]
+
+
+def test_findings_and_state_survive_checkpoint_and_resume(tmp_path):
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = StepCounter(every_n_steps=2)
+    fit(tmp_path, [first, checkpoint], max_steps=4, enable_checkpointing=True)
+    resumed = StepCounter(every_n_steps=2)
+    trainer = quiet_trainer(tmp_path, [resumed], max_steps=8, max_epochs=5)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 8
+    assert resumed.measured_steps == [0, 2, 4, 6]
+    assert [f.step for f in resumed.findings] == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "5"])
+def test_every_n_steps_must_be_a_positive_integer(value):
+    with pytest.raises(ValueError, match="`every_n_steps`"):
+        StepCounter(every_n_steps=value)
