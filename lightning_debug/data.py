@@ -33,6 +33,9 @@ class DigitsDataModule(pl.LightningDataModule):
         standardize: centre and scale every pixel (False leaves the raw 0..16 pixel units).
         shuffle: shuffle the training set each epoch.
         seed: the seed of the fixed train/validation split.
+        corrupt_records: multiply the pixels of this many training records by ``corrupt_factor`` (a planted
+            data bug: a handful of records in the wrong units).
+        corrupt_factor: how much too large the corrupted records are.
     """
 
     def __init__(
@@ -42,6 +45,8 @@ class DigitsDataModule(pl.LightningDataModule):
         standardize: bool = True,
         shuffle: bool = True,
         seed: int = 0,
+        corrupt_records: int = 0,
+        corrupt_factor: float = 500.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -51,6 +56,8 @@ class DigitsDataModule(pl.LightningDataModule):
         self.standardize = standardize
         self.shuffle = shuffle
         self.seed = seed
+        self.corrupt_records = corrupt_records
+        self.corrupt_factor = corrupt_factor
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
@@ -62,6 +69,9 @@ class DigitsDataModule(pl.LightningDataModule):
             images = images.reshape(-1, 1, 8, 8)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
         train, val = order[300:], order[:300]
+        if self.corrupt_records:
+            images = images.clone()
+            images[train[: self.corrupt_records]] *= self.corrupt_factor
         self.train_set = TensorDataset(images[train], labels[train])
         self.val_set = TensorDataset(images[val], labels[val])
 

@@ -79,9 +79,18 @@ BUGS: dict[str, Bug] = {
         ),
         Bug(
             "exploding_rnn",
-            "an RNN whose recurrent weights start 4x too large, no clipping",
-            lambda: DigitsRNN(recurrent_scale=4.0, lr=0.05),
+            "a ReLU RNN fed 5 corrupted records (pixels 500x too large), no gradient clipping",
+            lambda: DigitsRNN(lr=0.01, nonlinearity="relu"),
             ("grad_norm.spike",),
+            make_data=lambda: DigitsDataModule(batch_size=32, corrupt_records=5),
+            max_epochs=2,
+        ),
+        Bug(
+            "collapse",
+            "the inputs are multiplied by a mask of zeros: the model can only learn the majority class",
+            lambda: DigitsMLP(input_mask=0.0),
+            ("predictions.collapsed",),
+            max_epochs=6,
         ),
     ]
 }
@@ -143,9 +152,14 @@ def run_demo(names: Sequence[str], logdir: Path, write_json: bool = False) -> in
 
 
 def format_results(results: Sequence[dict[str, Any]]) -> str:
-    rows = [("BUG", "PLANTED", "DIAGNOSED", "OK")] + [
-        (r["bug"], r["planted"], ", ".join(r["diagnosed"]) or "no warnings", "yes" if r["caught"] else "NO")
-        for r in results
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    """One block per bug: verdict, name and planted bug, then what the suite diagnosed."""
+    width = max(len(r["bug"]) for r in results)
+    lines = []
+    for r in results:
+        verdict = "ok    " if r["caught"] else "MISSED"
+        lines.append(f"{verdict}  {r['bug'].ljust(width)}  planted: {r['planted']}")
+        expected = f" (meant to be caught by: {', '.join(r['expected'])})" if r["expected"] else ""
+        lines.append(f"        {' ' * width}  diagnosed: {', '.join(r['diagnosed']) or 'no warnings'}{expected}")
+    caught = sum(r["caught"] for r in results)
+    lines.append(f"\n{caught}/{len(results)} runs diagnosed as planted.")
+    return "\n".join(lines)

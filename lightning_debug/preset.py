@@ -6,21 +6,32 @@ from typing import Literal
 
 from lightning.pytorch.callbacks import Callback
 
+from lightning_debug.activations import DeadActivationMonitor
+from lightning_debug.grad_norm import GradNormMonitor
 from lightning_debug.init_loss import InitLossCallback
+from lightning_debug.nan_guard import NaNGuard
+from lightning_debug.predictions import PredictionDynamicsLogger
+from lightning_debug.update_ratio import UpdateRatioMonitor
 
 
 def suite(
     num_classes: int | None = None,
     task: Literal["multiclass", "binary", "regression"] | None = None,
     every_n_steps: int | None = None,
+    nan_guard: bool = True,
 ) -> list[Callback]:
     """The recommended lightning_debug callbacks with their defaults.
+
+    InitLossCallback (when the task is known), GradNormMonitor, UpdateRatioMonitor, DeadActivationMonitor,
+    PredictionDynamicsLogger, and NaNGuard. The monitors leave training bit-identical.
 
     Args:
         num_classes: number of classes of a classifier (implies ``task="multiclass"`` when task is None).
         task: ``"multiclass"``, ``"binary"`` or ``"regression"``; enables the init-loss check. Without a task
             and without ``num_classes`` the init-loss check is left out (it needs to know what to expect).
         every_n_steps: measurement cadence of the monitors; None follows ``Trainer(log_every_n_steps)``.
+        nan_guard: include :class:`~lightning_debug.NaNGuard`, the one callback that changes training (only when a
+            step goes non-finite: it skips it, rolls back, backs off the LR, or halts).
 
     Raises:
         ValueError: for an unknown ``task`` or a ``num_classes`` below 2.
@@ -31,8 +42,17 @@ def suite(
     """
     if task is None and num_classes is not None:
         task = "multiclass"
+    if task is not None and task not in ("multiclass", "binary", "regression"):
+        raise ValueError(f"`task` must be one of ('multiclass', 'binary', 'regression') or None, got {task!r}")
     callbacks: list[Callback] = []
     if task is not None:
         callbacks.append(InitLossCallback(task=task, num_classes=num_classes if task == "multiclass" else None))
-    del every_n_steps  # used by the monitors
+    callbacks += [
+        GradNormMonitor(every_n_steps=every_n_steps),
+        UpdateRatioMonitor(every_n_steps=every_n_steps),
+        DeadActivationMonitor(every_n_steps=every_n_steps),
+        PredictionDynamicsLogger(every_n_steps=every_n_steps),
+    ]
+    if nan_guard:
+        callbacks.append(NaNGuard())
     return callbacks

@@ -33,6 +33,7 @@ class DigitsMLP(pl.LightningModule):
         batchnorm: BatchNorm1d after each hidden linear layer.
         detach_first: ``.detach()`` the first layer's output (bug: the first layer never learns).
         lr_lambda: optional LambdaLR multiplier of the step.
+        input_mask: multiply the inputs by this (bug: 0.0 feeds the model nothing but its biases).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class DigitsMLP(pl.LightningModule):
         detach_first: bool = False,
         lr_lambda: Any = None,
         num_classes: int = 10,
+        input_mask: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["lr_lambda"])
@@ -70,6 +72,7 @@ class DigitsMLP(pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         act: Any = _FUNCTIONAL[self.hparams["activation"]]
+        x = x * self.hparams["input_mask"] if self.hparams["input_mask"] != 1.0 else x
         for index, (layer, norm, module_act) in enumerate(zip(self.layers, self.norms, self.acts)):
             x = norm(layer(x))
             x = act(x) if self.hparams["functional"] else module_act(x)
@@ -131,18 +134,28 @@ class DigitsCNN(pl.LightningModule):
 
 
 class DigitsRNN(pl.LightningModule):
-    """An Elman RNN (tanh) that reads a digit row by row (8 steps of 8 pixels): a sequence model on real data."""
+    """An Elman RNN reading a digit in ``steps`` chunks (default: 8 rows of 8 pixels): a sequence model on real data."""
 
-    def __init__(self, hidden: int = 64, lr: float = 0.05, recurrent_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        hidden: int = 64,
+        lr: float = 0.05,
+        recurrent_scale: float = 1.0,
+        nonlinearity: Literal["tanh", "relu"] = "tanh",
+        steps: int = 8,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.rnn = nn.RNN(8, hidden, batch_first=True, nonlinearity="tanh")
+        if 64 % steps:
+            raise ValueError(f"`steps` must divide the 64 pixels, got {steps!r}")
+        self.rnn = nn.RNN(64 // steps, hidden, batch_first=True, nonlinearity=nonlinearity)
         self.head = nn.Linear(hidden, 10)
         with torch.no_grad():
             self.rnn.get_parameter("weight_hh_l0").mul_(recurrent_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        sequence, _ = self.rnn(x.reshape(-1, 8, 8))
+        steps = self.hparams["steps"]
+        sequence, _ = self.rnn(x.reshape(-1, steps, 64 // steps))
         return self.head(sequence[:, -1])
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -1,0 +1,975 @@
+"""NaNGuard: skip bad steps, roll back bad weights, back off the learning rate, halt cleanly — on every rank alike."""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import types
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_debug.base import DiagnosticCallback
+from lightning_debug.distributed import reduce
+from lightning_debug.stats import foreach_norms, to_host
+
+OnHalt = Literal["stop", "raise"]
+ON_HALT: tuple[str, ...] = ("stop", "raise")
+
+# scheduler attributes and param-group keys a scheduler computes the learning rate from
+_SCHEDULER_LR_ATTRIBUTES = ("base_lrs", "max_lrs", "min_lrs", "eta_min")
+_GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+
+
+class NaNGuardHalt(RuntimeError):
+    """Raised by ``NaNGuard(on_halt="raise")`` when backing off the learning rate no longer helps."""
+
+
+class NaNGuardError(RuntimeError):
+    """Raised when a checkpoint would hold non-finite weights and no good snapshot can replace them."""
+
+
+class _SkipStep(Exception):
+    """Unwinds ``optimizer.step`` right after its closure, before the optimizer touches any state."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__("step skipped by NaNGuard")
+        self.result = result
+
+
+class NaNGuard(DiagnosticCallback):
+    r"""Checklist item "NaNs: the learning rate is too high — reduce it by 3x until they stop".
+
+    NaNGuard checks every optimizer step and rescues a diverging run when it can, or stops it cleanly:
+
+    1. **Detect.** In ``on_before_optimizer_step`` (after backward, DDP's all-reduce and AMP unscaling,
+       before clipping and the update) it checks, fused into one device flag: the loss of the step
+       (summed over accumulated micro-batches and all ranks), the gradients (one ``torch._foreach_norm``
+       over all of them; a gradient whose L2 norm overflows float32 counts as non-finite), and with
+       ``check_params`` the parameters and floating-point buffers (e.g. BatchNorm statistics) that the
+       previous update produced. Optionally (``spike_factor``) a loss above ``spike_factor`` times the
+       median of the last ``spike_window`` good losses counts as bad too.
+    2. **Skip.** A bad step is skipped: ``optimizer.step`` is unwound right after its closure, before the
+       optimizer reads anything, so parameters and optimizer state (moments, step counters) are untouched.
+       With a GradScaler the scaler's own skip is reused.
+    3. **Roll back.** When the parameters are non-finite, or ``rollback_after`` bad steps come in a row (the
+       weights themselves diverged, even if still finite), the model's ``state_dict`` and the optimizer
+       state are restored from the last good snapshot. Snapshots live in host memory: one copy of the
+       parameters and buffers plus one copy of the optimizer state (e.g. 3x the parameter bytes for Adam,
+       2x for SGD with momentum), taken when training starts and then after every ``snapshot_every_n_steps``
+       consecutive good steps. The step counter and the LR schedule go on; the skipped batches are lost.
+    4. **Back off.** The learning rate of every param group of every optimizer is multiplied by
+       ``backoff_factor``, together with what the schedulers compute it from (``base_lrs``, ``max_lrs``,
+       ``min_lrs``, ``eta_min`` and the groups' ``initial_lr``/``max_lr``/``min_lr``), so the reduction survives
+       LambdaLR, OneCycleLR, cosine, step, cyclic and plateau schedulers (also inside SequentialLR /
+       ChainedScheduler). No second backoff within ``cooldown_steps`` optimizer steps of the previous one;
+       bad steps in the cooldown are still skipped (and rolled back).
+    5. **Halt.** When another backoff is needed after ``max_backoffs``, or it would bring the largest LR
+       below ``min_lr``, or non-finite weights cannot be rolled back, training stops through
+       ``trainer.should_stop`` (or :class:`NaNGuardHalt` is raised with ``on_halt="raise"``), with an error
+       finding that gives the LR history, the LR at which NaNs began and the LR range to try.
+
+    **fp16 rule.** A GradScaler skips steps whose scaled gradients overflow: a run of them while it calibrates
+    (every step until the first good one) and about one per ``growth_interval`` after. That is normal, so no
+    finding and no backoff. NaNGuard acts only when (a) the loss itself is non-finite, (b) the scale
+    collapses: after a skipped step the scale is below ``min_loss_scale`` (default 1.0: the gradients
+    overflow even unscaled), or (c) skipped steps persist: ``max_scaler_skips`` consecutive skips after the
+    scaler's first good step. A scaler collapse is then handled like a bad step (backoff, rollback, which
+    also restores the snapshot's loss scale).
+
+    **DDP.** The loss and parameter checks are summed across ranks in one all-reduce per step, so every rank
+    takes the same decision (skip, rollback, backoff, halt) in the same order; a NaN in one rank's batch
+    reaches the gradients of all ranks through DDP's all-reduce and is skipped everywhere.
+
+    **Cost.** One fused pass over the gradients (none with a GradScaler, whose ``found_inf`` is reused) and
+    with ``check_params`` one over the parameters, and exactly one device→host transfer per optimizer step
+    (the flags), plus one all-reduce under DDP. Snapshots copy to host without a sync (pinned memory on CUDA).
+
+    **Checkpoints.** ``on_save_checkpoint`` checks the weights being saved; non-finite weights are replaced by
+    the last good snapshot (``nan_guard.checkpoint_replaced``), or saving raises :class:`NaNGuardError` when
+    there is none. The LR scale, backoffs, history and counters travel in the checkpoint; the scaled LRs
+    themselves are in the optimizer and scheduler states, so a resumed run keeps the reduced LR.
+
+    **Forensics.** Every bad step is a finding with the step, LR, loss, gradient norm and the parameters
+    whose gradient (or value) went non-finite: ``first_nonfinite`` in registration order and
+    ``nearest_output`` (the last in registration order, usually the first to go bad in backward). With
+    ``save_batch`` each rank whose loss was non-finite (every rank, for a gradient-only NaN) writes the batch
+    to ``<log_dir>/lightning_debug/nan_guard_batch_step<N>_rank<R>.pt`` for replay.
+
+    Logged scalars (every ``every_n_steps`` optimizer steps and at every action):
+
+    ==========================  ===========================================================
+    tag                         meaning
+    ==========================  ===========================================================
+    ``nan_guard/lr_scale``      product of all backoffs applied so far (1.0 = untouched)
+    ``nan_guard/skipped_steps`` optimizer steps NaNGuard skipped (not the scaler's own skips)
+    ``nan_guard/backoffs``      learning-rate backoffs so far
+    ``nan_guard/rollbacks``     rollbacks to a snapshot so far
+    ``nan_guard/loss_scale``    the GradScaler's scale before the step (fp16 only)
+    ==========================  ===========================================================
+
+    Findings:
+
+    ===================================  ========  ================================================
+    check                                severity  when
+    ===================================  ========  ================================================
+    ``nan_guard.nonfinite_loss``         warning   the loss is NaN/Inf on some rank; step skipped
+    ``nan_guard.nonfinite_grad``         warning   a gradient is NaN/Inf; step skipped
+    ``nan_guard.nonfinite_param``        warning   a parameter/buffer is NaN/Inf; rolled back
+    ``nan_guard.loss_spike``             warning   loss > spike_factor x recent median; step skipped
+    ``nan_guard.scaler_collapse``        warning   fp16 scale collapsed or skips persist
+    ``nan_guard.backoff``                warning   learning rate reduced (old LR -> new LR)
+    ``nan_guard.rollback``               warning   weights and optimizer state restored
+    ``nan_guard.checkpoint_replaced``    warning   a checkpoint got the snapshot's weights
+    ``nan_guard.checkpoint_nonfinite``   error     non-finite weights and no snapshot: save refused
+    ``nan_guard.halt``                   error     training stopped; LR history and LR to try
+    ``nan_guard.not_supported``          info      no optimizer could be guarded (documented no-op)
+    ===================================  ========  ================================================
+
+    Works with automatic and manual optimization and several optimizers (each optimizer step is checked;
+    a backoff scales every optimizer). Not supported: strategies that step the optimizer themselves
+    (DeepSpeed); with LBFGS every closure evaluation is checked.
+
+    Args:
+        backoff_factor: multiply the learning rate by this on a backoff, in (0, 1); default 1/3 (the checklist).
+        max_backoffs: backoffs allowed before halting (non-negative integer); 6 backoffs of 1/3 are 729x.
+        min_lr: halt instead of backing off below this learning rate (>= 0; 0 disables the floor).
+        cooldown_steps: optimizer steps after a backoff during which no further backoff happens (>= 0).
+        rollback_after: roll back after this many consecutive bad steps (>= 1; non-finite weights roll back at once).
+        snapshot_every_n_steps: take a snapshot after this many consecutive good steps (>= 1); ``None``
+            disables snapshots and rollbacks (and saves their host memory).
+        check_params: also check parameters and floating-point buffers for NaN/Inf every step.
+        spike_factor: treat a loss above this multiple (> 1) of the recent median as bad; ``None`` (default) off.
+        spike_window: how many recent good losses form the median (>= 5).
+        min_loss_scale: fp16: a GradScaler scale below this (> 0) after a skipped step is a collapse.
+        max_scaler_skips: fp16: this many consecutive scaler skips after its first good step (>= 1) is a collapse.
+        on_halt: ``"stop"`` sets ``trainer.should_stop``; ``"raise"`` raises :class:`NaNGuardHalt`.
+        save_batch: save the batch of a bad step to the log dir for replay.
+        every_n_steps: log the scalars every this many optimizer steps; ``None`` follows ``log_every_n_steps``.
+
+    Raises:
+        ValueError: when an argument is out of range (the message names it and the accepted values).
+        NaNGuardHalt: with ``on_halt="raise"``, when training cannot be rescued.
+        NaNGuardError: when a checkpoint would be saved with non-finite weights and there is no snapshot.
+
+    Example::
+
+        from lightning_debug.nan_guard import NaNGuard
+
+        trainer = Trainer(callbacks=[NaNGuard()])   # or NaNGuard(spike_factor=10.0, save_batch=True)
+        trainer.fit(model, datamodule)
+        print(trainer.callbacks[0].summary())       # backoffs, lr_scale, skipped steps, LR history
+    """
+
+    def __init__(
+        self,
+        *,
+        backoff_factor: float = 1 / 3,
+        max_backoffs: int = 6,
+        min_lr: float = 0.0,
+        cooldown_steps: int = 5,
+        rollback_after: int = 2,
+        snapshot_every_n_steps: int | None = 100,
+        check_params: bool = True,
+        spike_factor: float | None = None,
+        spike_window: int = 50,
+        min_loss_scale: float = 1.0,
+        max_scaler_skips: int = 5,
+        on_halt: OnHalt = "stop",
+        save_batch: bool = False,
+        every_n_steps: int | None = None,
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps)
+        _validate(
+            backoff_factor,
+            max_backoffs,
+            min_lr,
+            cooldown_steps,
+            rollback_after,
+            snapshot_every_n_steps,
+            spike_factor,
+            spike_window,
+            min_loss_scale,
+            max_scaler_skips,
+            on_halt,
+        )
+        self.backoff_factor = float(backoff_factor)
+        self.max_backoffs = max_backoffs
+        self.min_lr = float(min_lr)
+        self.cooldown_steps = cooldown_steps
+        self.rollback_after = rollback_after
+        self.snapshot_every_n_steps = snapshot_every_n_steps
+        self.check_params = check_params
+        self.spike_factor = spike_factor
+        self.spike_window = spike_window
+        self.min_loss_scale = float(min_loss_scale)
+        self.max_scaler_skips = max_scaler_skips
+        self.on_halt = on_halt
+        self.save_batch = save_batch
+        # state that travels in the checkpoint
+        self.lr_scale = 1.0
+        self.backoffs = 0
+        self.skipped_steps = 0
+        self.rollbacks = 0
+        self.scaler_collapses = 0
+        self.lr_history: list[dict[str, Any]] = []
+        self.bad_steps: list[dict[str, Any]] = []
+        self.first_bad: dict[str, Any] | None = None
+        self._last_backoff_step: int | None = None
+        self._consecutive_bad = 0
+        self._scaler_consecutive_skips = 0
+        self._scaler_had_good_step = False
+        self._recent_losses: deque[float] = deque(maxlen=spike_window)
+        # per-run state
+        self._snapshot: _Snapshot | None = None
+        self._clean_steps = 0
+        self._stepped_good = False
+        self._skip_pending: dict[int, bool] = {}
+        self._gates: dict[int, tuple[torch.optim.Optimizer, Any]] = {}
+        self._loss_sum: Tensor | None = None
+        self._loss_count = 0
+        self._batch: Any = None
+        self._checked: list[tuple[str, Tensor]] = []
+        self._param_names: dict[int, str] = {}
+        self._last_loss_scale: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loss_sum, self._loss_count, self._clean_steps, self._stepped_good = None, 0, 0, False
+        self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._refresh_checked(pl_module)
+        for optimizer in trainer.optimizers:
+            self._install_gate(optimizer)
+        if not self._gates:
+            self.report(
+                trainer,
+                "nan_guard.not_supported",
+                "info",
+                "NaNGuard found no optimizer to guard: bad steps are not skipped.",
+                "Configure an optimizer in configure_optimizers, or remove NaNGuard from this run.",
+            )
+        if self.snapshot_every_n_steps is not None:
+            self._snapshot = _Snapshot()
+            self._take_snapshot(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._skip_pending.clear()
+        for optimizer in trainer.optimizers:
+            if id(optimizer) not in self._gates:
+                self._install_gate(optimizer)
+        self._batch = batch if self.save_batch else None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_gates()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._remove_gates()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_gates()
+        self._snapshot = None
+        self._batch = None
+        self._checked = []
+
+    # ------------------------------------------------------------------ measure
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        value = loss.detach().float().sum()
+        scale = _scaler_scale(trainer)
+        if scale is not None:
+            value = value / scale.to(value.device)  # the precision plugin hands us the scaled loss
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._loss_count += 1
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch optimizer
+        measured = self._measure(trainer, pl_module, optimizer)
+        self._judge(trainer, pl_module, optimizer, measured)
+
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any]:
+        device = pl_module.device
+        nan = torch.full((), math.nan, dtype=torch.float64, device=device)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum = self._loss_sum.to(device, torch.float64) if self._loss_sum is not None else zero
+        loss_count = self._loss_count
+        self._loss_sum, self._loss_count = None, 0
+
+        grads_named = [
+            (self._param_names.get(id(p), "?"), p.grad)
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        found_inf = _scaler_found_inf(trainer, optimizer)
+        grad_norm, grad_first, grad_last, grad_bad = nan, nan, nan, zero
+        if found_inf is None and grads_named:
+            grad_bad, grad_first, grad_last, grad_norm = _nonfinite_summary([g for _, g in grads_named], device)
+        scaler_skip = found_inf.to(device, torch.float64).clamp(max=1) if found_inf is not None else zero
+        param_bad, param_first = zero, nan
+        if self.check_params and self._checked:
+            param_bad, param_first, _, _ = _nonfinite_summary([t for _, t in self._checked], device)
+
+        # one all-reduce for the cross-rank decision, then the step's single device->host transfer
+        shared = torch.stack(
+            [loss_sum, (~torch.isfinite(loss_sum)).to(torch.float64), grad_bad, param_bad, scaler_skip]
+        )
+        shared = reduce(trainer, shared, "sum")
+        scale = _scaler_scale(trainer)
+        scale_value = scale.to(device, torch.float64).reshape(()) if scale is not None else nan
+        local_loss_bad = (~torch.isfinite(loss_sum)).to(torch.float64)
+        values = to_host([*shared.unbind(), grad_norm, grad_first, grad_last, param_first, scale_value, local_loss_bad])
+        world = max(1, trainer.world_size)
+        # automatic optimization hands us the loss already divided by accumulate_grad_batches
+        normalised = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        loss = values[0] * normalised / (loss_count * world) if loss_count else math.nan
+        return {
+            "loss": loss,
+            "has_loss": loss_count > 0,
+            "loss_bad": values[1] > 0,
+            "grad_bad": values[2] > 0,
+            "param_bad": values[3] > 0,
+            "scaler_skip": found_inf is not None and values[4] > 0,
+            "scaler": found_inf is not None,
+            "grad_norm": values[5],
+            "grad_names": [name for name, _ in grads_named],
+            "grad_first": values[6],
+            "grad_last": values[7],
+            "param_first": values[8],
+            "loss_scale": values[9],
+            "local_loss_bad": values[10] > 0,
+        }
+
+    # ------------------------------------------------------------------ judge and act
+    def _judge(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, m: dict[str, Any]
+    ) -> None:
+        self._stepped_good = False
+        if m["scaler"] and math.isfinite(m["loss_scale"]):
+            self._last_loss_scale = m["loss_scale"]
+        if m["param_bad"]:
+            self._bad_step(trainer, pl_module, optimizer, "nonfinite_param", m)
+            return
+        if m["loss_bad"] and m["has_loss"]:
+            self._bad_step(trainer, pl_module, optimizer, "nonfinite_loss", m)
+            return
+        if m["grad_bad"]:
+            self._bad_step(trainer, pl_module, optimizer, "nonfinite_grad", m)
+            return
+        if m["scaler"]:
+            if m["scaler_skip"]:
+                self._scaler_consecutive_skips += 1
+                scale_after = m["loss_scale"] * _scaler_backoff(trainer)
+                persistent = self._scaler_had_good_step and self._scaler_consecutive_skips >= self.max_scaler_skips
+                if scale_after < self.min_loss_scale or persistent:
+                    m["scale_after"] = scale_after
+                    m["persistent"] = persistent
+                    self._scaler_consecutive_skips = 0
+                    self._bad_step(trainer, pl_module, optimizer, "scaler_collapse", m)
+                return  # the scaler skips this step itself: normal while it calibrates
+            self._scaler_consecutive_skips = 0
+            self._scaler_had_good_step = True
+        if self._is_spike(m):
+            self._bad_step(trainer, pl_module, optimizer, "loss_spike", m)
+            return
+        self._consecutive_bad = 0
+        self._stepped_good = True
+        if m["has_loss"] and math.isfinite(m["loss"]):
+            self._recent_losses.append(m["loss"])
+
+    def _is_spike(self, m: dict[str, Any]) -> bool:
+        if self.spike_factor is None or not m["has_loss"] or len(self._recent_losses) < max(5, self.spike_window // 5):
+            return False
+        reference = statistics.median(self._recent_losses)
+        m["loss_reference"] = reference
+        return reference > 0 and m["loss"] > self.spike_factor * reference
+
+    def _bad_step(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        kind: str,
+        m: dict[str, Any],
+    ) -> None:
+        step = int(trainer.global_step)
+        lr = self._max_lr(trainer)
+        self._consecutive_bad += 1
+        self._clean_steps = 0
+        self.skipped_steps += 1
+        if not m["scaler_skip"]:  # the GradScaler skips its own overflow steps: don't act twice
+            self._skip_pending[id(optimizer)] = True
+        if kind == "scaler_collapse":
+            self.scaler_collapses += 1
+        data = self._forensics(trainer, kind, m, step, lr)
+        self.bad_steps.append({"step": step, "kind": kind, "lr": lr})
+        if self.first_bad is None:
+            self.first_bad = dict(data)
+        self.report(trainer, f"nan_guard.{kind}", "warning", self._bad_message(kind, data), self._bad_hint(kind), data)
+
+        if m["param_bad"] or self._consecutive_bad >= self.rollback_after:
+            if not self._rollback(trainer, pl_module, kind) and m["param_bad"]:
+                self._halt(trainer, "the weights are non-finite and there is no snapshot to roll back to")
+                return
+        self._maybe_backoff(trainer, kind, step)
+        self._log_state(trainer)
+
+    def _forensics(self, trainer: pl.Trainer, kind: str, m: dict[str, Any], step: int, lr: float) -> dict[str, Any]:
+        data: dict[str, Any] = {"step": step, "lr": lr, "loss": m["loss"], "grad_norm": m["grad_norm"]}
+        names = m["grad_names"]
+        if m["grad_bad"] and names:
+            data["first_nonfinite"] = _name_at(names, m["grad_first"])
+            data["nearest_output"] = _name_at(names, m["grad_last"])
+        if m["param_bad"]:
+            data["nonfinite_param"] = _name_at([name for name, _ in self._checked], m["param_first"])
+        if m["scaler"]:
+            data["loss_scale"] = m["loss_scale"]
+            if "scale_after" in m:
+                data["scale_after"] = m["scale_after"]
+                data["persistent_skips"] = m["persistent"]
+        if "loss_reference" in m:
+            data["loss_reference"] = m["loss_reference"]
+        if self.save_batch and self._batch is not None and self.output_dir is not None:
+            if m["local_loss_bad"] or not m["loss_bad"]:
+                path = self.output_dir / f"nan_guard_batch_step{step}_rank{trainer.global_rank}.pt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(_to_cpu(self._batch), path)
+                data["batch_file"] = str(path)
+        return data
+
+    @staticmethod
+    def _bad_message(kind: str, data: dict[str, Any]) -> str:
+        where = f"step {data['step']} (lr {data['lr']:.4g}, loss {data['loss']:.4g}, grad norm {data['grad_norm']:.4g})"
+        if kind == "nonfinite_loss":
+            return f"The loss is non-finite at {where}; the step was skipped."
+        if kind == "nonfinite_grad":
+            return (
+                f"Gradients are non-finite at {where}, first in `{data.get('nearest_output')}` in backward order "
+                f"(`{data.get('first_nonfinite')}` first in registration order); the step was skipped."
+            )
+        if kind == "nonfinite_param":
+            return f"Parameter/buffer `{data.get('nonfinite_param')}` is non-finite before {where}."
+        if kind == "loss_spike":
+            reference = data.get("loss_reference", math.nan)
+            return (
+                f"The loss spiked at {where}: above the spike factor x its recent median {reference:.4g}; step skipped."
+            )
+        persistent = "skipped steps persist" if data.get("persistent_skips") else "its scale collapsed"
+        return (
+            f"The fp16 GradScaler skipped step {data['step']} and {persistent}: "
+            f"scale {data.get('loss_scale', math.nan):.4g} "
+            f"-> {data.get('scale_after', math.nan):.4g} (lr {data['lr']:.4g})."
+        )
+
+    @staticmethod
+    def _bad_hint(kind: str) -> str:
+        if kind in ("nonfinite_loss", "nonfinite_grad", "loss_spike", "scaler_collapse"):
+            return (
+                "NaNs in the first ~100 steps mean the learning rate is too high: reduce it 3x until they stop "
+                "(NaNGuard backs it off for you); later NaNs: clip gradients (RNNs), check custom layers for "
+                "division by zero or log(0), and use a stable softmax/cross_entropy."
+            )
+        return "The previous update overflowed: lower the learning rate, or clip gradients (gradient_clip_val=1.0)."
+
+    def _maybe_backoff(self, trainer: pl.Trainer, reason: str, step: int) -> None:
+        if self.halted_reason is not None:
+            return
+        if self._last_backoff_step is not None and step - self._last_backoff_step < self.cooldown_steps:
+            return
+        old_lr = self._max_lr(trainer)
+        new_lr = old_lr * self.backoff_factor
+        if self.backoffs >= self.max_backoffs:
+            self._halt(
+                trainer,
+                f"bad steps persist after {self.backoffs} learning-rate backoffs (max_backoffs={self.max_backoffs})",
+            )
+            return
+        if new_lr < self.min_lr:
+            self._halt(
+                trainer, f"another backoff would bring the learning rate to {new_lr:.3g}, below min_lr={self.min_lr:g}"
+            )
+            return
+        for optimizer in trainer.optimizers:
+            _scale_optimizer_lrs(optimizer, self.backoff_factor)
+        for config in trainer.lr_scheduler_configs:
+            _scale_scheduler_lrs(config.scheduler, self.backoff_factor)
+        self.lr_scale *= self.backoff_factor
+        self.backoffs += 1
+        self._last_backoff_step = step
+        entry = {"step": step, "old_lr": old_lr, "new_lr": new_lr, "reason": reason, "lr_scale": self.lr_scale}
+        self.lr_history.append(entry)
+        self.report(
+            trainer,
+            "nan_guard.backoff",
+            "warning",
+            f"Learning rate backed off {old_lr:.4g} -> {new_lr:.4g} (x{self.backoff_factor:.3g}, backoff "
+            f"{self.backoffs}/{self.max_backoffs}) after a {reason.replace('_', ' ')} at step {step}.",
+            f"Start the next run at lr <= {new_lr:.3g}; the best learning rates sit 1-10x below where NaNs begin.",
+            entry,
+        )
+
+    def _halt(self, trainer: pl.Trainer, reason: str) -> None:
+        if self.halted_reason is not None:
+            return
+        self.halted_reason = f"NaNGuard: {reason}"
+        trainer.should_stop = True
+        bad_lrs = [b["lr"] for b in self.bad_steps if math.isfinite(b["lr"])]
+        first_bad_lr = bad_lrs[0] if bad_lrs else math.nan
+        lowest_bad_lr = min(bad_lrs) if bad_lrs else math.nan
+        data = {
+            "reason": reason,
+            "lr_history": self.lr_history,
+            "first_bad_lr": first_bad_lr,
+            "lowest_bad_lr": lowest_bad_lr,
+            "try_lr_max": lowest_bad_lr / 3,
+            "try_lr_min": lowest_bad_lr / 10,
+            "backoffs": self.backoffs,
+            "lr_scale": self.lr_scale,
+            "skipped_steps": self.skipped_steps,
+            "first_bad": self.first_bad,
+        }
+        history = ", ".join(f"{h['old_lr']:.3g}->{h['new_lr']:.3g} @{h['step']}" for h in self.lr_history) or "none"
+        hint = (
+            f"Restart with lr between {lowest_bad_lr / 10:.3g} and {lowest_bad_lr / 3:.3g} (1-10x below the lowest LR "
+            f"that still gave NaNs, {lowest_bad_lr:.3g})."
+        )
+        if self.lr_scale <= 0.01:
+            hint += (
+                f" NaNs persisted over a {1 / self.lr_scale:.0f}x LR reduction, so the LR is likely not the cause: "
+                "check "
+                "the inputs for NaN/Inf, custom layers for division by zero or log(0), use a stable softmax, and clip "
+                "gradients (RNNs)."
+            )
+        self.report(
+            trainer,
+            "nan_guard.halt",
+            "error",
+            f"Training halted at step {trainer.global_step}: {reason}. NaNs began at lr {first_bad_lr:.4g}; "
+            f"LR history: {history}.",
+            hint,
+            data,
+        )
+        self._log_state(trainer)
+        if self.on_halt == "raise":
+            raise NaNGuardHalt(self.halted_reason)
+
+    # ------------------------------------------------------------------ rollback
+    def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._snapshot is None:
+            return
+        self._snapshot.capture(int(trainer.global_step), pl_module, trainer.optimizers, _grad_scaler(trainer))
+        self._clean_steps = 0
+
+    def _rollback(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> bool:
+        snapshot = self._snapshot
+        if snapshot is None or snapshot.step is None:
+            return False
+        snapshot.restore(pl_module, trainer.optimizers, _grad_scaler(trainer))
+        self._refresh_checked(pl_module)
+        self.rollbacks += 1
+        self._consecutive_bad = 0
+        self._recent_losses.clear()
+        self.report(
+            trainer,
+            "nan_guard.rollback",
+            "warning",
+            f"Weights and optimizer state rolled back from step {trainer.global_step} to the snapshot of step "
+            f"{snapshot.step} after a {reason.replace('_', ' ')} (rollback {self.rollbacks}).",
+            "Lower the learning rate (or add warm-up / gradient clipping) so the run stops diverging.",
+            {"from_step": int(trainer.global_step), "to_step": snapshot.step, "reason": reason},
+        )
+        return True
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = None
+        if self._stepped_good:
+            self._stepped_good = False
+            self._clean_steps += 1
+            if self.snapshot_every_n_steps is not None and self._clean_steps >= self.snapshot_every_n_steps:
+                self._take_snapshot(trainer, pl_module)
+        if self.is_measured_step(trainer):
+            self._log_state(trainer)
+
+    def _log_state(self, trainer: pl.Trainer) -> None:
+        scalars = {
+            "nan_guard/lr_scale": self.lr_scale,
+            "nan_guard/skipped_steps": float(self.skipped_steps),
+            "nan_guard/backoffs": float(self.backoffs),
+            "nan_guard/rollbacks": float(self.rollbacks),
+        }
+        if self._last_loss_scale is not None:
+            scalars["nan_guard/loss_scale"] = self._last_loss_scale
+        self.log_scalars(trainer, scalars)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = checkpoint.get("state_dict") or {}
+        named = [(k, v) for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and v.numel()]
+        if not named:
+            return
+        bad_count, first, _, _ = _nonfinite_summary([v for _, v in named], named[0][1].device)
+        count, first_index = to_host([bad_count, first])
+        if count == 0:
+            return
+        name = _name_at([k for k, _ in named], first_index)
+        snapshot = self._snapshot
+        if snapshot is None or snapshot.step is None:
+            self.report(
+                trainer,
+                "nan_guard.checkpoint_nonfinite",
+                "error",
+                f"Refused to save a checkpoint at step {trainer.global_step}: {int(count)} weight tensors are "
+                f"non-finite (first `{name}`) and there is no good snapshot.",
+                "Keep NaNGuard's snapshots on (snapshot_every_n_steps) and check_params=True; lower the learning rate.",
+                {"nonfinite_tensors": int(count), "first": name},
+            )
+            raise NaNGuardError(
+                f"NaNGuard: refusing to save non-finite weights (`{name}`) at step {trainer.global_step}"
+            )
+        snapshot.wait()
+        checkpoint["state_dict"] = {k: v.clone() for k, v in snapshot.model.items()}
+        if "optimizer_states" in checkpoint and len(checkpoint["optimizer_states"]) == len(snapshot.optimizers):
+            for opt_state, saved in zip(checkpoint["optimizer_states"], snapshot.optimizers):
+                opt_state["state"] = copy.deepcopy(saved)
+        self.report(
+            trainer,
+            "nan_guard.checkpoint_replaced",
+            "warning",
+            f"The checkpoint at step {trainer.global_step} got the weights of the good snapshot of step "
+            f"{snapshot.step}: "
+            f"{int(count)} weight tensors were non-finite (first `{name}`).",
+            "Lower the learning rate; resume from this checkpoint, not from an older NaN one.",
+            {"nonfinite_tensors": int(count), "first": name, "snapshot_step": snapshot.step},
+        )
+
+    # ------------------------------------------------------------------ report / resume
+    def summary(self) -> dict[str, Any]:
+        return {
+            "lr_scale": self.lr_scale,
+            "backoffs": self.backoffs,
+            "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
+            "scaler_collapses": self.scaler_collapses,
+            "lr_history": list(self.lr_history),
+            "first_bad": self.first_bad,
+            "halted_reason": self.halted_reason,
+            "snapshot_bytes": self._snapshot.nbytes() if self._snapshot is not None else 0,
+        }
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "lr_scale": self.lr_scale,
+            "backoffs": self.backoffs,
+            "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
+            "scaler_collapses": self.scaler_collapses,
+            "lr_history": list(self.lr_history),
+            "bad_steps": list(self.bad_steps),
+            "first_bad": self.first_bad,
+            "last_backoff_step": self._last_backoff_step,
+            "consecutive_bad": self._consecutive_bad,
+            "scaler_consecutive_skips": self._scaler_consecutive_skips,
+            "scaler_had_good_step": self._scaler_had_good_step,
+            "recent_losses": list(self._recent_losses),
+            "halted_reason": self.halted_reason,  # for the record: a resumed run starts un-halted
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.backoffs = int(state.get("backoffs", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.scaler_collapses = int(state.get("scaler_collapses", 0))
+        self.lr_history = list(state.get("lr_history", []))
+        self.bad_steps = list(state.get("bad_steps", []))
+        self.first_bad = state.get("first_bad")
+        self._last_backoff_step = state.get("last_backoff_step")
+        self._consecutive_bad = int(state.get("consecutive_bad", 0))
+        self._scaler_consecutive_skips = int(state.get("scaler_consecutive_skips", 0))
+        self._scaler_had_good_step = bool(state.get("scaler_had_good_step", False))
+        self._recent_losses = deque(state.get("recent_losses", []), maxlen=self.spike_window)
+
+    # ------------------------------------------------------------------ helpers
+    def _refresh_checked(self, pl_module: pl.LightningModule) -> None:
+        named = [*pl_module.named_parameters(), *pl_module.named_buffers()]
+        self._checked = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
+
+    def _max_lr(self, trainer: pl.Trainer) -> float:
+        lrs = [float(group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        return max(lrs) if lrs else math.nan
+
+    def _install_gate(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put a gate in front of ``optimizer.step`` (an instance attribute, removed when training ends)."""
+        key = id(optimizer)
+        previous = optimizer.__dict__.get("step", _MISSING)
+        inner = optimizer.step
+        gate = _make_gate(self._skip_pending, key, inner)
+        if hasattr(inner, "_wrapped_by_lr_sched"):
+            gate._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # keeps LR schedulers from re-wrapping
+        optimizer.step = types.MethodType(gate, optimizer)  # type: ignore[method-assign]
+        self._gates[key] = (optimizer, previous)
+
+    def _remove_gates(self) -> None:
+        for optimizer, previous in self._gates.values():
+            if previous is _MISSING:
+                optimizer.__dict__.pop("step", None)
+            else:
+                optimizer.step = previous  # type: ignore[method-assign]
+        self._gates.clear()
+        self._skip_pending.clear()
+
+
+_MISSING = object()
+
+
+def _make_gate(skip_pending: dict[int, bool], key: int, inner: Callable[..., Any]) -> Callable[..., Any]:
+    def gated_step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        closure = args[0] if args else kwargs.get("closure")
+        if closure is None:  # AMP: the precision plugin ran the closure and NaNGuard already decided
+            if skip_pending.pop(key, False):
+                return None
+            return inner(*args, **kwargs)
+
+        def guarded_closure(*c_args: Any, **c_kwargs: Any) -> Any:
+            result = closure(*c_args, **c_kwargs)
+            if skip_pending.pop(key, False):
+                raise _SkipStep(result)  # every hook has run; the optimizer has not read anything yet
+            return result
+
+        if args:
+            args = (guarded_closure, *args[1:])
+        else:
+            kwargs["closure"] = guarded_closure
+        try:
+            return inner(*args, **kwargs)
+        except _SkipStep as skip:
+            return skip.result
+
+    return gated_step
+
+
+class _Snapshot:
+    """One host copy of the model's ``state_dict``, the optimizers' state and the loss scale; buffers are reused."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.model: dict[str, Tensor] = {}
+        self.optimizers: list[dict[Any, Any]] = []
+        self.scaler: dict[str, Tensor] = {}
+        self._event: Any = None
+
+    def capture(
+        self, step: int, pl_module: pl.LightningModule, optimizers: Sequence[torch.optim.Optimizer], scaler: Any
+    ) -> None:
+        cuda = False
+        model: dict[str, Tensor] = {}
+        for name, tensor in pl_module.state_dict().items():
+            model[name] = _host_copy(tensor, self.model.get(name))
+            cuda = cuda or tensor.is_cuda
+        self.model = model
+        states: list[dict[Any, Any]] = []
+        for index, optimizer in enumerate(optimizers):
+            old = self.optimizers[index] if index < len(self.optimizers) else {}
+            state: dict[Any, Any] = {}
+            for param_id, param_state in optimizer.state_dict()["state"].items():
+                old_param = old.get(param_id, {})
+                state[param_id] = {
+                    k: _host_copy(v, old_param.get(k)) if isinstance(v, Tensor) else copy.deepcopy(v)
+                    for k, v in param_state.items()
+                }
+                cuda = cuda or any(isinstance(v, Tensor) and v.is_cuda for v in param_state.values())
+            states.append(state)
+        self.optimizers = states
+        self.scaler = {}
+        for attr in ("_scale", "_growth_tracker"):
+            value = getattr(scaler, attr, None) if scaler is not None else None
+            if isinstance(value, Tensor):
+                self.scaler[attr] = _host_copy(value, None)
+        self._event = None
+        if cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self.step = step
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+    def restore(self, pl_module: pl.LightningModule, optimizers: Sequence[torch.optim.Optimizer], scaler: Any) -> None:
+        self.wait()
+        with torch.no_grad():
+            for name, tensor in pl_module.state_dict().items():
+                if name in self.model:
+                    tensor.copy_(self.model[name])
+        for optimizer, saved in zip(optimizers, self.optimizers):
+            current = optimizer.state_dict()  # keeps the current param groups: the backed-off LRs stay
+            current["state"] = copy.deepcopy(saved)
+            optimizer.load_state_dict(current)
+        for attr, saved_value in self.scaler.items():
+            value = getattr(scaler, attr, None)
+            if isinstance(value, Tensor):
+                value.copy_(saved_value)
+
+    def nbytes(self) -> int:
+        tensors = list(self.model.values()) + [
+            v
+            for state in self.optimizers
+            for param_state in state.values()
+            for v in param_state.values()
+            if isinstance(v, Tensor)
+        ]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _host_copy(tensor: Tensor, buffer: Tensor | None) -> Tensor:
+    source = tensor.detach()
+    if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
+        buffer = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=source.is_cuda)
+    buffer.copy_(source, non_blocking=source.is_cuda)
+    return buffer
+
+
+def _nonfinite_summary(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(count of non-finite tensors, index of the first, index of the last, global L2 norm) on ``device``."""
+    norms = torch.stack([n.to(device, torch.float64) for n in foreach_norms(tensors)])
+    bad = ~torch.isfinite(norms)
+    index = torch.arange(len(norms), device=device, dtype=torch.float64)
+    count = bad.to(torch.float64).sum()
+    first = torch.where(bad, index, torch.full_like(index, math.inf)).min()
+    last = torch.where(bad, index, torch.full_like(index, -1.0)).max()
+    return count, first, last, torch.linalg.vector_norm(norms)
+
+
+def _name_at(names: Sequence[str], index: float) -> str | None:
+    if not math.isfinite(index) or index < 0 or int(index) >= len(names):
+        return None
+    return names[int(index)]
+
+
+def _grad_scaler(trainer: pl.Trainer) -> Any:
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return None
+    return scaler
+
+
+def _scaler_scale(trainer: pl.Trainer) -> Tensor | None:
+    scale = getattr(_grad_scaler(trainer), "_scale", None)
+    return scale if isinstance(scale, Tensor) else None
+
+
+def _scaler_backoff(trainer: pl.Trainer) -> float:
+    return float(getattr(_grad_scaler(trainer), "_backoff_factor", 0.5))
+
+
+def _scaler_found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """The GradScaler's ``found_inf`` for this optimizer once it unscaled the gradients, else None."""
+    scaler = _grad_scaler(trainer)
+    if scaler is None:
+        return None
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
+    if not state or not state.get("found_inf_per_device"):
+        return None
+    found = list(state["found_inf_per_device"].values())
+    total = found[0].double()
+    for value in found[1:]:
+        total = total + value.to(total.device, torch.float64)
+    return total
+
+
+def _scale_value(value: Any, factor: float) -> Any:
+    if isinstance(value, Tensor):
+        return value.mul_(factor)  # in place: capturable optimizers and compiled steps hold this tensor
+    if isinstance(value, (list, tuple)):
+        return type(value)(_scale_value(v, factor) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value * factor
+    return value
+
+
+def _scale_optimizer_lrs(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        for key in _GROUP_LR_KEYS:
+            if key in group:
+                group[key] = _scale_value(group[key], factor)
+
+
+def _scale_scheduler_lrs(scheduler: Any, factor: float) -> None:
+    """Scale what a scheduler computes the LR from, so the backoff survives its next step; recurses into chains."""
+    for attr in _SCHEDULER_LR_ATTRIBUTES:
+        if hasattr(scheduler, attr):
+            setattr(scheduler, attr, _scale_value(getattr(scheduler, attr), factor))
+    last = getattr(scheduler, "_last_lr", None)
+    if isinstance(last, list):
+        scheduler._last_lr = _scale_value(last, factor)
+    for child in getattr(scheduler, "_schedulers", []) or []:
+        _scale_scheduler_lrs(child, factor)
+
+
+def _to_cpu(batch: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.detach().cpu()
+    if isinstance(batch, dict):
+        return {k: _to_cpu(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return (
+            type(batch)(_to_cpu(v) for v in batch)
+            if not hasattr(batch, "_fields")
+            else type(batch)(*(_to_cpu(v) for v in batch))
+        )
+    return batch
+
+
+def _validate(
+    backoff_factor: float,
+    max_backoffs: int,
+    min_lr: float,
+    cooldown_steps: int,
+    rollback_after: int,
+    snapshot_every_n_steps: int | None,
+    spike_factor: float | None,
+    spike_window: int,
+    min_loss_scale: float,
+    max_scaler_skips: int,
+    on_halt: str,
+) -> None:
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not is_number(backoff_factor) or not 0 < backoff_factor < 1:
+        raise ValueError(f"`backoff_factor` must be a number in (0, 1), e.g. 1/3, got {backoff_factor!r}")
+    if not is_int(max_backoffs) or max_backoffs < 0:
+        raise ValueError(f"`max_backoffs` must be a non-negative integer, got {max_backoffs!r}")
+    if not is_number(min_lr) or min_lr < 0:
+        raise ValueError(f"`min_lr` must be a finite number >= 0, got {min_lr!r}")
+    if not is_int(cooldown_steps) or cooldown_steps < 0:
+        raise ValueError(f"`cooldown_steps` must be a non-negative integer, got {cooldown_steps!r}")
+    if not is_int(rollback_after) or rollback_after < 1:
+        raise ValueError(f"`rollback_after` must be a positive integer, got {rollback_after!r}")
+    if snapshot_every_n_steps is not None and (not is_int(snapshot_every_n_steps) or snapshot_every_n_steps < 1):
+        raise ValueError(f"`snapshot_every_n_steps` must be a positive integer or None, got {snapshot_every_n_steps!r}")
+    if spike_factor is not None and (not is_number(spike_factor) or spike_factor <= 1):
+        raise ValueError(f"`spike_factor` must be a number > 1 or None, got {spike_factor!r}")
+    if not is_int(spike_window) or spike_window < 5:
+        raise ValueError(f"`spike_window` must be an integer >= 5, got {spike_window!r}")
+    if not is_number(min_loss_scale) or min_loss_scale <= 0:
+        raise ValueError(f"`min_loss_scale` must be a number > 0, got {min_loss_scale!r}")
+    if not is_int(max_scaler_skips) or max_scaler_skips < 1:
+        raise ValueError(f"`max_scaler_skips` must be a positive integer, got {max_scaler_skips!r}")
+    if on_halt not in ON_HALT:
+        raise ValueError(f"`on_halt` must be one of {ON_HALT}, got {on_halt!r}")

@@ -1,0 +1,864 @@
+"""PredictionDynamicsLogger: watch the predictions on a fixed batch move during training."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_debug.base import DiagnosticCallback
+from lightning_debug.isolation import isolated
+
+Task = Literal["auto", "classification", "regression", "summary"]
+Source = Literal["auto", "val", "train"]
+TASKS: tuple[str, ...] = ("auto", "classification", "regression", "summary")
+SOURCES: tuple[str, ...] = ("auto", "val", "train")
+FIXED_BATCH_FILE = "fixed_batch.pt"
+# Strategies whose forward needs every rank (parameters sharded): a rank-0-only forward would hang.
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+# When the run's length is unknown (infinite epochs), "late" starts after this many logs.
+_LATE_LOGS_WHEN_UNBOUNDED = 20
+_EPS = 1e-12
+# Net change over the patience window / path length below which jitter counts as oscillation.
+_OSCILLATING_PROGRESS = 0.5
+# Collapse and stuck are never judged before this many optimizer steps (AMP's GradScaler skips the first ones).
+_MIN_WARMUP_STEPS = 50
+
+
+class PredictionDynamicsLogger(DiagnosticCallback):
+    r"""Checklist item "visualize prediction dynamics": the predictions on one fixed batch, logged as training goes.
+
+    Once, when training starts, it picks a fixed batch: the first ``num_examples`` examples of the validation
+    set (the training set when there is no validation loader, or ``source="train"``), or the ``fixed_batch``
+    you pass. The same examples are used for the whole run; they are saved to
+    ``<log_dir>/lightning_debug/fixed_batch.pt`` and travel in the checkpoint, so a resumed run keeps them.
+
+    Every ``every_n_steps`` optimizer steps (and once before the first step) it runs the model on that
+    batch: in eval mode, without gradients, under the trainer's precision context, on the underlying
+    LightningModule (not the DDP wrapper). Training is left bit-identical: the global RNG, the loaders'
+    generators, BatchNorm running statistics, train/eval flags and ``self.log`` are restored. Under DDP
+    only rank 0 evaluates, with no collective the other ranks would wait on; **its findings and logs live
+    on rank 0** (the other ranks' ``.findings`` stay empty). Sharded strategies (FSDP, DeepSpeed) need
+    every rank for a forward pass, so there the logger is a no-op with a ``predictions.not_measured`` info.
+
+    The task decides what is shown (``task="auto"`` picks it from the first output and target):
+
+    ==================  ======================================================  ================================
+    task                recognised when                                         treated as
+    ==================  ======================================================  ================================
+    ``classification``  output ``(N, C)``, C >= 2, integer targets ``(N,)``;    logits (softmax); a single logit
+                        or output ``(N,)``/``(N, 1)`` with 0/1 integer targets  is binary (sigmoid)
+    ``regression``      floating targets with as many elements as the output    predictions vs targets
+    ``summary``         anything else (or no target)                            summary statistics of the output
+    ==================  ======================================================  ================================
+
+    If your model returns probabilities, pass ``output_transform=lambda p: p.log()`` (softmax of log p is p).
+
+    Definitions, between two consecutive logs :math:`t-1, t`, averaged over the N examples:
+
+    - **jitter**: classification: the total-variation distance :math:`\tfrac12\sum_c |p_t(c) - p_{t-1}(c)|`
+      between the class-probability vectors (0: no change, 1: all mass moved); regression: :math:`|\hat y_t -
+      \hat y_{t-1}| / \sigma_y` with :math:`\sigma_y` the std of the fixed batch's targets; summary:
+      :math:`\mathrm{mean}|\hat y_t - \hat y_{t-1}| / \mathrm{mean}|\hat y_{t-1}|`.
+    - **movement**: the same distance between the current log and the first one (how far the predictions
+      have travelled from where they started).
+    - **flips**: the number of examples whose predicted class (argmax) changed since the previous log.
+
+    TensorBoard tags (step = global step):
+
+    ==========================================  =================================================================
+    tag                                         meaning
+    ==========================================  =================================================================
+    ``predictions/loss``                        cross-entropy (classification) or MSE (regression) on the batch
+    ``predictions/accuracy``                    fraction of the batch classified correctly
+    ``predictions/jitter``                      normalised change since the previous log (definition above)
+    ``predictions/movement``                    normalised change since the first log
+    ``predictions/flips``                       examples whose predicted class changed since the previous log
+    ``predictions/output_{mean,std,min,max}``   summary statistics of the output (summary task)
+    ``predictions/probabilities`` (image)       rows: examples; columns: classes; colour: probability (viridis);
+                                                framed: the true class; left strip green/red: right/wrong
+    ``predictions/trajectory`` (image)          rows: examples; columns: logs, oldest left; classification: the
+                                                true-class probability (the top probability without targets);
+                                                regression: (prediction - target) / sigma_y, blue < 0 < red
+    ``predictions/vs_target`` (image)           regression: prediction (y axis) against target (x axis); the
+                                                diagonal is a perfect fit
+    ``predictions/outputs`` (histogram)         the raw output values (summary task)
+    ==========================================  =================================================================
+
+    Findings (judged on rank 0, each reported once per episode):
+
+    - ``predictions.collapsed`` (warning): after the warm-up, on ``patience`` consecutive logs at least
+      ``collapse_fraction`` of the batch is predicted as one class *and* at least ``collapse_fraction`` of the
+      examples labelled otherwise are predicted as that class: the model predicts the same class for
+      everything, whatever the labels (needs targets and at least 2 examples of other classes).
+    - ``predictions.jitter`` (warning): late in training (after ``late_fraction`` of the run's optimizer steps,
+      or after 20 logs when the run's length is unknown) the jitter stays above ``jitter_threshold`` on
+      ``patience`` consecutive logs *and* the moves cancel out: the net change over those logs is less than
+      half the path travelled (a model still learning fast moves a lot, but in one direction). The learning
+      rate is too high or training is unstable.
+    - ``predictions.stuck`` (warning): after the warm-up, the movement since the first log stays below
+      ``stuck_threshold`` on ``patience`` consecutive logs: the predictions have not left their initial values
+      (learning rate far too low, or the parameters are not being updated).
+    - ``predictions.not_measured`` (info): no fixed batch could be found or used; the logger is a no-op.
+    - ``predictions.fallback`` (info): the output does not fit the requested ``task``; summary statistics
+      are logged instead.
+
+    The warm-up (``warmup_steps``) defaults to 10% of the run's optimizer steps and at least 50 (10 logs, at
+    least 50 steps, when the run's length is unknown): early predictions are often one class, and a 16-mixed
+    GradScaler skips its first steps while it calibrates. The initial model is never judged.
+
+    Args:
+        num_examples: how many examples the fixed batch holds (the first ones of the chosen dataset); default 16.
+        every_n_steps: evaluate every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
+        task: ``"auto"``, ``"classification"``, ``"regression"`` or ``"summary"`` (see the table above).
+        source: where the fixed batch comes from: ``"auto"`` (validation, else training), ``"val"`` or ``"train"``.
+        fixed_batch: a batch to use instead, in the structure ``batch_fn`` expects (default ``(inputs, targets)``
+            or an inputs tensor); used in full, ``num_examples`` and ``source`` are then ignored.
+        batch_fn: splits a batch into ``(inputs, targets or None)``; the model is called as ``module(inputs)``.
+            Default: ``(batch[0], batch[-1])`` for a tuple/list of 2 or more, ``(batch, None)`` for a tensor.
+        output_transform: maps the model's output to one tensor (e.g. ``lambda out: out["logits"]``); required
+            when the output is not a tensor.
+        log_images: log the images (TensorBoard only); the scalars and findings do not depend on it.
+        max_history: how many logs the trajectory image and ``history`` keep (the most recent ones); default 200.
+        collapse_fraction: share of the batch predicted as one class that counts as collapse, in (0.5, 1]; 0.9.
+        jitter_threshold: jitter (0..1 for classification) above which late training counts as unstable; 0.2.
+        stuck_threshold: movement since the first log below which the predictions count as stuck; 0.01.
+        patience: consecutive logs a condition must hold before it is reported; default 3.
+        warmup_steps: optimizer steps before collapse and stuck are judged; ``None``: 10% of the run, at least 50.
+        late_fraction: fraction of the run's optimizer steps after which jitter is judged, in [0, 1); 0.5.
+
+    Raises:
+        ValueError: for an argument out of range; the message names it and the accepted values.
+
+    Example::
+
+        from lightning_debug.predictions import PredictionDynamicsLogger
+
+        trainer = Trainer(callbacks=[PredictionDynamicsLogger(num_examples=16, every_n_steps=20)])
+        trainer.fit(model, datamodule)  # then: tensorboard --logdir lightning_logs, tags predictions/*
+    """
+
+    def __init__(
+        self,
+        num_examples: int = 16,
+        every_n_steps: int | None = None,
+        *,
+        task: Task = "auto",
+        source: Source = "auto",
+        fixed_batch: Any = None,
+        batch_fn: Callable[[Any], tuple[Any, Tensor | None]] | None = None,
+        output_transform: Callable[[Any], Tensor] | None = None,
+        log_images: bool = True,
+        max_history: int = 200,
+        collapse_fraction: float = 0.9,
+        jitter_threshold: float = 0.2,
+        stuck_threshold: float = 0.01,
+        patience: int = 3,
+        warmup_steps: int | None = None,
+        late_fraction: float = 0.5,
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps)
+        _validate(
+            num_examples, task, source, batch_fn, output_transform, max_history, collapse_fraction,
+            jitter_threshold, stuck_threshold, patience, warmup_steps, late_fraction,
+        )  # fmt: skip
+        self.num_examples = num_examples
+        self.task = task
+        self.source = source
+        self.batch_fn = batch_fn
+        self.output_transform = output_transform
+        self.log_images = log_images
+        self.max_history = max_history
+        self.collapse_fraction = collapse_fraction
+        self.jitter_threshold = jitter_threshold
+        self.stuck_threshold = stuck_threshold
+        self.patience = patience
+        self.warmup_steps = warmup_steps
+        self.late_fraction = late_fraction
+
+        self.fixed_batch: Any = fixed_batch
+        self.fixed_batch_source: str | None = "argument" if fixed_batch is not None else None
+        self.resolved_task: str | None = None
+        self.steps: list[int] = []
+        self.history: dict[str, list[float]] = {}
+        self.trajectory: list[list[float]] = []
+        self._first: Tensor | None = None
+        self._previous: Tensor | None = None
+        self._recent: list[Tensor] = []  # the last patience + 1 logs' predictions, for the net progress
+        self._target_scale: float = 1.0
+        self._streaks: dict[str, int] = {}
+        self._disabled = False
+        self._device_batch: Any = None
+        self._warmup_step = 0
+        self._late_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            num_examples=self.num_examples, every_n_steps=self.every_n_steps, task=self.task
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Computed on every rank (outside any rank-0 branch): the property may touch the data connector.
+        total = float(trainer.estimated_stepping_batches)
+        interval = self.measure_interval(trainer)
+        known = math.isfinite(total) and total > 0
+        self._late_step = max(1, math.ceil(self.late_fraction * total)) if known else None
+        if self.warmup_steps is not None:
+            self._warmup_step = max(1, self.warmup_steps)
+        else:
+            self._warmup_step = max(_MIN_WARMUP_STEPS, math.ceil(0.1 * total) if known else 10 * interval)
+        if type(trainer.strategy).__name__ in _SHARDED_STRATEGIES:
+            self._disable(
+                trainer,
+                f"{type(trainer.strategy).__name__} shards the parameters: a forward pass on rank 0 alone would hang.",
+                "Use DDP for runs you want prediction dynamics of, or evaluate a fixed batch in validation_step.",
+            )
+            return
+        if not trainer.is_global_zero or self._disabled:
+            return
+        if self.fixed_batch is None:
+            self.fixed_batch, self.fixed_batch_source = self._choose_fixed_batch(trainer, pl_module)
+            if self.fixed_batch is None:
+                self._disable(
+                    trainer, "There is no validation or training loader to take a fixed batch from.",
+                    "Pass fixed_batch=(inputs, targets) to PredictionDynamicsLogger.",
+                )  # fmt: skip
+                return
+        self._save_fixed_batch()
+        if not self.steps:
+            self._evaluate(trainer, pl_module)  # the initial model: where the trajectories start
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not trainer.is_global_zero or self._disabled or self.fixed_batch is None:
+            return
+        if not self.is_measured_step(trainer):
+            return
+        if self.steps and self.steps[-1] == trainer.global_step:
+            return  # gradient accumulation: several batches end at the same optimizer step
+        self._evaluate(trainer, trainer.lightning_module)
+
+    # ------------------------------------------------------------------ fixed batch
+    def _choose_fixed_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, str | None]:
+        candidates: list[tuple[str, Any]] = []
+        if self.source in ("auto", "val"):
+            candidates.append(("val", _first_loader(trainer.val_dataloaders)))
+        if self.source in ("auto", "train"):
+            candidates.append(("train", _first_loader(trainer.train_dataloader)))
+        for name, loader in candidates:
+            if loader is None:
+                continue
+            # Building samples or an iterator may draw from the global RNG and the loader's generators.
+            with isolated(pl_module, train_mode=pl_module.training, loaders=[loader]):
+                batch = _first_examples(loader, self.num_examples)
+            if batch is not None:
+                return _to_cpu(batch), name
+        return None, None
+
+    def _save_fixed_batch(self) -> None:
+        if self.output_dir is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"batch": self.fixed_batch, "source": self.fixed_batch_source}, self.output_dir / FIXED_BATCH_FILE)
+
+    def _split(self, batch: Any) -> tuple[Any, Tensor | None] | None:
+        if self.batch_fn is not None:
+            return self.batch_fn(batch)
+        if isinstance(batch, Tensor):
+            return batch, None
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            target = batch[-1]
+            return batch[0], target if isinstance(target, Tensor) else None
+        if isinstance(batch, (tuple, list)) and len(batch) == 1:
+            return batch[0], None
+        return None
+
+    # ------------------------------------------------------------------ measure
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._device_batch is None:
+            self._device_batch = move_data_to_device(self.fixed_batch, pl_module.device)
+        split, cpu_split = self._split(self._device_batch), self._split(self.fixed_batch)
+        if split is None or cpu_split is None:
+            self._disable(
+                trainer, f"The fixed batch is a {type(self.fixed_batch).__name__}, not (inputs, targets).",
+                "Pass batch_fn=lambda batch: (inputs, targets) to PredictionDynamicsLogger.",
+            )  # fmt: skip
+            return
+        inputs, target = split[0], cpu_split[1]  # the targets are read from the host copy: no transfer
+        inputs = trainer.precision_plugin.convert_input(inputs)
+        with isolated(pl_module, train_mode=False), trainer.precision_plugin.forward_context():
+            output = pl_module(inputs)
+            if self.output_transform is not None:
+                output = self.output_transform(output)
+        if not isinstance(output, Tensor) or not output.is_floating_point() or output.ndim == 0:
+            self._disable(
+                trainer, f"The model's output is a {_describe(output)}, not a floating tensor with a batch dimension.",
+                "Pass output_transform=... that returns the prediction tensor (e.g. lambda out: out['logits']).",
+            )  # fmt: skip
+            return
+        output = output.detach().float().cpu()  # the one host transfer
+        target = None if target is None else target.detach()
+        if self.resolved_task is None:
+            self.resolved_task = self._resolve_task(trainer, output, target)
+            if self.resolved_task == "regression" and target is not None:
+                self._target_scale = _scale(target.float())
+        step = int(trainer.global_step)
+        if self.resolved_task == "classification":
+            self._measure_classification(trainer, step, output, target)
+        elif self.resolved_task == "regression":
+            self._measure_regression(trainer, step, output, target)
+        else:
+            self._measure_summary(trainer, step, output)
+
+    def _resolve_task(self, trainer: pl.Trainer, output: Tensor, target: Tensor | None) -> str:
+        looks_like = _infer_task(output, target)
+        if self.task == "auto":
+            return looks_like
+        fits = {
+            "classification": _is_class_output(output, target),
+            "regression": target is not None and target.is_floating_point() and target.numel() == output.numel(),
+            "summary": True,
+        }[self.task]
+        if fits:
+            return self.task
+        self.report(
+            trainer, "predictions.fallback", "info",
+            f"task={self.task!r}, but the output has shape {tuple(output.shape)} and the target "
+            f"{'is missing' if target is None else f'has shape {tuple(target.shape)} ({target.dtype})'}; "
+            "logging summary statistics of the output instead.",
+            "Pass output_transform/batch_fn so the output is (N, C) logits with (N,) class targets "
+            "(classification) or matches a floating target (regression), or task='auto'.",
+            {"output_shape": list(output.shape), "target_shape": None if target is None else list(target.shape)},
+        )  # fmt: skip
+        return "summary"
+
+    def _measure_classification(self, trainer: pl.Trainer, step: int, logits: Tensor, target: Tensor | None) -> None:
+        log_probs = _log_probabilities(logits)
+        probs = log_probs.exp()
+        labels = _class_labels(target, probs.shape)
+        predicted = probs.argmax(dim=1)
+        metrics: dict[str, float] = {}
+        if labels is not None:
+            metrics["loss"] = float(-log_probs.gather(1, labels[:, None]).mean())
+            metrics["accuracy"] = float((predicted == labels).float().mean())
+            trajectory_values = probs.gather(1, labels[:, None])[:, 0]
+        else:
+            trajectory_values = probs.max(dim=1).values
+        metrics.update(self._changes(probs))
+        if self._previous is not None:
+            metrics["flips"] = float((predicted != self._previous.argmax(dim=1)).sum())
+        self._record(step, probs, metrics, trajectory_values)
+        self.log_scalars(trainer, {f"predictions/{name}": value for name, value in metrics.items()}, step=step)
+        if self.log_images:
+            self.log_image(trainer, "predictions/probabilities", render_probabilities(probs, labels), step=step)
+            self.log_image(trainer, "predictions/trajectory", render_trajectory(self.trajectory, 0.0, 1.0), step=step)
+        self._judge(trainer, step, metrics, _collapse_stats(predicted, labels, probs.shape[1], self.collapse_fraction))
+
+    def _measure_regression(self, trainer: pl.Trainer, step: int, output: Tensor, target: Tensor | None) -> None:
+        assert target is not None
+        predictions = output.reshape(output.shape[0], -1)
+        targets = target.float().reshape(predictions.shape)
+        scale = self._target_scale
+        metrics = {"loss": float(F.mse_loss(predictions, targets)), **self._changes(predictions)}
+        error = (predictions - targets) / scale
+        if error.shape[1] == 1:
+            trajectory_values, low = error[:, 0], -2.0  # signed: over- and undershoot show in colour
+        else:
+            trajectory_values, low = error.pow(2).mean(dim=1).sqrt(), 0.0
+        self._record(step, predictions, metrics, trajectory_values)
+        self.log_scalars(trainer, {f"predictions/{name}": value for name, value in metrics.items()}, step=step)
+        if self.log_images:
+            self.log_image(trainer, "predictions/vs_target", render_scatter(targets, predictions), step=step)
+            self.log_image(trainer, "predictions/trajectory", render_trajectory(self.trajectory, low, 2.0), step=step)
+        self._judge(trainer, step, metrics, None)
+
+    def _measure_summary(self, trainer: pl.Trainer, step: int, output: Tensor) -> None:
+        flat = output.reshape(-1)
+        finite = flat[torch.isfinite(flat)]
+        metrics: dict[str, float] = {}
+        if finite.numel():
+            metrics.update(
+                output_mean=float(finite.mean()),
+                output_std=float(finite.std()) if finite.numel() > 1 else 0.0,
+                output_min=float(finite.min()),
+                output_max=float(finite.max()),
+            )
+        metrics.update(self._changes(flat))
+        self._record(step, flat, metrics, None)
+        self.log_scalars(trainer, {f"predictions/{name}": value for name, value in metrics.items()}, step=step)
+        if self.log_images and finite.numel():
+            self.log_histogram(trainer, "predictions/outputs", finite, step=step)
+        self._judge(trainer, step, metrics, None)
+
+    def _distance(self, new: Tensor, old: Tensor) -> float:
+        """The normalised distance between two logs' predictions (the definition of jitter and movement)."""
+        if new.shape != old.shape:
+            return math.nan
+        if self.resolved_task == "classification":
+            return float(0.5 * (new - old).abs().sum(dim=1).mean())  # total variation, 0..1
+        if self.resolved_task == "regression":
+            return float((new - old).abs().mean() / self._target_scale)
+        return float((new - old).abs().mean() / max(float(old.abs().mean()), _EPS))
+
+    def _changes(self, predictions: Tensor) -> dict[str, float]:
+        changes: dict[str, float] = {}
+        if self._previous is not None:
+            changes["jitter"] = self._distance(predictions, self._previous)
+        if self._first is not None:
+            changes["movement"] = self._distance(predictions, self._first)
+        return changes
+
+    def _record(self, step: int, predictions: Tensor, metrics: Mapping[str, float], trajectory: Tensor | None) -> None:
+        if self._first is None:
+            self._first = predictions.clone()
+        self._previous = predictions.clone()
+        self._recent = [*self._recent, self._previous][-(self.patience + 1) :]
+        self.steps.append(step)
+        for name, value in metrics.items():
+            self.history.setdefault(name, []).append(value)
+        if trajectory is not None:
+            self.trajectory.append([float(v) for v in trajectory])
+        del self.steps[: -self.max_history]
+        del self.trajectory[: -self.max_history]
+        for values in self.history.values():
+            del values[: -self.max_history]
+
+    # ------------------------------------------------------------------ judge
+    def _judge(
+        self, trainer: pl.Trainer, step: int, metrics: Mapping[str, float], collapse: dict[str, Any] | None
+    ) -> None:
+        warmed_up = step >= self._warmup_step and step > 0
+        late = step >= self._late_step if self._late_step is not None else len(self.steps) >= _LATE_LOGS_WHEN_UNBOUNDED
+        jitter, movement = metrics.get("jitter", math.nan), metrics.get("movement", math.nan)
+        progress = self._net_progress()
+        conditions = {
+            "collapsed": warmed_up and collapse is not None and collapse["collapsed"],
+            # large changes that cancel out: oscillation, not a model still learning fast
+            "jitter": late and step > 0 and jitter > self.jitter_threshold and progress < _OSCILLATING_PROGRESS,
+            "stuck": warmed_up and movement < self.stuck_threshold,
+        }
+        for name, holds in conditions.items():
+            self._streaks[name] = self._streaks.get(name, 0) + 1 if holds else 0
+            if self._streaks[name] != self.patience:
+                continue  # report once per episode, when the condition has held for `patience` logs
+            recent = self.history.get(name if name != "stuck" else "movement", [])[-self.patience :]
+            if name == "collapsed":
+                assert collapse is not None
+                self._report_collapse(trainer, metrics, collapse)
+            elif name == "jitter":
+                self._report_jitter(trainer, recent, metrics, progress)
+            else:
+                self._report_stuck(trainer, recent, metrics)
+
+    def _net_progress(self) -> float:
+        """Distance travelled over the last ``patience`` logs / the path length: 1 moving straight, ~0 oscillating."""
+        jitters = self.history.get("jitter", [])[-self.patience :]
+        if len(self._recent) < self.patience + 1 or len(jitters) < self.patience:
+            return math.nan
+        path = sum(jitters)
+        return self._distance(self._recent[-1], self._recent[0]) / path if path > 0 else math.nan
+
+    def _report_collapse(self, trainer: pl.Trainer, metrics: Mapping[str, float], collapse: dict[str, Any]) -> None:
+        cls, share, label_share = collapse["class"], collapse["predicted_share"], collapse["label_share"]
+        accuracy = metrics.get("accuracy", math.nan)
+        self.report(
+            trainer, "predictions.collapsed", "warning",
+            f"The predictions collapsed to class {cls}: {share:.0%} of the fixed batch is predicted as {cls} for "
+            f"{self.patience} consecutive logs, while only {label_share:.0%} of its labels are {cls} "
+            f"({collapse['absorbed']:.0%} of the other examples are predicted {cls}); accuracy {accuracy:.2f}.",
+            "The model predicts the dominant class whatever the input. Check the class balance of the training "
+            f"data and weight the loss by inverse class frequency (CrossEntropyLoss(weight=...)) or resample; check "
+            f"that the inputs reach the model (an input-independent baseline predicts exactly this); if it "
+            f"collapsed after a loss spike, lower the learning rate{self._lr_words(trainer, 1 / 3)}.",
+            {**collapse, "accuracy": accuracy, "consecutive_logs": self.patience},
+        )  # fmt: skip
+
+    def _report_jitter(
+        self, trainer: pl.Trainer, recent: list[float], metrics: Mapping[str, float], progress: float
+    ) -> None:
+        unit = "of the probability mass" if self.resolved_task == "classification" else "(normalised)"
+        flips = metrics.get("flips")
+        flip_words = f", {int(flips)} of {self._batch_size()} examples changed class at the last log" if flips else ""
+        self.report(
+            trainer, "predictions.jitter", "warning",
+            f"Late in training the predictions on the fixed batch still jump: jitter {_fmt(recent)} {unit} "
+            f"between consecutive logs on {self.patience} logs in a row (threshold {self.jitter_threshold:g})"
+            f"{flip_words}, and the moves cancel out: the net change over those logs is {progress:.0%} of the path. "
+            "Converging predictions settle.",
+            f"The learning rate is too high for this stage: lower it by 3x{self._lr_words(trainer, 1 / 3)}, or "
+            "decay it (cosine / step decay), or clip gradients; check for an unstable loss (log of 0, tiny "
+            "denominators).",
+            {
+                "jitter": recent,
+                "threshold": self.jitter_threshold,
+                "net_progress": progress,
+                "flips": flips,
+                "lr": _lr(trainer),
+            },
+        )  # fmt: skip
+
+    def _report_stuck(self, trainer: pl.Trainer, recent: list[float], metrics: Mapping[str, float]) -> None:
+        self.report(
+            trainer, "predictions.stuck", "warning",
+            f"The predictions on the fixed batch have not moved: movement since the first log {_fmt(recent)} on "
+            f"{self.patience} logs in a row (threshold {self.stuck_threshold:g}) after {self.steps[-1]} steps; "
+            "a model that learns moves its predictions.",
+            f"Raise the learning rate 10x{self._lr_words(trainer, 10.0)}; check that the optimizer holds the "
+            "model's parameters, that they require grad, and that the loss depends on the output.",
+            {"movement": recent, "threshold": self.stuck_threshold, "lr": _lr(trainer), "loss": metrics.get("loss")},
+        )  # fmt: skip
+
+    @staticmethod
+    def _lr_words(trainer: pl.Trainer, factor: float) -> str:
+        lr = _lr(trainer)
+        return f" (from {lr:.3g} to {lr * factor:.3g})" if lr is not None else ""
+
+    def _batch_size(self) -> int:
+        return int(self._previous.shape[0]) if self._previous is not None else 0
+
+    def _disable(self, trainer: pl.Trainer, why: str, hint: str) -> None:
+        self._disabled = True
+        self.report(trainer, "predictions.not_measured", "info", f"Prediction dynamics are not logged: {why}", hint)
+
+    # ------------------------------------------------------------------ report / resume
+    def summary(self) -> dict[str, Any]:
+        last = {name: values[-1] for name, values in self.history.items() if values}
+        return {
+            "task": self.resolved_task,
+            "fixed_batch": self.fixed_batch_source,
+            "examples": self._batch_size(),
+            "logs": len(self.steps),
+            **{f"last_{name}": value for name, value in last.items()},
+        }
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "fixed_batch": self.fixed_batch,
+            "fixed_batch_source": self.fixed_batch_source,
+            "resolved_task": self.resolved_task,
+            "steps": list(self.steps),
+            "history": {name: list(values) for name, values in self.history.items()},
+            "trajectory": [list(row) for row in self.trajectory],
+            "first": self._first,
+            "previous": self._previous,
+            "recent": list(self._recent),
+            "target_scale": self._target_scale,
+            "streaks": dict(self._streaks),
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("fixed_batch") is not None:
+            self.fixed_batch = state["fixed_batch"]
+            self.fixed_batch_source = state.get("fixed_batch_source")
+            self._device_batch = None
+        self.resolved_task = state.get("resolved_task")
+        self.steps = [int(s) for s in state.get("steps", [])]
+        self.history = {name: [float(v) for v in values] for name, values in state.get("history", {}).items()}
+        self.trajectory = [[float(v) for v in row] for row in state.get("trajectory", [])]
+        self._first = state.get("first")
+        self._previous = state.get("previous")
+        self._recent = list(state.get("recent", []))
+        self._target_scale = float(state.get("target_scale", 1.0))
+        self._streaks = {name: int(count) for name, count in state.get("streaks", {}).items()}
+
+
+# ---------------------------------------------------------------------- measurement helpers
+def _first_loader(loaders: Any) -> DataLoader | None:
+    """The first DataLoader among what the trainer holds (a loader, or a list/dict of them)."""
+    if isinstance(loaders, DataLoader):
+        return loaders
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, Sequence):
+        for loader in loaders:
+            if isinstance(loader, DataLoader):
+                return loader
+    return None
+
+
+def _first_examples(loader: DataLoader, count: int) -> Any:
+    """The first ``count`` examples of the loader's dataset, collated; independent of shuffling."""
+    dataset = loader.dataset
+    if not isinstance(dataset, IterableDataset) and loader.batch_size is not None and hasattr(dataset, "__len__"):
+        size = min(count, len(dataset))  # type: ignore[arg-type]
+        if size == 0:
+            return None
+        return loader.collate_fn([dataset[i] for i in range(size)])
+    # Iterable datasets (or loaders that batch themselves): concatenate the first batches.
+    batches: list[Any] = []
+    seen = 0
+    for batch in loader:
+        batches.append(batch)
+        seen += _batch_length(batch)
+        if seen >= count or _batch_length(batch) == 0:
+            break
+    if not batches:
+        return None
+    return _slice(_concat(batches), count)
+
+
+def _batch_length(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, Mapping):
+        return max((_batch_length(v) for v in batch.values()), default=0)
+    if isinstance(batch, (tuple, list)):
+        return max((_batch_length(v) for v in batch), default=0)
+    return 0
+
+
+def _concat(batches: list[Any]) -> Any:
+    first = batches[0]
+    if isinstance(first, Tensor) and first.ndim:
+        return torch.cat(batches)
+    if isinstance(first, Mapping):
+        return {key: _concat([b[key] for b in batches]) for key in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([b[i] for b in batches]) for i in range(len(first)))
+    return first
+
+
+def _slice(batch: Any, count: int) -> Any:
+    if isinstance(batch, Tensor) and batch.ndim:
+        return batch[:count]
+    if isinstance(batch, Mapping):
+        return {key: _slice(value, count) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_slice(value, count) for value in batch)
+    return batch
+
+
+def _to_cpu(batch: Any) -> Any:
+    return move_data_to_device(batch, torch.device("cpu"))
+
+
+def _describe(output: Any) -> str:
+    if isinstance(output, Tensor):
+        return f"tensor of shape {tuple(output.shape)} and dtype {output.dtype}"
+    if isinstance(output, Mapping):
+        return f"dict with keys {sorted(map(str, output))}"
+    return type(output).__name__
+
+
+def _is_class_output(output: Tensor, target: Tensor | None) -> bool:
+    if output.ndim == 2 and output.shape[1] >= 2:
+        return True
+    binary_shape = output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1)
+    return binary_shape and (target is None or bool(((target == 0) | (target == 1)).all()))
+
+
+def _infer_task(output: Tensor, target: Tensor | None) -> str:
+    if target is None or target.shape[:1] != output.shape[:1]:
+        return "summary"
+    integer = not target.is_floating_point() and not target.is_complex()
+    if integer and target.ndim == 1 and _is_class_output(output, target):
+        return "classification"
+    if target.is_floating_point() and target.numel() == output.numel():
+        return "regression"
+    return "summary"
+
+
+def _log_probabilities(logits: Tensor) -> Tensor:
+    if logits.ndim == 2 and logits.shape[1] >= 2:
+        return F.log_softmax(logits, dim=1)
+    z = logits.reshape(-1)
+    return torch.stack([F.logsigmoid(-z), F.logsigmoid(z)], dim=1)  # binary: classes (0, 1)
+
+
+def _class_labels(target: Tensor | None, shape: torch.Size) -> Tensor | None:
+    """Integer class labels ``(N,)`` from class indices, 0/1 floats or one-hot/soft rows; None if they do not fit."""
+    if target is None:
+        return None
+    if target.is_floating_point() and target.shape == shape:
+        return target.argmax(dim=1)
+    labels = target.reshape(-1)
+    if labels.shape[0] != shape[0]:
+        return None
+    labels = labels.long()
+    if bool(((labels < 0) | (labels >= shape[1])).any()):
+        return None
+    return labels
+
+
+def _collapse_stats(
+    predicted: Tensor, labels: Tensor | None, num_classes: int, fraction: float
+) -> dict[str, Any] | None:
+    """The most predicted class, its share of predictions and of labels, and the share of the others it absorbs."""
+    if labels is None:
+        return None
+    counts = torch.bincount(predicted, minlength=num_classes)
+    dominant = int(counts.argmax())
+    others = labels != dominant
+    if int(others.sum()) < 2:
+        return None  # (almost) every label is that class: predicting it is right, not a collapse
+    predicted_share = float(counts[dominant]) / predicted.numel()
+    absorbed = float((predicted[others] == dominant).float().mean())
+    return {
+        "class": dominant,
+        "predicted_share": round(predicted_share, 4),
+        "label_share": round(float((labels == dominant).float().mean()), 4),
+        "absorbed": round(absorbed, 4),
+        "collapsed": predicted_share >= fraction and absorbed >= fraction,
+    }
+
+
+def _scale(target: Tensor) -> float:
+    finite = target[torch.isfinite(target)]
+    if finite.numel() > 1 and float(finite.std()) > _EPS:
+        return float(finite.std())
+    if finite.numel() and float(finite.abs().mean()) > _EPS:
+        return float(finite.abs().mean())
+    return 1.0
+
+
+def _lr(trainer: pl.Trainer) -> float | None:
+    try:
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+    except (IndexError, KeyError, AttributeError, TypeError):
+        return None
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
+
+
+# ---------------------------------------------------------------------- rendering (numpy only)
+_VIRIDIS = np.array(
+    [[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
+     [31, 158, 137], [53, 183, 121], [110, 206, 88], [181, 222, 43], [253, 231, 37]],
+    dtype=np.float64,
+)  # fmt: skip
+_DIVERGING = np.array(
+    [[59, 76, 192], [141, 176, 254], [221, 221, 221], [244, 154, 123], [180, 4, 38]], dtype=np.float64
+)
+_GREEN, _RED, _GREY, _WHITE, _BLACK = (46, 160, 67), (214, 39, 40), (90, 90, 90), (255, 255, 255), (0, 0, 0)
+
+
+def colormap(values: np.ndarray, low: float, high: float, colors: np.ndarray = _VIRIDIS) -> np.ndarray:
+    """Map values to RGB uint8 by linear interpolation between ``colors``; NaN becomes grey."""
+    values = np.asarray(values, dtype=np.float64)
+    position = np.clip((values - low) / max(high - low, _EPS), 0.0, 1.0) * (len(colors) - 1)
+    position = np.nan_to_num(position, nan=0.0)
+    lower = np.floor(position).astype(int).clip(0, len(colors) - 2)
+    fraction = (position - lower)[..., None]
+    rgb = colors[lower] * (1 - fraction) + colors[lower + 1] * fraction
+    rgb[~np.isfinite(values)] = _GREY
+    return rgb.round().astype(np.uint8)
+
+
+def upscale(image: np.ndarray, cell_height: int, cell_width: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of an ``(H, W, 3)`` image: each pixel becomes a cell."""
+    return np.repeat(np.repeat(image, cell_height, axis=0), cell_width, axis=1)
+
+
+def _cell(count: int, target_pixels: int, smallest: int, largest: int) -> int:
+    return int(min(largest, max(smallest, target_pixels // max(count, 1))))
+
+
+def render_probabilities(probs: Tensor, labels: Tensor | None) -> np.ndarray:
+    """Rows: examples; columns: classes; a left strip green (right) / red (wrong); the true class framed."""
+    p = probs.numpy()
+    rows, classes = p.shape
+    ch, cw = _cell(rows, 320, 4, 16), _cell(classes, 320, 2, 24)
+    heat = upscale(colormap(p, 0.0, 1.0), ch, cw)
+    strip = np.zeros((rows, 1, 3), dtype=np.uint8)
+    strip[:] = _GREY
+    if labels is not None:
+        label_array = labels.numpy()
+        correct = p.argmax(axis=1) == label_array
+        strip[correct], strip[~correct] = _GREEN, _RED
+        if ch >= 4 and cw >= 4:
+            for row, label in enumerate(label_array):
+                top, left = row * ch, int(label) * cw
+                frame = _WHITE if p[row, int(label)] < 0.5 else _BLACK  # contrast with the cell's colour
+                heat[top, left : left + cw] = heat[top + ch - 1, left : left + cw] = frame
+                heat[top : top + ch, left] = heat[top : top + ch, left + cw - 1] = frame
+    gap = np.zeros((rows * ch, 2, 3), dtype=np.uint8)
+    return np.concatenate([upscale(strip, ch, max(cw, 6)), gap, heat], axis=1)
+
+
+def render_trajectory(trajectory: Sequence[Sequence[float]], low: float, high: float) -> np.ndarray:
+    """Rows: examples; columns: logs (oldest left); diverging colours when ``low < 0``."""
+    values = np.asarray(trajectory, dtype=np.float64).T  # (examples, logs)
+    if values.size == 0:
+        values = np.zeros((1, 1))
+    colors = _DIVERGING if low < 0 else _VIRIDIS
+    ch, cw = _cell(values.shape[0], 320, 4, 16), _cell(values.shape[1], 480, 1, 12)
+    return upscale(colormap(values, low, high, colors), ch, cw)
+
+
+def render_scatter(targets: Tensor, predictions: Tensor, size: int = 192) -> np.ndarray:
+    """Prediction (y, up) against target (x) on a dark square; the grey diagonal is a perfect fit."""
+    x, y = targets.reshape(-1).numpy(), predictions.reshape(-1).numpy()
+    keep = np.isfinite(x) & np.isfinite(y)
+    image = np.full((size, size, 3), 30, dtype=np.uint8)
+    margin = 6
+    span = size - 2 * margin - 1
+    both = np.concatenate([x[keep], y[keep]]) if keep.any() else np.zeros(1)
+    low, high = float(both.min()), float(both.max())
+    pad = max(high - low, _EPS) * 0.05
+    low, high = low - pad, high + pad
+
+    def pixel(v: np.ndarray) -> np.ndarray:
+        return (margin + (v - low) / (high - low) * span).round().astype(int)
+
+    diagonal = np.arange(margin, size - margin)
+    image[size - 1 - diagonal, diagonal] = (120, 120, 120)
+    px, py = pixel(x[keep]), size - 1 - pixel(y[keep])
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            image[np.clip(py + dy, 0, size - 1), np.clip(px + dx, 0, size - 1)] = (253, 231, 37)
+    return image
+
+
+# ---------------------------------------------------------------------- validation
+def _validate(
+    num_examples: int,
+    task: str,
+    source: str,
+    batch_fn: Any,
+    output_transform: Any,
+    max_history: int,
+    collapse_fraction: float,
+    jitter_threshold: float,
+    stuck_threshold: float,
+    patience: int,
+    warmup_steps: int | None,
+    late_fraction: float,
+) -> None:
+    for name, value in (("num_examples", num_examples), ("max_history", max_history), ("patience", patience)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
+    if source not in SOURCES:
+        raise ValueError(f"`source` must be one of {SOURCES}, got {source!r}")
+    for name, fn in (("batch_fn", batch_fn), ("output_transform", output_transform)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"`{name}` must be a callable or None, got {fn!r}")
+    if not isinstance(collapse_fraction, (int, float)) or not 0.5 < collapse_fraction <= 1:
+        raise ValueError(f"`collapse_fraction` must be in (0.5, 1], got {collapse_fraction!r}")
+    thresholds: tuple[tuple[str, Any], ...] = (
+        ("jitter_threshold", jitter_threshold),
+        ("stuck_threshold", stuck_threshold),
+    )
+    for name, threshold in thresholds:
+        if not isinstance(threshold, (int, float)) or not (math.isfinite(threshold) and threshold > 0):
+            raise ValueError(f"`{name}` must be a finite number > 0, got {threshold!r}")
+    if warmup_steps is not None and (
+        isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0
+    ):
+        raise ValueError(f"`warmup_steps` must be a non-negative integer or None, got {warmup_steps!r}")
+    if not isinstance(late_fraction, (int, float)) or not 0 <= late_fraction < 1:
+        raise ValueError(f"`late_fraction` must be in [0, 1), got {late_fraction!r}")

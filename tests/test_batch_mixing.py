@@ -1,0 +1,356 @@
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import all_findings, assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_debug.batch_mixing import BatchMixingCheck
+from lightning_debug.data import DigitsDataModule, load_digits_tensors
+from lightning_debug.zoo import DigitsCNN, DigitsMLP, DigitsRNN
+
+
+class _Classifier(pl.LightningModule):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class RowRNN(_Classifier):
+    """Reads a digit row by row with a time-major RNN; `bug=True` uses .view where .permute belongs."""
+
+    def __init__(self, bug: bool) -> None:
+        super().__init__()
+        self.bug = bug
+        self.rnn = nn.RNN(8, 32)  # time-major: (T, B, F)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        rows = x.reshape(len(x), 8, 8)  # (B, T, F)
+        time_major = rows.view(8, len(x), 8) if self.bug else rows.permute(1, 0, 2)
+        sequence, _ = self.rnn(time_major)
+        return self.head(sequence[-1])
+
+
+class FlattenCNN(_Classifier):
+    """`bug=True` flattens (B, C, H, W) as reshape(C*H*W, -1).T, which interleaves examples."""
+
+    def __init__(self, bug: bool) -> None:
+        super().__init__()
+        self.bug = bug
+        self.conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Linear(4 * 64, 10)
+
+    def forward(self, x):
+        h = self.conv(x)
+        flat = h.reshape(h.shape[1] * h.shape[2] * h.shape[3], -1).T if self.bug else h.flatten(1)
+        return self.head(flat)
+
+
+class BatchCentred(DigitsMLP):
+    """Subtracts the batch mean inside forward: a reduction over dim 0."""
+
+    def forward(self, x):
+        return super().forward(x - x.mean(0, keepdim=True))
+
+
+class TimeConv(_Classifier):
+    """Conv1d over the 8 rows; returns per-position outputs (B, T, 10). Causal: left padding only."""
+
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.conv = nn.Conv1d(8, 16, kernel_size=3, padding=0 if causal else 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        rows = x.reshape(len(x), 8, 8).transpose(1, 2)  # (B, F, T)
+        if self.causal:
+            rows = F.pad(rows, (2, 0))
+        return self.head(torch.relu(self.conv(rows)).transpose(1, 2))  # (B, T, 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x)[:, -1], y)
+
+
+class TokenModel(_Classifier):
+    """Pixels (0..16) as tokens through an embedding; `bug=True` averages with a .view that mixes the batch."""
+
+    def __init__(self, bug: bool) -> None:
+        super().__init__()
+        self.bug = bug
+        self.embed = nn.Embedding(17, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, tokens):
+        e = self.embed(tokens)  # (B, 64, 16)
+        pooled = e.view(64, len(tokens), 16).mean(0) if self.bug else e.mean(1)
+        return self.head(pooled)
+
+
+def token_loader():
+    images, labels = load_digits_tensors(standardize=False)
+    return DataLoader(TensorDataset(images.long(), labels), batch_size=32)
+
+
+def fit(tmp_path, model, callback, datamodule=None, **kwargs):
+    kwargs.setdefault("max_steps", 1)
+    trainer = quiet_trainer(tmp_path, [callback], **kwargs)
+    trainer.fit(model, datamodule=datamodule or DigitsDataModule(batch_size=32))
+    return trainer
+
+
+def checks(callback):
+    return [(f.check, f.severity) for f in callback.findings]
+
+
+# ---------------------------------------------------------------- the issue's acceptance runs
+def test_view_where_a_permute_belongs_is_caught_at_fit_start(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    fit(tmp_path, RowRNN(bug=True), callback)
+    [finding] = callback.findings
+    assert (finding.check, finding.severity, finding.step) == ("batch_mixing.detected", "warning", 0)
+    assert finding.data["leak"] > 0.01  # other examples get a gradient comparable with the probe's own
+    assert finding.data["pairs"][0]["probe"] == 0 and finding.data["pairs"][0]["count"] >= 1
+    assert "example 0's output depends on example(s)" in finding.message
+    assert "permute" in finding.hint
+
+
+def test_the_same_model_with_permute_passes(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    fit(tmp_path, RowRNN(bug=False), callback)
+    assert callback.findings == []
+    assert callback.result["status"] == "ok" and callback.result["leak"] == 0.0
+    assert callback.result["probes"] == [0, 16, 31]
+
+
+def test_a_flatten_that_folds_the_batch_into_the_features_is_caught(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    fit(tmp_path, FlattenCNN(bug=True), callback, datamodule=DigitsDataModule(batch_size=32, image_shape=True))
+    assert checks(callback) == [("batch_mixing.detected", "warning")]
+
+
+def test_a_reduction_over_the_batch_dimension_is_caught(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    fit(tmp_path, BatchCentred(), callback)
+    [finding] = callback.findings
+    assert finding.check == "batch_mixing.detected"
+    # x - x.mean(0): every other example leaks in with weight 1/B of the probe's own
+    assert finding.data["pairs"][0]["count"] == 31
+    assert 0.5 / 32 < finding.data["leak"] < 2 / 32
+
+
+@pytest.mark.parametrize(
+    "make_model, image_shape",
+    [(lambda: DigitsMLP(batchnorm=True, dropout=0.3), False), (DigitsCNN, True), (DigitsRNN, False)],
+    ids=["mlp_batchnorm_dropout", "cnn_batchnorm", "rnn"],
+)
+def test_healthy_zoo_models_pass_because_batchnorm_is_checked_in_eval_mode(tmp_path, make_model, image_shape):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    fit(tmp_path, make_model(), callback, datamodule=DigitsDataModule(batch_size=32, image_shape=image_shape))
+    assert callback.findings == []
+    assert callback.result["leak"] == 0.0
+
+
+# ---------------------------------------------------------------- causality and token inputs
+def test_a_symmetric_convolution_over_time_is_not_causal(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck(causal_dim=1)
+    fit(tmp_path, TimeConv(causal=False), callback)
+    [finding] = callback.findings
+    assert (finding.check, finding.severity) == ("batch_mixing.non_causal", "warning")
+    # kernel 3, padding 1: the output at t sees t + 1 (t = 0 and t = 4 are probed)
+    assert [(f["t"], f["positions"]) for f in finding.data["future"]] == [(0, [1]), (4, [5])]
+    assert "left-pad" in finding.hint
+
+
+def test_a_left_padded_convolution_is_causal_and_does_not_mix_the_batch(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck(causal_dim=1)
+    fit(tmp_path, TimeConv(causal=True), callback)
+    assert callback.findings == []
+    assert callback.result["causal_leak"] == 0.0 and callback.result["leak"] == 0.0
+
+
+def test_a_causal_dim_the_output_does_not_have_is_an_info_finding(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck(causal_dim=1)
+    fit(tmp_path, DigitsMLP(), callback)  # input (B, 64), output (B, 10): no shared time dimension
+    assert checks(callback) == [("batch_mixing.not_checked", "info")]
+    assert callback.result["leak"] == 0.0  # the batch-mixing part still ran
+
+
+@pytest.mark.parametrize("bug", [True, False])
+def test_integer_token_inputs_are_probed_at_the_embedding_output(tmp_path, bug):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    trainer = quiet_trainer(tmp_path, [callback], max_steps=1)
+    trainer.fit(TokenModel(bug=bug), token_loader())
+    assert callback.result["probed"] == "embedding output"
+    assert checks(callback) == ([("batch_mixing.detected", "warning")] if bug else [])
+
+
+def test_custom_batches_use_input_fn_and_forward_fn(tmp_path):
+    class DictModel(RowRNN):
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch["pixels"]), batch["label"])
+
+    class DictData(TensorDataset):
+        def __getitem__(self, index):
+            x, y = super().__getitem__(index)
+            return {"pixels": x, "label": y}
+
+    images, labels = load_digits_tensors()
+    loader = DataLoader(DictData(images, labels), batch_size=16)
+    pl.seed_everything(0)
+    callback = BatchMixingCheck(
+        input_fn=lambda batch: batch["pixels"], forward_fn=lambda module, batch: module(batch["pixels"])
+    )
+    trainer = quiet_trainer(tmp_path, [callback], max_steps=1)
+    trainer.fit(DictModel(bug=True), loader)
+    assert checks(callback) == [("batch_mixing.detected", "warning")]
+
+
+def test_a_batch_it_cannot_read_is_an_info_finding_and_training_goes_on(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck(input_fn=lambda batch: None)
+    trainer = fit(tmp_path, DigitsMLP(), callback, max_steps=2)
+    assert checks(callback) == [("batch_mixing.not_checked", "info")]
+    assert trainer.global_step == 2
+
+
+# ---------------------------------------------------------------- monitor rules
+class AssertUntouched(Callback):
+    """Runs after the check: parameter gradients and train/eval flags must be as Lightning left them."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.grads = [p.grad for p in pl_module.parameters()]
+        self.training = [m.training for m in pl_module.modules()]
+
+
+def test_parameter_gradients_and_train_flags_are_untouched(tmp_path):
+    pl.seed_everything(0)
+    callback, after = BatchMixingCheck(), AssertUntouched()
+    model = DigitsMLP(batchnorm=True, dropout=0.3)
+    trainer = quiet_trainer(tmp_path, [callback, after], max_steps=1)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    assert callback.result["status"] == "ok"
+    assert after.grads == [None] * len(after.grads)
+    assert all(after.training)
+
+
+@pytest.mark.parametrize("explicit_generator", [False, True])
+def test_training_is_bit_identical_with_and_without_the_check(tmp_path, explicit_generator):
+    class Shuffled(DigitsDataModule):
+        def train_dataloader(self):
+            generator = torch.Generator().manual_seed(7) if explicit_generator else None
+            return DataLoader(self.train_set, batch_size=32, shuffle=True, generator=generator)
+
+    def make_model():
+        return DigitsMLP(dropout=0.3, batchnorm=True)
+
+    kwargs = dict(max_epochs=2, limit_train_batches=6, limit_val_batches=2)
+    without = train_state(tmp_path / "a", make_model, [], datamodule=Shuffled(), **kwargs)
+    callback = BatchMixingCheck()
+    with_check = train_state(tmp_path / "b", make_model, [callback], datamodule=Shuffled(), **kwargs)
+    assert callback.result["status"] == "ok"
+    assert_bit_identical(without, with_check)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+@pytest.mark.parametrize("bug", [True, False])
+def test_mixed_precision(tmp_path, precision, bug):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    kwargs = {"plugins": [fp16_cpu_plugin()]} if precision == "16-mixed" else {"precision": precision}
+    fit(tmp_path, RowRNN(bug=bug), callback, **kwargs)
+    assert checks(callback) == ([("batch_mixing.detected", "warning")] if bug else [])
+
+
+def test_resume_keeps_the_result_and_does_not_check_again(tmp_path):
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = BatchMixingCheck()
+    trainer = quiet_trainer(tmp_path, [first, checkpoint], max_steps=2, enable_checkpointing=True)
+    trainer.fit(RowRNN(bug=True), datamodule=DigitsDataModule(batch_size=32))
+    assert first.result["status"] == "mixing"
+
+    resumed = BatchMixingCheck()
+    trainer = quiet_trainer(tmp_path, [resumed], max_steps=4, max_epochs=5)
+    trainer.fit(RowRNN(bug=True), datamodule=DigitsDataModule(batch_size=32), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 4
+    assert resumed.result == first.result
+    assert checks(resumed) == [("batch_mixing.detected", "warning")]  # restored, not raised a second time
+
+
+def test_ddp_every_rank_probes_and_rank_zero_writes_one_finding(tmp_path):
+    run_ddp_script(
+        tmp_path,
+        """
+        import json, torch, lightning.pytorch as pl
+        from torch import nn
+        import torch.nn.functional as F
+        from lightning_debug.batch_mixing import BatchMixingCheck
+        from lightning_debug.data import DigitsDataModule
+
+        class RowRNN(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.rnn = nn.RNN(8, 32)
+                self.head = nn.Linear(32, 10)
+            def forward(self, x):
+                sequence, _ = self.rnn(x.reshape(len(x), 8, 8).view(8, len(x), 8))
+                return self.head(sequence[-1])
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return F.cross_entropy(self(x), y)
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.05)
+
+        callback = BatchMixingCheck()
+        trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=2, callbacks=[callback],
+                             default_root_dir=".", enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False)
+        trainer.fit(RowRNN(), datamodule=DigitsDataModule(batch_size=16))
+        with open(f"rank{trainer.global_rank}.json", "w") as handle:
+            json.dump({"result": callback.result, "checks": [f.check for f in callback.findings],
+                       "step": trainer.global_step}, handle)
+        """,
+    )
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank in ranks:
+        assert rank["checks"] == ["batch_mixing.detected"] and rank["step"] == 2
+        assert rank["result"]["status"] == "mixing"
+    assert ranks[0]["result"]["leak"] == ranks[1]["result"]["leak"]  # reduced: both judge the same number
+    assert [(f["check"], f["step"]) for f in all_findings(tmp_path)] == [("batch_mixing.detected", 0)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"num_probes": 0}, "num_probes"),
+        ({"num_probes": True}, "num_probes"),
+        ({"causal_dim": 0}, "causal_dim"),
+        ({"causal_dim": 1.5}, "causal_dim"),
+        ({"tolerance": -1e-3}, "tolerance"),
+        ({"tolerance": 1.0}, "tolerance"),
+        ({"input_fn": "x"}, "input_fn"),
+        ({"forward_fn": 3}, "forward_fn"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        BatchMixingCheck(**kwargs)

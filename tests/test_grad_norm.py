@@ -1,0 +1,259 @@
+"""GradNormMonitor on real digits training: spikes, clip suggestion, missing gradients, precision, DDP, resume."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_debug import zoo
+from lightning_debug.data import DigitsDataModule
+from lightning_debug.grad_norm import GradNormMonitor
+from lightning_debug.update_ratio import UpdateRatioMonitor
+
+
+class CorruptedDigits(DigitsDataModule):
+    """Digits with a handful of training records whose pixels are ``factor`` times too large."""
+
+    def __init__(self, corrupted: int = 5, factor: float = 500.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.corrupted = corrupted
+        self.factor = factor
+
+    def setup(self, stage: str | None = None) -> None:
+        fresh = self.train_set is None
+        super().setup(stage)
+        if fresh and self.train_set is not None:
+            images, labels = self.train_set.tensors
+            rows = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))[: self.corrupted]
+            images[rows] *= self.factor
+
+
+def _fit(tmp_path: Path, model: pl.LightningModule, datamodule: pl.LightningDataModule, callbacks: list, **kwargs: Any):
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, callbacks, **kwargs)
+    trainer.fit(model, datamodule=datamodule)
+    return trainer
+
+
+def _warnings(*callbacks: Any) -> list[str]:
+    return [f.format() for cb in callbacks for f in cb.findings if f.severity != "info"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"group_by": "layer"}, "group_by"),
+        ({"window": 1}, "window"),
+        ({"min_history": 0}, "min_history"),
+        ({"min_history": 60, "window": 50}, "min_history"),
+        ({"spike_factor": 1.0}, "spike_factor"),
+        ({"clip_factor": float("nan")}, "clip_factor"),
+        ({"vanishing_ratio": 1.5}, "vanishing_ratio"),
+        ({"patience": 0}, "patience"),
+        ({"autoclip": "yes"}, "autoclip"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_argument(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        GradNormMonitor(**kwargs)
+
+
+def test_corrupted_records_raise_a_spike_warning_and_a_clip_suggestion(tmp_path: Path) -> None:
+    monitor = GradNormMonitor(every_n_steps=10)
+    _fit(tmp_path, zoo.DigitsMLP(lr=0.01), CorruptedDigits(batch_size=32), [monitor], max_epochs=2)
+    spikes = [f for f in monitor.findings if f.check == "grad_norm.spike"]
+    assert spikes and all(f.severity == "warning" for f in spikes)
+    assert spikes[0].data["ratio"] >= 25.0
+    assert spikes[0].data["norm"] >= 25.0 * spikes[0].data["reference"]
+    clip = monitor.suggested_clip_value
+    assert clip is not None and 0 < clip < spikes[0].data["norm"]
+    summary = monitor.summary()["global"]
+    assert summary["steps"] == 94  # every optimizer step recorded, not only the 10 measured ones
+    assert summary["spikes"] >= 1
+    # it clips outliers, not most steps (the run-to-run value is 0.06-0.2: norms rise after the first spikes)
+    assert 0 < summary["clipped_fraction_all_steps"] < 0.5 and summary["clipped_fraction_recent"] < 0.5
+    assert f"gradient_clip_val={summary['suggested_clip_value']}" in summary["trainer_args"]
+    assert "median" in summary["statistic"]
+    assert "gradient_clip_val=" in spikes[0].hint
+
+
+def test_spike_between_measured_steps_is_found(tmp_path: Path) -> None:
+    # measured every 50 steps: the spikes of steps 33 and 58 lie between measurements
+    monitor = GradNormMonitor(every_n_steps=50)
+    _fit(tmp_path, zoo.DigitsMLP(lr=0.01), CorruptedDigits(batch_size=32), [monitor], max_epochs=2)
+    steps = [s for f in monitor.findings if f.check == "grad_norm.spike" for s in f.data["spike_steps"]]
+    assert steps and all(s % 50 != 0 for s in steps)
+
+
+@pytest.mark.parametrize("which", ["mlp", "cnn", "rnn"])
+def test_healthy_runs_get_no_warnings_from_either_monitor(tmp_path: Path, which: str) -> None:
+    model, datamodule = {
+        "mlp": (zoo.DigitsMLP, DigitsDataModule(batch_size=32)),
+        "cnn": (zoo.DigitsCNN, DigitsDataModule(batch_size=32, image_shape=True)),
+        "rnn": (zoo.DigitsRNN, DigitsDataModule(batch_size=32)),
+    }[which]
+    grad, update = GradNormMonitor(every_n_steps=5), UpdateRatioMonitor(every_n_steps=5)
+    _fit(tmp_path, model(), datamodule, [grad, update], max_epochs=2)
+    assert _warnings(grad, update) == []
+    assert grad.suggested_clip_value is not None
+    assert grad.summary()["global"]["spikes"] == 0
+
+
+def test_batchnorm_cnn_bias_before_norm_is_info_not_warning(tmp_path: Path) -> None:
+    grad = GradNormMonitor(every_n_steps=5)
+    _fit(tmp_path, zoo.DigitsCNN(), DigitsDataModule(batch_size=32, image_shape=True), [grad], max_steps=40)
+    vanishing = [f for f in grad.findings if f.check == "grad_norm.vanishing"]
+    assert [f.severity for f in vanishing] == ["info"]
+    assert set(vanishing[0].data["parameters"]) == {"features.0.bias", "features.3.bias"}
+
+
+def test_detached_first_layer_is_named(tmp_path: Path) -> None:
+    grad = GradNormMonitor(every_n_steps=5)
+    _fit(tmp_path, zoo.DigitsMLP(detach_first=True), DigitsDataModule(batch_size=32), [grad], max_steps=30)
+    (finding,) = [f for f in grad.findings if f.check == "grad_norm.no_grad"]
+    assert finding.severity == "warning"
+    assert finding.data["parameters"] == ["layers.0.weight", "layers.0.bias"]
+    assert "layers.0.weight" in finding.message
+
+
+def test_deep_sigmoid_mlp_has_vanishing_first_layers(tmp_path: Path) -> None:
+    grad = GradNormMonitor(every_n_steps=5)
+    model = zoo.DigitsMLP(hidden=(64,) * 8, activation="sigmoid")
+    _fit(tmp_path, model, DigitsDataModule(batch_size=32), [grad], max_steps=30)
+    warned = [f for f in grad.findings if f.check == "grad_norm.vanishing" and f.severity == "warning"]
+    assert warned and "layers.0.weight" in warned[0].data["parameters"]
+    assert "head.weight" not in warned[0].data["parameters"]
+    assert warned[0].data["rms_ratio"]["layers.0.weight"] < 1e-3
+
+
+def test_monitor_leaves_training_bit_identical(tmp_path: Path) -> None:
+    def make() -> pl.LightningModule:
+        return zoo.DigitsMLP(dropout=0.2, batchnorm=True)
+
+    kwargs = dict(max_steps=25, datamodule=DigitsDataModule(batch_size=16))
+    plain = train_state(tmp_path / "a", make, **kwargs)
+    watched = train_state(tmp_path / "b", make, [GradNormMonitor(every_n_steps=3)], **kwargs)
+    assert_bit_identical(plain, watched)
+
+
+class _AppliedNorms(pl.Callback):
+    """Records the global gradient norm after the callbacks before it ran (what the optimizer applies)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item())
+
+
+def _max_over_median(norms: list[float]) -> float:
+    return max(norms) / statistics.median(norms)
+
+
+def test_autoclip_clips_the_applied_gradients_and_is_off_by_default(tmp_path: Path) -> None:
+    plain, plain_applied = GradNormMonitor(every_n_steps=10), _AppliedNorms()
+    _fit(tmp_path / "a", zoo.DigitsMLP(lr=0.01), CorruptedDigits(batch_size=32), [plain, plain_applied], max_epochs=2)
+    clipped, clipped_applied = GradNormMonitor(every_n_steps=10, autoclip=True), _AppliedNorms()
+    _fit(
+        tmp_path / "b", zoo.DigitsMLP(lr=0.01), CorruptedDigits(batch_size=32), [clipped, clipped_applied], max_epochs=2
+    )
+    # off by default: the applied norms are the recorded ones
+    assert plain_applied.norms == pytest.approx([n for _, n in _recorded(plain)], rel=1e-5)
+    # once a threshold exists (step 21 on), no applied step exceeds 5x its running median by much
+    assert _max_over_median(plain_applied.norms[21:]) > 25
+    assert _max_over_median(clipped_applied.norms[21:]) < 10
+
+
+def _recorded(monitor: GradNormMonitor) -> list[tuple[int, float]]:
+    return [(0, n) for n in monitor._logs[0].history]
+
+
+def test_fp16_scaler_skipped_steps_are_counted_and_kept_out(tmp_path: Path) -> None:
+    grad = GradNormMonitor(every_n_steps=5)
+    _fit(tmp_path, zoo.DigitsMLP(), DigitsDataModule(batch_size=32), [grad], max_steps=40, plugins=[fp16_cpu_plugin()])
+    log = grad._logs[0]
+    assert len(log.nonfinite_steps) >= 5  # init_scale 2**40 overflows while the scaler calibrates
+    assert log.finite_steps + len(log.nonfinite_steps) == 40
+    assert all(torch.isfinite(torch.tensor(list(log.recent))))
+    (finding,) = [f for f in grad.findings if f.check == "grad_norm.non_finite"]
+    assert finding.severity == "info"
+    assert _warnings(grad) == []
+    # unscaled: the median norm is of the order of fp32 training's (~0.1-5), not 2**40 times larger
+    assert 0.01 < statistics.median(log.recent) < 10
+
+
+def test_bf16_mixed_records_finite_norms_without_warnings(tmp_path: Path) -> None:
+    grad = GradNormMonitor(every_n_steps=5)
+    _fit(tmp_path, zoo.DigitsMLP(), DigitsDataModule(batch_size=32), [grad], max_steps=30, precision="bf16-mixed")
+    assert grad._logs[0].finite_steps == 30
+    assert _warnings(grad) == []
+
+
+def test_clip_below_median_is_reported_as_normalisation(tmp_path: Path) -> None:
+    grad = GradNormMonitor(every_n_steps=10)
+    _fit(tmp_path, zoo.DigitsMLP(), DigitsDataModule(batch_size=32), [grad], max_steps=40, gradient_clip_val=0.01)
+    (finding,) = [f for f in grad.findings if f.check == "grad_norm.clip_normalises"]
+    assert finding.severity == "info"
+    assert finding.data["clip_fraction"] > 0.9
+
+
+def test_state_survives_checkpoint_and_resume(tmp_path: Path) -> None:
+    first = GradNormMonitor(every_n_steps=5)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=23, save_top_k=-1)
+    _fit(
+        tmp_path,
+        zoo.DigitsMLP(),
+        DigitsDataModule(batch_size=32),
+        [first, checkpoint],
+        max_steps=23,
+        enable_checkpointing=True,
+    )
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=23.ckpt"
+    assert ckpt.exists()
+    second = GradNormMonitor(every_n_steps=5)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [second], max_steps=40)
+    trainer.fit(zoo.DigitsMLP(), datamodule=DigitsDataModule(batch_size=32), ckpt_path=str(ckpt))
+    log = second._logs[0]
+    assert log.finite_steps == 40  # 23 before the checkpoint (3 of them unread at save time) + 17 after
+    assert second._measured == first._measured + 3  # steps 25, 30, 35
+    assert len(log.recent) == 40 and second.suggested_clip_value is not None
+
+
+def test_ddp_two_processes_agree(tmp_path: Path) -> None:
+    run_ddp_script(
+        tmp_path,
+        """
+        import json
+        import lightning.pytorch as pl
+        from lightning_debug import zoo
+        from lightning_debug.data import DigitsDataModule
+        from lightning_debug.grad_norm import GradNormMonitor
+        from lightning_debug.update_ratio import UpdateRatioMonitor
+
+        pl.seed_everything(0)
+        grad, update = GradNormMonitor(every_n_steps=5), UpdateRatioMonitor(every_n_steps=5)
+        trainer = pl.Trainer(accelerator="cpu", strategy="ddp_find_unused_parameters_true", devices=2, max_steps=30,
+                             callbacks=[grad, update],
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             log_every_n_steps=5, default_root_dir=".")
+        trainer.fit(zoo.DigitsMLP(detach_first=True), datamodule=DigitsDataModule(batch_size=32))
+        out = {"clip": grad.suggested_clip_value, "recent": list(grad._logs[0].recent),
+               "ratios": update.last_ratios, "checks": sorted(f.check for f in grad.findings + update.findings)}
+        json.dump(out, open(f"rank{trainer.global_rank}.json", "w"))
+        """,
+    )
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1
+    assert len(rank0["recent"]) == 30 and rank0["clip"] > 0
+    assert "grad_norm.no_grad" in rank0["checks"] and "update_ratio.frozen" in rank0["checks"]

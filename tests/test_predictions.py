@@ -1,0 +1,430 @@
+"""PredictionDynamicsLogger on real Trainers: digits classification, regression, collapse, DDP, AMP, resume."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from lightning_debug.data import DigitsDataModule
+from lightning_debug.predictions import (
+    FIXED_BATCH_FILE,
+    PredictionDynamicsLogger,
+    colormap,
+    render_probabilities,
+    render_trajectory,
+)
+from lightning_debug.zoo import DigitsCNN, DigitsMLP
+
+STEPS_PER_EPOCH = 47  # 1497 training digits in batches of 32
+
+
+# ---------------------------------------------------------------------- models and data for these tests
+class DigitsRegressor(pl.LightningModule):
+    """Regress the digit's value (0..9, as a float) from its pixels: a real regression problem."""
+
+    def __init__(self, lr: float = 0.003) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)  # (N, 1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self(x)[:, 0], y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self(x)[:, 0], y))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class RegressionDigits(DigitsDataModule):
+    """The digits with the label as a float target."""
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        assert self.train_set is not None and self.val_set is not None
+        self.train_set = TensorDataset(self.train_set.tensors[0], self.train_set.tensors[1].float())
+        self.val_set = TensorDataset(self.val_set.tensors[0], self.val_set.tensors[1].float())
+
+
+class InputBlindMLP(DigitsMLP):
+    """Bug: the features are multiplied by zero, so the head only learns the bias (the class prior)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x * 0.0)
+
+
+class DictOutputMLP(DigitsMLP):
+    """Returns a dict, as many real models do."""
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
+        return {"logits": super().forward(x), "aux": x.mean(dim=1)}
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x)["logits"], y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x)["logits"], y))
+
+
+class GeneratorDigits(DigitsDataModule):
+    """Shuffled training loader with its own generator (a second RNG stream the monitor must not advance)."""
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(7)
+        )
+
+
+class StreamedValDigits(DigitsDataModule):
+    """The validation set as an IterableDataset in batches of 5: the fixed batch must be read by iterating."""
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None
+        return DataLoader(_Stream(*self.val_set.tensors), batch_size=5)
+
+
+class _Stream(IterableDataset):
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self) -> Any:
+        return iter(zip(self.x, self.y))
+
+
+def val_examples(count: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    datamodule = DigitsDataModule(seed=seed)
+    datamodule.setup()
+    assert datamodule.val_set is not None
+    x, y = datamodule.val_set.tensors
+    return x[:count], y[:count]
+
+
+def tensorboard_trainer(tmp_path: Path, callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
+    return quiet_trainer(tmp_path, callbacks, logger=TensorBoardLogger(str(tmp_path), name="tb"), **kwargs)
+
+
+def read_events(trainer: pl.Trainer) -> EventAccumulator:
+    assert trainer.logger is not None and trainer.logger.log_dir is not None
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "scalars": 0, "histograms": 0})
+    events.Reload()
+    return events
+
+
+def fit_collecting_warnings(trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=datamodule)
+    return [str(w.message) for w in caught if "predictions." in str(w.message)]
+
+
+# ---------------------------------------------------------------------- classification and regression
+def test_classification_run_shows_prediction_images_and_fixed_batch_scalars_in_tensorboard(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(num_examples=12, every_n_steps=5)
+    trainer = tensorboard_trainer(tmp_path, [logger], limit_train_batches=20, max_epochs=1)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(batch_size=32))
+
+    assert logger.resolved_task == "classification"
+    assert logger.fixed_batch_source == "val"
+    assert logger.steps == [0, 5, 10, 15, 20]  # the initial model, then every 5 optimizer steps
+    events = read_events(trainer)
+    scalar_tags = set(events.Tags()["scalars"])
+    for name in ("loss", "accuracy", "jitter", "flips", "movement"):
+        assert f"predictions/{name}" in scalar_tags
+    assert [e.step for e in events.Scalars("predictions/loss")] == [0, 5, 10, 15, 20]
+    assert [e.step for e in events.Scalars("predictions/jitter")] == [5, 10, 15, 20]  # a change needs two logs
+    losses = [e.value for e in events.Scalars("predictions/loss")]
+    assert losses[-1] < losses[0] - 0.5  # the MLP learns: the fixed batch's loss falls from ~ln 10
+    flips = [e.value for e in events.Scalars("predictions/flips")]
+    assert all(0 <= f <= 12 and f == int(f) for f in flips)
+
+    images = events.Tags()["images"]
+    assert {"predictions/probabilities", "predictions/trajectory"} <= set(images)
+    probabilities = events.Images("predictions/probabilities")
+    assert len(probabilities) == 5
+    assert probabilities[-1].height == 12 * 16 and probabilities[-1].width > 10 * 24  # 12 rows, 10 classes + strip
+    trajectory = events.Images("predictions/trajectory")
+    assert trajectory[0].width < trajectory[-1].width  # one column per log
+
+    # the fixed batch is the first 12 validation examples, saved with the run
+    saved = torch.load(logger.output_dir / FIXED_BATCH_FILE)
+    x, y = val_examples(12)
+    assert saved["source"] == "val"
+    assert torch.equal(saved["batch"][0], x) and torch.equal(saved["batch"][1], y)
+
+
+def test_regression_run_shows_prediction_vs_target_and_the_error_trajectory(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(num_examples=16, every_n_steps=5)
+    trainer = tensorboard_trainer(tmp_path, [logger], limit_train_batches=30, max_epochs=1)
+    trainer.fit(DigitsRegressor(), datamodule=RegressionDigits(batch_size=32))
+
+    assert logger.resolved_task == "regression"
+    events = read_events(trainer)
+    assert {"predictions/loss", "predictions/jitter", "predictions/movement"} <= set(events.Tags()["scalars"])
+    assert "predictions/accuracy" not in events.Tags()["scalars"]
+    losses = [e.value for e in events.Scalars("predictions/loss")]
+    assert losses[-1] < 0.5 * losses[0]  # MSE of predicting ~0 for digits 0..9 is ~28; it learns
+    assert {"predictions/vs_target", "predictions/trajectory"} <= set(events.Tags()["images"])
+    assert len(events.Images("predictions/vs_target")) == len(logger.steps) == 7
+    # trajectory rows hold (prediction - target) / std(target); at init the model predicts ~0 for digits 0..9
+    y = val_examples(16)[1].float()
+    assert np.isfinite(logger.trajectory).all()
+    assert np.mean(np.abs(logger.trajectory[0])) > 2 * np.mean(np.abs(logger.trajectory[-1]))
+    assert logger._target_scale == pytest.approx(float(y.std()), rel=1e-5)
+
+
+def test_output_without_targets_falls_back_to_summary_statistics(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    inputs_only = val_examples(8)[0]
+    logger = PredictionDynamicsLogger(every_n_steps=5, fixed_batch=inputs_only)
+    trainer = tensorboard_trainer(tmp_path, [logger], limit_train_batches=10, max_epochs=1)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(batch_size=32))
+
+    assert logger.resolved_task == "summary" and logger.fixed_batch_source == "argument"
+    events = read_events(trainer)
+    for name in ("output_mean", "output_std", "output_min", "output_max", "jitter", "movement"):
+        assert f"predictions/{name}" in events.Tags()["scalars"]
+    assert "predictions/outputs" in events.Tags()["histograms"]
+    model_outputs_min = min(e.value for e in events.Scalars("predictions/output_min"))
+    model_outputs_max = max(e.value for e in events.Scalars("predictions/output_max"))
+    assert model_outputs_min < model_outputs_max
+
+
+def test_task_that_does_not_fit_the_output_falls_back_to_summary_with_an_info(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5, task="regression")  # but DigitsMLP classifies
+    trainer = quiet_trainer(tmp_path, [logger], limit_train_batches=10, max_epochs=1)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(batch_size=32))
+    assert logger.resolved_task == "summary" and logger.steps == [0, 5, 10]
+    assert [(f.check, f.severity) for f in logger.findings] == [("predictions.fallback", "info")]
+    assert "(16, 10)" in logger.findings[0].message and "output_mean" in logger.history
+
+
+# ---------------------------------------------------------------------- findings
+def test_model_that_ignores_its_input_collapses_to_one_class_and_gets_a_warning(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5)
+    trainer = quiet_trainer(tmp_path, [logger], max_epochs=2)
+    messages = fit_collecting_warnings(trainer, InputBlindMLP(), DigitsDataModule(batch_size=32))
+
+    collapsed = [f for f in logger.findings if f.check == "predictions.collapsed"]
+    assert len(collapsed) == 1 and collapsed[0].severity == "warning"
+    data = collapsed[0].data
+    assert data["predicted_share"] >= 0.9 and data["absorbed"] >= 0.9 and data["label_share"] < 0.5
+    assert logger._warmup_step == 50 and collapsed[0].step == 60  # judged after the warm-up, 3 logs in a row
+    assert any("predictions.collapsed" in m for m in messages)
+    assert "CrossEntropyLoss(weight=...)" in collapsed[0].hint
+
+
+@pytest.mark.parametrize("make_model, image_shape", [(DigitsMLP, False), (DigitsCNN, True)], ids=["mlp", "cnn"])
+def test_healthy_digits_runs_get_no_warnings(tmp_path: Path, make_model: Any, image_shape: bool) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5)
+    trainer = quiet_trainer(tmp_path, [logger], max_epochs=3)
+    messages = fit_collecting_warnings(trainer, make_model(), DigitsDataModule(batch_size=32, image_shape=image_shape))
+
+    assert logger.findings == [] and messages == []
+    assert logger.fixed_batch_source == ("train" if make_model is DigitsCNN else "val")  # DigitsCNN has no validation
+    assert logger.steps[-1] == 3 * STEPS_PER_EPOCH - 1  # 141 steps: the last measured one is 140
+    assert logger.history["accuracy"][-1] >= 0.8
+
+
+def test_too_high_learning_rate_is_reported_as_late_jitter_with_a_lower_lr(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5)
+    trainer = quiet_trainer(tmp_path, [logger], max_epochs=3)
+    trainer.fit(DigitsMLP(lr=2.0), datamodule=DigitsDataModule(batch_size=32))
+
+    jitter = [f for f in logger.findings if f.check == "predictions.jitter"]
+    assert jitter and jitter[0].severity == "warning"
+    assert jitter[0].step >= 0.5 * 3 * STEPS_PER_EPOCH  # judged late only
+    assert all(v > 0.2 for v in jitter[0].data["jitter"]) and jitter[0].data["net_progress"] < 0.5
+    assert "from 2 to 0.667" in jitter[0].hint
+
+
+def test_too_low_learning_rate_is_reported_as_stuck_with_a_10x_higher_lr(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5)
+    trainer = quiet_trainer(tmp_path, [logger], max_epochs=2)
+    trainer.fit(DigitsMLP(lr=1e-4), datamodule=DigitsDataModule(batch_size=32))
+
+    stuck = [f for f in logger.findings if f.check == "predictions.stuck"]
+    assert len(stuck) == 1 and stuck[0].severity == "warning"
+    assert all(v < 0.01 for v in stuck[0].data["movement"])
+    assert "from 0.0001 to 0.001" in stuck[0].hint
+    assert not [f for f in logger.findings if f.check != "predictions.stuck"]
+
+
+# ---------------------------------------------------------------------- the bars
+@pytest.mark.parametrize(
+    "source, datamodule_cls",
+    [("val", DigitsDataModule), ("train", GeneratorDigits), ("val", StreamedValDigits)],
+    ids=["val", "train-with-generator", "streamed-val"],
+)
+def test_training_stays_bit_identical_with_dropout_batchnorm_and_shuffling(
+    tmp_path: Path, source: str, datamodule_cls: type[DigitsDataModule]
+) -> None:
+    def make_model() -> pl.LightningModule:
+        return DigitsMLP(dropout=0.3, batchnorm=True)
+
+    kwargs: dict[str, Any] = dict(limit_train_batches=8, max_epochs=2, limit_val_batches=2)
+    plain = train_state(tmp_path / "a", make_model, datamodule=datamodule_cls(batch_size=32), **kwargs)
+    logger = PredictionDynamicsLogger(every_n_steps=2, source=source)  # type: ignore[arg-type]
+    watched = train_state(tmp_path / "b", make_model, [logger], datamodule=datamodule_cls(batch_size=32), **kwargs)
+
+    assert logger.fixed_batch_source == source and len(logger.steps) == 9  # steps 0, 2, ..., 16
+    x, y = val_examples(16)
+    if source == "val":  # the first 16 validation examples, whether indexed or streamed
+        assert torch.equal(logger.fixed_batch[0], x) and torch.equal(logger.fixed_batch[1], y)
+    assert_bit_identical(plain, watched)
+
+
+def test_two_process_ddp_evaluates_on_rank_zero_only_without_deadlock(tmp_path: Path) -> None:
+    body = """
+    import json, os
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning_debug.data import DigitsDataModule
+    from lightning_debug.predictions import PredictionDynamicsLogger
+    from lightning_debug.zoo import DigitsMLP
+
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(num_examples=8, every_n_steps=2)
+    trainer = pl.Trainer(
+        accelerator="cpu", strategy="ddp", devices=2, max_epochs=1, limit_train_batches=8, limit_val_batches=2,
+        callbacks=[logger], logger=TensorBoardLogger(".", name="tb"), enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )
+    trainer.fit(DigitsMLP(dropout=0.2), datamodule=DigitsDataModule(batch_size=16))
+    with open(f"rank{trainer.global_rank}.json", "w") as f:
+        json.dump({"steps": logger.steps, "source": logger.fixed_batch_source, "dir": str(logger.output_dir)}, f)
+    """
+    run_ddp_script(tmp_path, body, timeout=180)
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0["steps"] == [0, 2, 4, 6, 8] and rank0["source"] == "val"
+    assert rank1["steps"] == [] and rank1["source"] is None  # rank 1 never evaluates
+    output_dir = tmp_path / rank0["dir"]  # relative to the script's working directory
+    saved = torch.load(output_dir / FIXED_BATCH_FILE)
+    assert torch.equal(saved["batch"][0], val_examples(8)[0])  # the dataset's first examples, not rank 0's shard
+    events = EventAccumulator(str(output_dir.parent), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert "predictions/probabilities" in events.Tags()["images"]
+    assert len(events.Scalars("predictions/accuracy")) == 5
+
+
+def test_model_returning_a_dict_is_measured_through_output_transform(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5, output_transform=lambda out: out["logits"])
+    trainer = quiet_trainer(tmp_path, [logger], limit_train_batches=15, max_epochs=1)
+    trainer.fit(DictOutputMLP(), datamodule=DigitsDataModule(batch_size=32))
+    assert logger.resolved_task == "classification" and logger.steps == [0, 5, 10, 15]
+    assert logger.findings == []
+
+
+def test_dict_output_without_transform_is_an_info_finding_not_a_crash(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5)
+    trainer = quiet_trainer(tmp_path, [logger], limit_train_batches=10, max_epochs=1)
+    trainer.fit(DictOutputMLP(), datamodule=DigitsDataModule(batch_size=32))
+    assert [(f.check, f.severity) for f in logger.findings] == [("predictions.not_measured", "info")]
+    assert "output_transform" in logger.findings[0].hint and "aux" in logger.findings[0].message
+    assert logger.steps == []
+
+
+def test_resume_from_checkpoint_keeps_the_fixed_batch_and_the_history(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    first = PredictionDynamicsLogger(num_examples=8, every_n_steps=5)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = quiet_trainer(
+        tmp_path, [first, checkpoint], limit_train_batches=10, max_epochs=1, enable_checkpointing=True
+    )
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(batch_size=32))
+    assert first.steps == [0, 5, 10]
+
+    # resume with another train/validation split: the checkpoint's fixed batch must win
+    resumed = PredictionDynamicsLogger(num_examples=8, every_n_steps=5)
+    trainer = quiet_trainer(tmp_path, [resumed], limit_train_batches=10, max_epochs=2)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(batch_size=32, seed=1), ckpt_path=tmp_path / "ckpt/last.ckpt")
+
+    assert resumed.steps == [0, 5, 10, 15, 20]
+    assert resumed.history["accuracy"][:3] == first.history["accuracy"]
+    assert len(resumed.trajectory) == 5
+    x, y = val_examples(8, seed=0)
+    assert not torch.equal(x, val_examples(8, seed=1)[0])
+    assert torch.equal(resumed.fixed_batch[0], x) and torch.equal(resumed.fixed_batch[1], y)
+    assert resumed._first is not None and first._first is not None and torch.equal(resumed._first, first._first)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_runs_log_finite_predictions(tmp_path: Path, precision: str) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5)
+    amp: dict[str, Any] = {"plugins": [fp16_cpu_plugin()]} if precision == "16-mixed" else {"precision": precision}
+    trainer = quiet_trainer(tmp_path, [logger], limit_train_batches=15, max_epochs=1, **amp)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(batch_size=32))
+    assert logger.resolved_task == "classification" and logger.steps == [0, 5, 10, 15]
+    assert all(np.isfinite(v) for values in logger.history.values() for v in values)
+    assert logger._previous is not None and logger._previous.dtype == torch.float32
+    assert torch.allclose(logger._previous.sum(dim=1), torch.ones(16))
+
+
+# ---------------------------------------------------------------------- arguments and rendering
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"num_examples": 0}, "num_examples"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"task": "segmentation"}, "task"),
+        ({"source": "test"}, "source"),
+        ({"output_transform": "logits"}, "output_transform"),
+        ({"batch_fn": 3}, "batch_fn"),
+        ({"max_history": 0}, "max_history"),
+        ({"collapse_fraction": 0.5}, "collapse_fraction"),
+        ({"jitter_threshold": 0.0}, "jitter_threshold"),
+        ({"stuck_threshold": float("nan")}, "stuck_threshold"),
+        ({"patience": True}, "patience"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"late_fraction": -0.1}, "late_fraction"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_argument(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        PredictionDynamicsLogger(**kwargs)
+
+
+def test_renderers_make_readable_uint8_images() -> None:
+    ends = colormap(np.array([0.0, 1.0, np.nan]), 0.0, 1.0)
+    assert ends.dtype == np.uint8 and ends[0].tolist() == [68, 1, 84] and ends[1].tolist() == [253, 231, 37]
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    image = render_probabilities(probs, torch.tensor([0, 0, 0]))
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.shape[0] == 3 * 16  # nearest-neighbour cells
+    strip = image[::16, 0]
+    assert strip[0].tolist() == [46, 160, 67] and strip[1].tolist() == [214, 39, 40]  # right / wrong
+    trajectory = render_trajectory([[0.1, 0.5], [0.2, 0.9], [0.3, 1.0]], 0.0, 1.0)
+    assert trajectory.shape[:2] == (2 * 16, 3 * 12)

@@ -1,0 +1,143 @@
+"""UpdateRatioMonitor on real digits training: too small, too large, frozen, skipped steps, precision, resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import assert_bit_identical, fp16_cpu_plugin, quiet_trainer, train_state
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_debug import zoo
+from lightning_debug.data import DigitsDataModule
+from lightning_debug.update_ratio import UpdateRatioMonitor
+
+
+def _fit(tmp_path: Path, model: pl.LightningModule, callbacks: list, **kwargs: Any) -> pl.Trainer:
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, callbacks, **kwargs)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    return trainer
+
+
+def _checks(monitor: UpdateRatioMonitor, severity: str = "warning") -> list[str]:
+    return [f.check for f in monitor.findings if f.severity == severity]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"too_small": 0.0}, "too_small"),
+        ({"too_large": -1.0}, "too_large"),
+        ({"too_small": 0.1, "too_large": 0.01}, "too_large"),
+        ({"patience": 0}, "patience"),
+        ({"every_n_steps": -3}, "every_n_steps"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_argument(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        UpdateRatioMonitor(**kwargs)
+
+
+def test_adam_at_lr_1e_7_updates_too_small(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor(every_n_steps=5)
+    _fit(tmp_path, zoo.DigitsMLP(optimizer="adam", lr=1e-7), [monitor], max_steps=30)
+    (finding,) = [f for f in monitor.findings if f.check == "update_ratio.too_small"]
+    assert finding.severity == "warning"
+    assert set(finding.data["parameters"]) == {"layers.0.weight", "layers.1.weight", "head.weight"}
+    assert all(1e-7 < r < 1e-5 for r in finding.data["median_ratio"].values())  # Adam: ~lr / |w| per element
+    assert 1e-5 < finding.data["suggested_lr"] < 1e-2  # raises the ratio to ~1e-3
+    assert "lr 1e-07 ->" in finding.hint
+
+
+def test_logged_ratio_matches_the_applied_sgd_update(tmp_path: Path) -> None:
+    """Plain SGD (momentum 0): the first step's update is exactly lr * grad."""
+
+    class PlainSGD(zoo.DigitsMLP):
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Expect(pl.Callback):
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+            if trainer.global_step == 0:
+                w = pl_module.head.weight
+                self.expected = (0.1 * w.grad.norm() / w.norm()).item()
+
+    monitor, expect = UpdateRatioMonitor(every_n_steps=1), Expect()
+    _fit(tmp_path, PlainSGD(), [monitor, expect], max_steps=1)
+    assert math.isclose(monitor.last_ratios["head.weight"], expect.expected, rel_tol=1e-4)
+
+
+def test_too_large_updates_at_a_huge_learning_rate(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor(every_n_steps=2, patience=3)
+    _fit(tmp_path, zoo.DigitsMLP(lr=3.0), [monitor], max_steps=12)
+    (finding,) = [f for f in monitor.findings if f.check == "update_ratio.too_large"]
+    assert min(finding.data["median_ratio"].values()) > 0.1
+    assert finding.data["suggested_lr"] < 3.0
+
+
+def test_detached_first_layer_is_frozen_and_named(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor(every_n_steps=5)
+    _fit(tmp_path, zoo.DigitsMLP(detach_first=True), [monitor], max_steps=30)
+    assert _checks(monitor) == ["update_ratio.frozen"]
+    assert monitor.findings[0].data["parameters"] == ["layers.0.weight", "layers.0.bias"]
+
+
+def test_learning_rate_zero_is_frozen_not_skipped_forever(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor(every_n_steps=2, patience=3)
+    _fit(tmp_path, zoo.DigitsMLP(lr=0.0), [monitor], max_steps=10)
+    (finding,) = [f for f in monitor.findings if f.check == "update_ratio.frozen"]
+    assert finding.data["unchanged_steps"] == 3
+
+
+def test_fp16_scaler_skipped_steps_are_dropped_not_too_small(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor(every_n_steps=1, patience=3)
+    _fit(tmp_path, zoo.DigitsMLP(), [monitor], max_steps=40, plugins=[fp16_cpu_plugin()])
+    assert monitor.skipped_steps >= 5  # the first overflow steps while the scale calibrates
+    assert _checks(monitor) == []
+    assert -3.5 < math.log10(monitor.last_ratios["layers.1.weight"]) < -1
+
+
+def test_bf16_mixed_without_warnings(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor(every_n_steps=5)
+    _fit(tmp_path, zoo.DigitsMLP(), [monitor], max_steps=30, precision="bf16-mixed")
+    assert _checks(monitor) == [] and monitor.skipped_steps == 0
+    assert set(monitor.last_ratios) >= {"layers.0.weight", "head.weight"}
+
+
+def test_monitor_leaves_training_bit_identical(tmp_path: Path) -> None:
+    def make() -> pl.LightningModule:
+        return zoo.DigitsMLP(dropout=0.2, batchnorm=True, optimizer="adam", lr=1e-3)
+
+    kwargs = dict(max_steps=25, datamodule=DigitsDataModule(batch_size=16))
+    plain = train_state(tmp_path / "a", make, **kwargs)
+    watched = train_state(tmp_path / "b", make, [UpdateRatioMonitor(every_n_steps=2)], **kwargs)
+    assert_bit_identical(plain, watched)
+
+
+def test_gradient_accumulation_measures_real_steps_only(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor(every_n_steps=2)
+    _fit(tmp_path, zoo.DigitsMLP(), [monitor], max_steps=10, accumulate_grad_batches=3)
+    assert monitor._measured == 5 and monitor.skipped_steps == 0
+
+
+def test_state_survives_checkpoint_and_resume(tmp_path: Path) -> None:
+    first = UpdateRatioMonitor(every_n_steps=5)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=20, save_top_k=-1)
+    _fit(
+        tmp_path, zoo.DigitsMLP(optimizer="adam", lr=1e-7), [first, checkpoint], max_steps=20, enable_checkpointing=True
+    )
+    assert first.findings == []  # 4 measurements: patience 5 not reached yet
+    second = UpdateRatioMonitor(every_n_steps=5)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [second], max_steps=30)
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=20.ckpt"
+    trainer.fit(zoo.DigitsMLP(optimizer="adam", lr=1e-7), datamodule=DigitsDataModule(batch_size=32), ckpt_path=ckpt)
+    assert second._measured == 6
+    # the 5th measurement (step 20) completes the restored history of 4: found right after resume
+    (finding,) = [f for f in second.findings if f.check == "update_ratio.too_small"]
+    assert finding.step == 21
