@@ -95,13 +95,17 @@ class DiagnosticCallback(Callback):
         message: str,
         hint: str,
         data: Mapping[str, Any] | None = None,
+        step: int | None = None,
     ) -> Finding:
-        """Record a finding: every rank keeps it, rank 0 warns, writes and logs it at once."""
+        """Record a finding: every rank keeps it, rank 0 warns, writes and logs it at once.
+
+        ``step`` defaults to ``trainer.global_step``; pass the step a measurement belongs to when judging later.
+        """
         finding = Finding(
             source=type(self).__name__,
             check=check,
             severity=severity,
-            step=int(trainer.global_step),
+            step=int(trainer.global_step) if step is None else int(step),
             message=message,
             hint=hint,
             data=dict(data or {}),

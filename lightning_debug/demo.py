@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_debug.base import DiagnosticCallback
@@ -136,7 +135,6 @@ def run_bug(bug: Bug, logdir: Path, seed: int = 0) -> dict[str, Any]:
 
 def run_demo(names: Sequence[str], logdir: Path, write_json: bool = False) -> int:
     """Run the named bugs, print the diagnosis table; 0 when every bug was caught as planted."""
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     results = []
     for index, name in enumerate(names, 1):
         print(f"[{index}/{len(names)}] {name}: {BUGS[name].planted} ...", flush=True)

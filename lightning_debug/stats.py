@@ -10,10 +10,15 @@ from torch import Tensor
 
 
 def to_host(values: Sequence[Tensor]) -> list[float]:
-    """Move many scalar tensors to the host in one batched transfer (one sync, not one per value)."""
+    """Move many tensors to the host in one batched transfer (one sync, not one per value).
+
+    Each tensor may have any shape; the result is their flattened values, concatenated in order.
+    """
     if not values:
         return []
-    return torch.stack([v.detach().reshape(()).to(torch.float64) for v in values]).cpu().tolist()
+    device = values[0].device
+    flat = [v.detach().reshape(-1).to(device=device, dtype=torch.float64) for v in values]
+    return torch.cat(flat).cpu().tolist()
 
 
 def foreach_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
