@@ -297,10 +297,17 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             return
         inputs, target = split[0], cpu_split[1]  # the targets are read from the host copy: no transfer
         inputs = trainer.precision_plugin.convert_input(inputs)
-        with isolated(pl_module, train_mode=False), trainer.precision_plugin.forward_context():
-            output = pl_module(inputs)
-            if self.output_transform is not None:
-                output = self.output_transform(output)
+        try:
+            with isolated(pl_module, train_mode=False), trainer.precision_plugin.forward_context():
+                output = pl_module(inputs)
+                if self.output_transform is not None:
+                    output = self.output_transform(output)
+        except Exception as err:  # rank 0 alone evaluates here: never let the probe crash the user's training
+            self._disable(
+                trainer, f"Calling the model on the fixed batch raised {type(err).__name__}: {err}",
+                "Define forward(inputs) on the LightningModule, or pass batch_fn/output_transform that fit it.",
+            )  # fmt: skip
+            return
         if not isinstance(output, Tensor) or not output.is_floating_point() or output.ndim == 0:
             self._disable(
                 trainer, f"The model's output is a {_describe(output)}, not a floating tensor with a batch dimension.",

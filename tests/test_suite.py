@@ -1,0 +1,227 @@
+"""The whole suite together, on real Trainers: silence on healthy runs, bit-identical training, no host syncs
+between measured steps, the odd models users bring, DDP and mixed precision."""
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
+from torch import nn
+
+import lightning_debug
+from lightning_debug import DiagnosticCallback, NaNGuard
+from lightning_debug.data import DigitsDataModule
+from lightning_debug.zoo import DigitsCNN, DigitsMLP, DigitsRNN
+
+PACKAGE_DIR = str(Path(lightning_debug.__file__).parent)
+
+
+def warnings_of(callbacks):
+    return [f for cb in callbacks if isinstance(cb, DiagnosticCallback) for f in cb.findings if f.severity != "info"]
+
+
+@pytest.mark.parametrize(
+    "make_model, image_shape",
+    [(DigitsMLP, False), (DigitsCNN, True), (DigitsRNN, False), (lambda: DigitsMLP(optimizer="adam", lr=1e-3), False)],
+    ids=["mlp", "cnn", "rnn", "mlp-adam"],
+)
+def test_healthy_runs_get_no_warnings_from_the_whole_suite(tmp_path, make_model, image_shape):
+    pl.seed_everything(0)
+    callbacks = lightning_debug.suite(num_classes=10)
+    trainer = quiet_trainer(tmp_path, callbacks, max_epochs=3)
+    trainer.fit(make_model(), datamodule=DigitsDataModule(image_shape=image_shape))
+    assert warnings_of(callbacks) == []
+    assert trainer.global_step == 72
+
+
+@pytest.mark.parametrize("plugin", ["16-mixed", "bf16-mixed"])
+def test_healthy_mixed_precision_runs_get_no_warnings(tmp_path, plugin):
+    pl.seed_everything(0)
+    callbacks = lightning_debug.suite(num_classes=10)
+    kwargs = {"plugins": [fp16_cpu_plugin()]} if plugin == "16-mixed" else {"precision": plugin}
+    trainer = quiet_trainer(tmp_path, callbacks, max_epochs=3, **kwargs)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
+    assert warnings_of(callbacks) == []
+
+
+def test_training_with_the_whole_suite_is_bit_identical_to_training_without(tmp_path):
+    def make_model():
+        return DigitsMLP(dropout=0.2, batchnorm=True)
+
+    kwargs = dict(max_epochs=2, log_every_n_steps=3)
+    without = train_state(tmp_path / "a", make_model, [], **kwargs)
+    callbacks = lightning_debug.suite(num_classes=10)
+    with_suite = train_state(tmp_path / "b", make_model, callbacks, **kwargs)
+    summaries = {type(cb).__name__: cb.summary() for cb in callbacks if isinstance(cb, DiagnosticCallback)}
+    assert summaries["InitLossCallback"]["batches"] == 4  # every monitor really measured
+    assert summaries["GradNormMonitor"]["measured_steps"] >= 10
+    assert summaries["UpdateRatioMonitor"]["measured_steps"] >= 10
+    assert summaries["DeadActivationMonitor"]["windows"] >= 2
+    assert summaries["PredictionDynamicsLogger"]["logs"] >= 10
+    assert_bit_identical(without, with_suite)
+
+
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+HELPER_MODULES = {"stats", "distributed", "base"}
+
+
+@pytest.fixture
+def host_syncs(monkeypatch):
+    """Count host transfers made by lightning_debug's callbacks, per optimizer step.
+
+    A transfer is counted once per source line (``x.cpu().tolist()`` is one), and charged to the callback
+    module that asked for it (a call through ``stats.to_host`` counts for its caller).
+    """
+    state = {"step": None, "seen": set(), "counts": Counter()}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            if state["step"] is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
+                while frame is not None and Path(frame.f_code.co_filename).stem in HELPER_MODULES:
+                    frame = frame.f_back
+                line = frame and (state["step"], frame.f_code.co_filename, frame.f_lineno)
+                if frame is not None and line not in state["seen"]:
+                    state["seen"].add(line)
+                    state["counts"][(state["step"], Path(frame.f_code.co_filename).stem)] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    return state
+
+
+class StepTracker(pl.Callback):
+    """Marks which optimizer step is running, for the sync counter."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def on_train_batch_start(self, trainer, *args):
+        self.state["step"] = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module):
+        self.state["step"] = None
+
+
+def test_monitors_make_no_host_transfer_between_measured_steps_and_nanguard_one_per_step(tmp_path, host_syncs):
+    pl.seed_everything(0)
+    callbacks = [StepTracker(host_syncs), *lightning_debug.suite(num_classes=10)]
+    trainer = quiet_trainer(tmp_path, callbacks, max_steps=40, max_epochs=3, log_every_n_steps=10)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
+    counts = host_syncs["counts"]
+    measured = {0, 10, 20, 30, 40}
+    # a measured step's work may sit in the batch before it (end-of-batch hooks see the incremented step)
+    # or after it (the applied update is compared once the optimizer has stepped)
+    # and the epoch's last batch may flush what was recorded on the device (24 batches an epoch)
+    between = [s for s in range(40) if not {s - 1, s, s + 1} & measured and (s + 1) % 24]
+    monitors = [(step, module) for (step, module) in counts if module != "nan_guard" and step in between]
+    assert monitors == [], f"host transfers on unmeasured steps: {[(k, counts[k]) for k in monitors]}"
+    assert trainer.global_step == 40
+    assert all(counts[(step, "nan_guard")] == 1 for step in range(40))  # it does check every step
+
+
+class FrozenAndUnused(DigitsMLP):
+    """A frozen embedding-like first layer and a parameter that is never used."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers[0].requires_grad_(False)
+        self.unused_head = nn.Linear(64, 10)
+        self.unused_head.requires_grad_(False)
+
+
+class TwoOptimizersManual(DigitsMLP):
+    """Manual optimization with two optimizers, as in GANs."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for optimizer in self.optimizers():
+            loss = F.cross_entropy(self(x), y)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        return loss
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.layers.parameters(), lr=0.05), torch.optim.SGD(self.head.parameters(), lr=0.05)]
+
+
+class NoActivations(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.linear(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "make_model, logger",
+    [(FrozenAndUnused, True), (TwoOptimizersManual, True), (NoActivations, True), (DigitsMLP, False)],
+    ids=["frozen-and-unused", "two-optimizers-manual", "no-activations", "no-logger"],
+)
+def test_unusual_models_train_to_the_end_and_get_at_most_info_findings(tmp_path, make_model, logger):
+    pl.seed_everything(0)
+    callbacks = lightning_debug.suite(num_classes=10)
+    trainer = quiet_trainer(tmp_path, callbacks, max_epochs=2, logger=logger)
+    trainer.fit(make_model(), datamodule=DigitsDataModule())
+    assert trainer.current_epoch == 2
+    assert warnings_of(callbacks) == []
+    assert list(tmp_path.rglob("lightning_debug/report.json"))
+
+
+def test_the_whole_suite_under_two_process_ddp_finishes_silently_on_a_healthy_run(tmp_path):
+    run_ddp_script(
+        tmp_path,
+        """
+        import json, lightning.pytorch as pl, lightning_debug
+        from lightning_debug.data import DigitsDataModule
+        from lightning_debug.zoo import DigitsMLP
+
+        pl.seed_everything(0)
+        callbacks = lightning_debug.suite(num_classes=10)
+        trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=2, callbacks=callbacks,
+                             default_root_dir=".", log_every_n_steps=4, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False)
+        trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
+        checks = sorted(f.check for cb in callbacks for f in getattr(cb, "findings", []) if f.severity != "info")
+        with open(f"rank{trainer.global_rank}.json", "w") as handle:
+            json.dump({"warnings": checks, "step": trainer.global_step}, handle)
+        """,
+    )
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1] == {"warnings": [], "step": 24}
+    [report] = tmp_path.rglob("lightning_debug/report.json")
+    assert json.loads(report.read_text())["status"] == "completed"
+
+
+def test_suite_argument_errors_name_the_argument():
+    with pytest.raises(ValueError, match="`task`"):
+        lightning_debug.suite(task="ranking")
+
+
+def test_suite_without_a_task_leaves_out_the_init_loss_check_and_keeps_nanguard_last():
+    callbacks = lightning_debug.suite()
+    names = [type(cb).__name__ for cb in callbacks]
+    assert "InitLossCallback" not in names and isinstance(callbacks[-1], NaNGuard)
+    assert len(lightning_debug.suite(nan_guard=False)) == len(callbacks) - 1
