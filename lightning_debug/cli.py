@@ -56,7 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "report":
         return report_command(args.logdir, args.json)
+    import torch
+
     from lightning_debug.demo import BUGS, list_bugs, run_demo
+
+    torch.set_num_threads(1)  # the zoo's models are tiny: more threads only add contention
 
     if args.list:
         print(list_bugs())

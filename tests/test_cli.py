@@ -80,3 +80,12 @@ def test_report_on_a_directory_without_runs_exits_2(tmp_path):
 def test_python_dash_m_runs_the_cli():
     proc = subprocess.run([sys.executable, "-m", "lightning_debug", "demo", "--list"], capture_output=True, text=True)
     assert proc.returncode == 0 and "healthy" in proc.stdout
+
+
+def test_every_planted_bug_is_caught_by_the_check_meant_for_it_and_the_healthy_run_stays_silent(tmp_path):
+    assert run_demo(list(BUGS), tmp_path, write_json=True) == 0
+    results = {r["bug"]: r for r in json.loads((tmp_path / "demo.json").read_text())}
+    assert set(results) == set(BUGS)
+    assert results["healthy"]["diagnosed"] == []
+    for name, bug in BUGS.items():
+        assert set(bug.expected_checks) & set(results[name]["diagnosed"]) or not bug.expected_checks, name
