@@ -11,23 +11,24 @@ LAYOUT: dict[str, dict[str, list[str]]] = {
         "final-layer output std": [r"init_loss/output_std$"],
     },
     "lightning_debug: gradients": {
-        "global gradient norm": [r"grad_norm/global.*", r"grad_norm/suggested_clip.*"],
-        "per-parameter gradient norm": [r"grad_norm/(?!global|suggested_clip|skipped).*"],
-        "steps skipped by the GradScaler": [r"grad_norm/skipped.*"],
+        "global gradient norm and suggested clip": [r"grad_norm/global$", r"grad_norm/suggested_clip$"],
+        "per-parameter gradient norm": [r"grad_norm/(?!global$|suggested_clip$|skipped_steps$|clip_fraction$).*"],
+        "GradScaler-skipped steps, fraction clipped": [r"grad_norm/skipped_steps$", r"grad_norm/clip_fraction$"],
     },
     "lightning_debug: updates": {
-        "log10 update/weight ratio per parameter": [r"update_ratio/.*"],
+        "log10 update/weight ratio per parameter": [r"update_ratio/(?!skipped_steps$).*"],
     },
     "lightning_debug: activations": {
         "dead fraction per layer": [r"activations/.*dead.*"],
         "saturated fraction per layer": [r"activations/.*saturated.*"],
+        "dormant fraction per layer": [r"activations/.*dormant.*"],
     },
     "lightning_debug: NaN guard": {
         "learning-rate scale and backoffs": [r"nan_guard/.*"],
     },
     "lightning_debug: predictions on a fixed batch": {
         "loss and accuracy": [r"predictions/(loss|accuracy)$"],
-        "jitter and flips": [r"predictions/(jitter|flips)$"],
+        "jitter, movement and flips": [r"predictions/(jitter|movement|flips)$"],
     },
 }
 
