@@ -101,7 +101,9 @@ class BatchMixingCheck(DiagnosticCallback):
         super().__init__(every_n_steps=None)
         if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"`num_probes` must be an integer >= 1, got {num_probes!r}")
-        if causal_dim is not None and (isinstance(causal_dim, bool) or not isinstance(causal_dim, int) or causal_dim < 1):
+        if causal_dim is not None and (
+            isinstance(causal_dim, bool) or not isinstance(causal_dim, int) or causal_dim < 1
+        ):
             raise ValueError(f"`causal_dim` must be None or an integer >= 1 (dim 0 is the batch), got {causal_dim!r}")
         if (
             isinstance(tolerance, bool)
@@ -113,7 +115,9 @@ class BatchMixingCheck(DiagnosticCallback):
         if input_fn is not None and not callable(input_fn):
             raise ValueError(f"`input_fn` must be a callable batch -> Tensor or None, got {input_fn!r}")
         if forward_fn is not None and not callable(forward_fn):
-            raise ValueError(f"`forward_fn` must be a callable (pl_module, batch) -> output or None, got {forward_fn!r}")
+            raise ValueError(
+                f"`forward_fn` must be a callable (pl_module, batch) -> output or None, got {forward_fn!r}"
+            )
         self.num_probes = num_probes
         self.causal_dim = causal_dim
         self.tolerance = float(tolerance)
@@ -301,14 +305,13 @@ class BatchMixingCheck(DiagnosticCallback):
     def _mixing_message(self, local: dict[str, Any], leak: float) -> str:
         pairs = local.get("pairs") or []
         words = "; ".join(
-            f"example {p['probe']}'s output depends on example(s) {', '.join(map(str, p['others']))}"
-            for p in pairs[:3]
+            f"example {p['probe']}'s output depends on example(s) {', '.join(map(str, p['others']))}" for p in pairs[:3]
         )
         where = f" ({words})" if words else " (on another rank)"
         return (
             f"Backpropagating one example's output to the {local.get('probed', 'input')} gives a non-zero gradient "
-            f"on other examples of the batch{where}: up to {_ratio_words(leak)} the example's own gradient, "
-            "expected exactly 0. The model mixes information across the batch dimension."
+            f"on other examples of the batch{where}: {_ratio_words(leak, 'the example')}, expected exactly 0. "
+            "The model mixes information across the batch dimension."
         )
 
     def _causal_message(self, local: dict[str, Any], causal_leak: float) -> str:
@@ -318,8 +321,8 @@ class BatchMixingCheck(DiagnosticCallback):
         )
         where = f" ({words})" if words else " (on another rank)"
         return (
-            f"The output at position t depends on inputs after t along dim {self.causal_dim}{where}: future "
-            f"gradients up to {_ratio_words(causal_leak)} the past's, expected exactly 0."
+            f"The output at position t depends on inputs after t along dim {self.causal_dim}{where}: "
+            f"{_ratio_words(causal_leak, 'the past')}, expected exactly 0 on the future."
         )
 
     # ------------------------------------------------------------------ report / resume
@@ -435,5 +438,7 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else 1e30
 
 
-def _ratio_words(value: float) -> str:
-    return "infinitely many times (the example's own gradient is 0)" if value >= 1e30 else f"{value:.3g}x"
+def _ratio_words(value: float, own: str) -> str:
+    if value >= 1e30:
+        return f"the largest is non-zero while {own} itself gets no gradient at all"
+    return f"the largest is {value:.3g}x the gradient on {own} itself"

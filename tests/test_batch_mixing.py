@@ -71,7 +71,7 @@ class TimeConv(_Classifier):
         self.head = nn.Linear(16, 10)
 
     def forward(self, x):
-        rows = x.reshape(len(x), 8, 8).transpose(1, 2)  # (B, F, T)
+        rows = x.transpose(1, 2)  # (B, T, F) -> (B, F, T)
         if self.causal:
             rows = F.pad(rows, (2, 0))
         return self.head(torch.relu(self.conv(rows)).transpose(1, 2))  # (B, T, 10)
@@ -94,6 +94,12 @@ class TokenModel(_Classifier):
         e = self.embed(tokens)  # (B, 64, 16)
         pooled = e.view(64, len(tokens), 16).mean(0) if self.bug else e.mean(1)
         return self.head(pooled)
+
+
+def rows_loader():
+    """Digits as sequences of 8 rows of 8 pixels: (B, T=8, F=8)."""
+    images, labels = load_digits_tensors()
+    return DataLoader(TensorDataset(images.reshape(-1, 8, 8), labels), batch_size=32)
 
 
 def token_loader():
@@ -169,7 +175,7 @@ def test_healthy_zoo_models_pass_because_batchnorm_is_checked_in_eval_mode(tmp_p
 def test_a_symmetric_convolution_over_time_is_not_causal(tmp_path):
     pl.seed_everything(0)
     callback = BatchMixingCheck(causal_dim=1)
-    fit(tmp_path, TimeConv(causal=False), callback)
+    quiet_trainer(tmp_path, [callback], max_steps=1).fit(TimeConv(causal=False), rows_loader())
     [finding] = callback.findings
     assert (finding.check, finding.severity) == ("batch_mixing.non_causal", "warning")
     # kernel 3, padding 1: the output at t sees t + 1 (t = 0 and t = 4 are probed)
@@ -180,7 +186,7 @@ def test_a_symmetric_convolution_over_time_is_not_causal(tmp_path):
 def test_a_left_padded_convolution_is_causal_and_does_not_mix_the_batch(tmp_path):
     pl.seed_everything(0)
     callback = BatchMixingCheck(causal_dim=1)
-    fit(tmp_path, TimeConv(causal=True), callback)
+    quiet_trainer(tmp_path, [callback], max_steps=1).fit(TimeConv(causal=True), rows_loader())
     assert callback.findings == []
     assert callback.result["causal_leak"] == 0.0 and callback.result["leak"] == 0.0
 
@@ -290,7 +296,9 @@ def test_resume_keeps_the_result_and_does_not_check_again(tmp_path):
 
     resumed = BatchMixingCheck()
     trainer = quiet_trainer(tmp_path, [resumed], max_steps=4, max_epochs=5)
-    trainer.fit(RowRNN(bug=True), datamodule=DigitsDataModule(batch_size=32), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer.fit(
+        RowRNN(bug=True), datamodule=DigitsDataModule(batch_size=32), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
     assert trainer.global_step == 4
     assert resumed.result == first.result
     assert checks(resumed) == [("batch_mixing.detected", "warning")]  # restored, not raised a second time

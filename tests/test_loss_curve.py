@@ -1,0 +1,268 @@
+import json
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import all_findings, assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_debug.data import DigitsDataModule, load_digits_tensors
+from lightning_debug.loss_curve import LossCurveMonitor
+from lightning_debug.zoo import DigitsCNN, DigitsMLP
+
+
+def fit(tmp_path, model, callback, *loaders, datamodule=None, **kwargs):
+    kwargs.setdefault("max_epochs", 3)
+    trainer = quiet_trainer(tmp_path, [callback], **kwargs)
+    if loaders:
+        trainer.fit(model, *loaders)
+    else:
+        trainer.fit(model, datamodule=datamodule or DigitsDataModule(batch_size=64))
+    return trainer
+
+
+def checks(callback):
+    return [(f.check, f.severity) for f in callback.findings]
+
+
+class RecordsLosses(DigitsMLP):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.item())
+        return loss
+
+
+def random_imbalanced_labels():
+    """Digits with random labels, 5% positives: there is nothing to learn but the prior."""
+    images, labels = load_digits_tensors()
+    positives = (torch.rand(len(labels), generator=torch.Generator().manual_seed(0)) < 0.05).long()
+    loader = DataLoader(
+        TensorDataset(images, positives), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    return loader, positives.float().mean().item()
+
+
+# ---------------------------------------------------------------- healthy
+@pytest.mark.parametrize("image_shape", [False, True])
+def test_healthy_digits_runs_get_no_findings(tmp_path, image_shape):
+    pl.seed_everything(0)
+    callback = LossCurveMonitor()
+    model = DigitsCNN() if image_shape else DigitsMLP()
+    fit(tmp_path, model, callback, datamodule=DigitsDataModule(batch_size=64, image_shape=image_shape))
+    assert callback.findings == []
+    assert callback.measurements == 14  # steps 5..70 of 72
+    assert callback.hockey["status"] == "ok" and callback.hockey["speedup"] < 3
+
+
+def test_the_measured_loss_is_the_mean_of_the_training_step_losses_since_the_last_measurement(tmp_path):
+    pl.seed_everything(0)
+    model = RecordsLosses()
+    callback = LossCurveMonitor(every_n_steps=4)
+    fit(tmp_path, model, callback, max_steps=12)
+    steps_and_means = list(callback.recent_losses)
+    assert [s for s, _ in steps_and_means] == [4, 8, 12][-len(steps_and_means) :]
+    assert callback.start_losses[0] == pytest.approx(sum(model.losses[:4]) / 4, rel=1e-9)
+    assert steps_and_means[-1][1] == pytest.approx(sum(model.losses[8:12]) / 4, rel=1e-9)
+
+
+# ---------------------------------------------------------------- not decreasing
+def test_a_learning_rate_far_too_small_is_not_decreasing(tmp_path):
+    pl.seed_everything(0)
+    callback = LossCurveMonitor()
+    fit(tmp_path, DigitsMLP(lr=1e-6), callback)
+    [finding] = callback.findings
+    assert (finding.check, finding.severity, finding.step) == ("loss_curve.not_decreasing", "warning", 50)
+    assert finding.data["recent"] > 0.95 * finding.data["start"]
+    assert math.log(10) == pytest.approx(finding.data["start"], rel=0.02)
+    assert "learning rate" in finding.hint
+
+
+# ---------------------------------------------------------------- hockey stick
+def test_imbalanced_labels_with_a_default_bias_give_a_hockey_stick(tmp_path):
+    pl.seed_everything(0)
+    loader, _ = random_imbalanced_labels()
+    callback = LossCurveMonitor()
+    fit(tmp_path, DigitsMLP(num_classes=2), callback, loader, max_epochs=1)
+    [finding] = callback.findings
+    assert (finding.check, finding.step) == ("loss_curve.hockey_stick", 50)
+    assert finding.data["early_drop"] > 0.5 and finding.data["speedup"] > 10
+    assert "log class priors" in finding.hint
+
+
+def test_the_same_run_with_the_bias_at_the_log_priors_is_no_hockey_stick(tmp_path):
+    pl.seed_everything(0)
+    loader, rate = random_imbalanced_labels()
+    model = DigitsMLP(num_classes=2)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([math.log(1 - rate), math.log(rate)]))
+    callback = LossCurveMonitor()
+    fit(tmp_path, model, callback, loader, max_epochs=1)
+    assert callback.hockey["status"] == "ok" and callback.hockey["early_drop"] < 0.5
+    assert [c for c, _ in checks(callback)] == ["loss_curve.not_decreasing"]  # random labels: nothing to learn
+
+
+# ---------------------------------------------------------------- overfitting
+def test_a_big_model_on_100_examples_overfits_and_the_hint_names_the_best_step(tmp_path):
+    pl.seed_everything(0)
+    images, labels = load_digits_tensors()
+    train = DataLoader(TensorDataset(images[:100], labels[:100]), batch_size=50, shuffle=True)
+    val = DataLoader(TensorDataset(images[1000:1400], labels[1000:1400]), batch_size=200)
+    callback = LossCurveMonitor()
+    model = DigitsMLP(hidden=(256, 256), optimizer="adam", lr=1e-2)
+    fit(tmp_path, model, callback, train, val, max_epochs=12)
+    [finding] = [f for f in callback.findings if f.check == "loss_curve.overfitting"]
+    best = min(callback.validations, key=lambda p: p["val"])
+    assert finding.data["best_step"] == best["step"]
+    assert finding.data["now"]["val"] > 1.05 * best["val"] and finding.data["now"]["train"] < best["train"]
+    assert f"Stop at step {best['step']}" in finding.hint and "weight decay" in finding.hint
+
+
+# ---------------------------------------------------------------- regularisation
+class L2Logged(DigitsMLP):
+    """Adam at 1e-3 shrinks the weights slowly, so a large coefficient keeps the penalty dominant."""
+
+    def __init__(self, weight_decay: float) -> None:
+        super().__init__(optimizer="adam", lr=1e-3)
+        self.weight_decay = weight_decay
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        data_loss = F.cross_entropy(self(x), y)
+        reg_loss = self.weight_decay * sum(p.pow(2).sum() for p in self.parameters())
+        self.log("data_loss", data_loss)
+        self.log("reg_loss", reg_loss)
+        return data_loss + reg_loss
+
+
+@pytest.mark.parametrize("weight_decay, flagged", [(1.0, True), (1e-4, False)])
+def test_a_regularisation_term_10x_the_data_loss_is_flagged(tmp_path, weight_decay, flagged):
+    pl.seed_everything(0)
+    callback = LossCurveMonitor()
+    fit(tmp_path, L2Logged(weight_decay), callback, max_steps=20)
+    reg = [f for f in callback.findings if f.check == "loss_curve.reg_dominates"]
+    assert bool(reg) == flagged
+    if flagged:
+        assert reg[0].step == 15 and reg[0].data["ratio"] > 10  # 3 measurements in a row: 5, 10, 15
+
+
+# ---------------------------------------------------------------- odd models
+class ReturnsNothing(DigitsMLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+def test_a_training_step_without_a_loss_is_one_info_finding(tmp_path):
+    callback = LossCurveMonitor()
+    trainer = fit(tmp_path, ReturnsNothing(), callback, max_steps=12)
+    assert checks(callback) == [("loss_curve.no_loss", "info")]
+    assert trainer.global_step == 12
+
+
+# ---------------------------------------------------------------- monitor rules
+def test_training_is_bit_identical_with_and_without_the_monitor(tmp_path):
+    def make_model():
+        return DigitsMLP(dropout=0.3, batchnorm=True)
+
+    kwargs = dict(max_epochs=2, limit_train_batches=6, limit_val_batches=2)
+    without = train_state(tmp_path / "a", make_model, [], datamodule=DigitsDataModule(batch_size=32), **kwargs)
+    callback = LossCurveMonitor(every_n_steps=2, hockey_steps=2)
+    with_it = train_state(tmp_path / "b", make_model, [callback], datamodule=DigitsDataModule(batch_size=32), **kwargs)
+    assert callback.measurements == 6 and len(callback.validations) == 2
+    assert_bit_identical(without, with_it)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_healthy_run_gets_no_findings(tmp_path, precision):
+    pl.seed_everything(0)
+    callback = LossCurveMonitor()
+    kwargs = {"plugins": [fp16_cpu_plugin()]} if precision == "16-mixed" else {"precision": precision}
+    fit(tmp_path, DigitsMLP(), callback, **kwargs)
+    assert callback.findings == []
+    assert callback.measurements == 14
+
+
+def test_resume_continues_the_curves_and_reports_nothing_twice(tmp_path):
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = LossCurveMonitor()
+    trainer = quiet_trainer(tmp_path, [first, checkpoint], max_steps=60, max_epochs=5, enable_checkpointing=True)
+    trainer.fit(DigitsMLP(lr=1e-6), datamodule=DigitsDataModule())
+    assert checks(first) == [("loss_curve.not_decreasing", "warning")]
+
+    resumed = LossCurveMonitor()
+    trainer = quiet_trainer(tmp_path, [resumed], max_steps=80, max_epochs=5)
+    trainer.fit(DigitsMLP(lr=1e-6), datamodule=DigitsDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 80
+    assert checks(resumed) == checks(first)
+    assert resumed.measurements == 16 and resumed.start_losses == first.start_losses
+    assert [v["step"] for v in resumed.validations][: len(first.validations)] == [v["step"] for v in first.validations]
+
+
+def test_ddp_averages_the_loss_across_ranks(tmp_path):
+    # Rank r returns a loss of exactly r: only the mean of the two ranks gives 0.5.
+    run_ddp_script(
+        tmp_path,
+        """
+        import json, torch, lightning.pytorch as pl
+        from torch.utils.data import DataLoader, TensorDataset
+        from lightning_debug.loss_curve import LossCurveMonitor
+
+        class RankLoss(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.zeros(1))
+            def training_step(self, batch, batch_idx):
+                (x,) = batch
+                return torch.tensor(float(self.global_rank)) + 0 * x.float().mean() + 0 * self.w.sum()
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        callback = LossCurveMonitor(every_n_steps=2, window=4, hockey_steps=2)
+        trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=12, callbacks=[callback],
+                             default_root_dir=".", enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False)
+        trainer.fit(RankLoss(), DataLoader(TensorDataset(torch.arange(256)), batch_size=4))
+        with open(f"rank{trainer.global_rank}.json", "w") as handle:
+            json.dump({"recent": list(callback.recent_losses), "checks": [f.check for f in callback.findings]}, handle)
+        """,
+    )
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank in ranks:
+        assert [v for _, v in rank["recent"]] == [0.5, 0.5]
+        assert rank["checks"] == ["loss_curve.not_decreasing"]
+    assert [f["check"] for f in all_findings(tmp_path)] == ["loss_curve.not_decreasing"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"window": 1}, "window"),
+        ({"min_decrease": 0.0}, "min_decrease"),
+        ({"min_decrease": 1.0}, "min_decrease"),
+        ({"hockey_steps": -1}, "hockey_steps"),
+        ({"val_metric": ""}, "val_metric"),
+        ({"patience": 0}, "patience"),
+        ({"reg_metric": None}, "reg_metric"),
+        ({"data_metric": 3}, "data_metric"),
+        ({"reg_ratio": 0}, "reg_ratio"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        LossCurveMonitor(**kwargs)
