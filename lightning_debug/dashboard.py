@@ -23,6 +23,16 @@ LAYOUT: dict[str, dict[str, list[str]]] = {
         "saturated fraction per layer": [r"activations/.*saturated.*"],
         "dormant fraction per layer": [r"activations/.*dormant.*"],
     },
+    "lightning_debug: weights": {
+        "weight std per parameter": [r"weight_stats/.*/std$"],
+    },
+    "lightning_debug: loss curve": {
+        "training and validation loss": [r"loss_curve/.*"],
+    },
+    "lightning_debug: data and batch mixing": {
+        "input statistics": [r"data/.*"],
+        "cross-example gradient leak": [r"batch_mixing/.*"],
+    },
     "lightning_debug: NaN guard": {
         "learning-rate scale and backoffs": [r"nan_guard/.*"],
     },

@@ -36,6 +36,7 @@ class DigitsDataModule(pl.LightningDataModule):
         corrupt_records: multiply the pixels of this many training records by ``corrupt_factor`` (a planted
             data bug: a handful of records in the wrong units).
         corrupt_factor: how much too large the corrupted records are.
+        train_size: keep only this many training examples (None: all 1497); a tiny set invites overfitting.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class DigitsDataModule(pl.LightningDataModule):
         seed: int = 0,
         corrupt_records: int = 0,
         corrupt_factor: float = 500.0,
+        train_size: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -58,6 +60,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.seed = seed
         self.corrupt_records = corrupt_records
         self.corrupt_factor = corrupt_factor
+        self.train_size = train_size
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
@@ -69,6 +72,8 @@ class DigitsDataModule(pl.LightningDataModule):
             images = images.reshape(-1, 1, 8, 8)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
         train, val = order[300:], order[:300]
+        if self.train_size is not None:
+            train = train[: self.train_size]
         if self.corrupt_records:
             images = images.clone()
             images[train[: self.corrupt_records]] *= self.corrupt_factor

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.data import DigitsDataModule
 from lightning_debug.preset import suite
-from lightning_debug.zoo import DigitsMLP, DigitsRNN
+from lightning_debug.zoo import DigitsMLP, DigitsRNN, DigitsRowRNN
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,33 @@ BUGS: dict[str, Bug] = {
             lambda: DigitsMLP(input_mask=0.0),
             ("predictions.collapsed",),
             max_epochs=6,
+        ),
+        Bug(
+            "raw_pixels",
+            "inputs left in raw 0-16 pixel units (no standardisation)",
+            DigitsMLP,
+            ("data.wrong_scale",),
+            make_data=lambda: DigitsDataModule(standardize=False),
+        ),
+        Bug(
+            "batch_mixing",
+            "a .view where a .permute belongs: each sequence is stitched from rows of different examples",
+            lambda: DigitsRowRNN(view_bug=True),
+            ("batch_mixing.detected",),
+        ),
+        Bug(
+            "bad_init",
+            "hidden weights initialised 20x too large",
+            lambda: DigitsMLP(weight_scale=20.0),
+            ("weight_stats.bad_init",),
+        ),
+        Bug(
+            "overfit",
+            "a wide MLP trained with Adam on only 100 examples",
+            lambda: DigitsMLP(hidden=(256, 256), optimizer="adam", lr=1e-2),
+            ("loss_curve.overfitting",),
+            make_data=lambda: DigitsDataModule(batch_size=50, train_size=100),
+            max_epochs=12,
         ),
     ]
 }

@@ -7,11 +7,15 @@ from typing import Literal
 from lightning.pytorch.callbacks import Callback
 
 from lightning_debug.activations import DeadActivationMonitor
+from lightning_debug.batch_mixing import BatchMixingCheck
+from lightning_debug.data_inspector import DataInspector
 from lightning_debug.grad_norm import GradNormMonitor
 from lightning_debug.init_loss import InitLossCallback
+from lightning_debug.loss_curve import LossCurveMonitor
 from lightning_debug.nan_guard import NaNGuard
 from lightning_debug.predictions import PredictionDynamicsLogger
 from lightning_debug.update_ratio import UpdateRatioMonitor
+from lightning_debug.weight_stats import WeightStatsMonitor
 
 
 def suite(
@@ -23,7 +27,9 @@ def suite(
     """The recommended lightning_debug callbacks with their defaults.
 
     InitLossCallback (when the task is known), GradNormMonitor, UpdateRatioMonitor, DeadActivationMonitor,
-    PredictionDynamicsLogger, and NaNGuard. The monitors leave training bit-identical.
+    PredictionDynamicsLogger, WeightStatsMonitor (without histograms: ``WeightStatsMonitor(histograms=True)``
+    adds them at the cost of copying every weight to the host on measured steps), LossCurveMonitor,
+    DataInspector, BatchMixingCheck, and NaNGuard. The monitors leave training bit-identical.
 
     Args:
         num_classes: number of classes of a classifier (implies ``task="multiclass"`` when task is None).
@@ -52,6 +58,10 @@ def suite(
         UpdateRatioMonitor(every_n_steps=every_n_steps),
         DeadActivationMonitor(every_n_steps=every_n_steps),
         PredictionDynamicsLogger(every_n_steps=every_n_steps),
+        WeightStatsMonitor(every_n_steps=every_n_steps, histograms=False),
+        LossCurveMonitor(every_n_steps=every_n_steps),
+        DataInspector(num_classes=num_classes if task == "multiclass" else None),
+        BatchMixingCheck(),
     ]
     if nan_guard:
         callbacks.append(NaNGuard())

@@ -164,3 +164,30 @@ class DigitsRNN(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"], momentum=0.9)
+
+
+class DigitsRowRNN(pl.LightningModule):
+    """A time-major RNN reading a digit row by row; ``view_bug=True`` uses ``.view`` where ``.permute`` belongs.
+
+    The bug reshapes ``(batch, time, features)`` into ``(time, batch, features)`` with ``.view``, which trains and
+    converges to something — but each "sequence" is stitched from rows of different examples.
+    """
+
+    def __init__(self, view_bug: bool = False, hidden: int = 32, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.rnn = nn.RNN(8, hidden)  # time-major: (T, B, F)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(len(x), 8, 8)  # (B, T, F)
+        time_major = rows.view(8, len(x), 8) if self.hparams["view_bug"] else rows.permute(1, 0, 2)
+        sequence, _ = self.rnn(time_major)
+        return self.head(sequence[-1])
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"], momentum=0.9)
