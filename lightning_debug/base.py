@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -194,10 +196,35 @@ class DiagnosticCallback(Callback):
             logger.save()
 
     # ------------------------------------------------------------------ resume
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def recording_init(self: DiagnosticCallback, *args: Any, **kw: Any) -> None:
+            if "_init_arguments" not in self.__dict__:  # the outermost __init__ sees what the user passed
+                signature = inspect.signature(init)
+                bound = signature.bind(self, *args, **kw)
+                self._init_arguments = {
+                    k: v
+                    for k, v in bound.arguments.items()
+                    if k != "self" and not (_plain(v) and v == signature.parameters[k].default)
+                }
+            init(self, *args, **kw)
+
+        cls.__init__ = recording_init  # type: ignore[method-assign]
+
     @property
     def state_key(self) -> str:
-        # distinct per configuration, so several instances of one class can share a checkpoint
-        return self._generate_state_key(every_n_steps=self.every_n_steps)
+        """The class name and the constructor arguments passed to it (plain values only).
+
+        Several instances of one class with different arguments can share a checkpoint; resume with the same
+        arguments to get a callback's state back.
+        """
+        passed = getattr(self, "_init_arguments", {})
+        return self._generate_state_key(**{k: v for k, v in sorted(passed.items()) if _plain(v)})
 
     def extra_state(self) -> dict[str, Any]:
         """State a subclass keeps across checkpoint and resume (override)."""
@@ -217,6 +244,13 @@ class DiagnosticCallback(Callback):
         self.findings = [Finding.from_dict(raw) for raw in state_dict.get("findings", [])]
         self._warned_checks = set(state_dict.get("warned_checks", []))
         self.load_extra_state(dict(state_dict.get("extra", {})))
+
+
+def _plain(value: Any) -> bool:
+    """Values whose repr is the same in every process (no addresses): they may name a callback's state."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _diagnostic_callbacks(trainer: pl.Trainer) -> list[DiagnosticCallback]:

@@ -125,10 +125,6 @@ class BatchMixingCheck(DiagnosticCallback):
         self.forward_fn = forward_fn
         self.result: dict[str, Any] | None = None
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(num_probes=self.num_probes, causal_dim=self.causal_dim)
-
     # ------------------------------------------------------------------ hook
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.result is not None:  # restored from a checkpoint: the architecture was checked at the start

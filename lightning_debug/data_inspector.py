@@ -160,10 +160,6 @@ class DataInspector(DiagnosticCallback):
         self._problem: str | None = None
         self._projection: Tensor | None = None
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(num_batches=self.num_batches, num_classes=self.num_classes)
-
     # ------------------------------------------------------------------ hooks
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -135,10 +135,6 @@ class LossCurveMonitor(DiagnosticCallback):
         self._last_step = -1
         self._no_loss = False
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, val_metric=self.val_metric)
-
     # ------------------------------------------------------------------ hooks
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

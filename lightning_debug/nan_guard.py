@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce
+from lightning_debug.grad_norm import fused_norms
 from lightning_debug.stats import foreach_norms, to_host
 
 OnHalt = Literal["stop", "raise"]
@@ -297,55 +298,106 @@ class NaNGuard(DiagnosticCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> dict[str, Any]:
         device = pl_module.device
-        nan = torch.full((), math.nan, dtype=torch.float64, device=device)
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        loss_sum = self._loss_sum.to(device, torch.float64) if self._loss_sum is not None else zero
+        f64 = torch.float64
+        loss_sum = self._loss_sum.to(device, f64).reshape(1) if self._loss_sum is not None else None
         loss_count = self._loss_count
         self._loss_sum, self._loss_count = None, 0
 
-        grads_named = [
-            (self._param_names.get(id(p), "?"), p.grad)
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
+        grad_params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         found_inf = _scaler_found_inf(trainer, optimizer)
-        grad_norm, grad_first, grad_last, grad_bad = nan, nan, nan, zero
-        if found_inf is None and grads_named:
-            grad_bad, grad_first, grad_last, grad_norm = _nonfinite_summary([g for _, g in grads_named], device)
-        scaler_skip = found_inf.to(device, torch.float64).clamp(max=1) if found_inf is not None else zero
-        param_bad, param_first = zero, nan
-        if self.check_params and self._checked:
-            param_bad, param_first, _, _ = _nonfinite_summary([t for _, t in self._checked], device)
-
-        # one all-reduce for the cross-rank decision, then the step's single device->host transfer
-        shared = torch.stack(
-            [loss_sum, (~torch.isfinite(loss_sum)).to(torch.float64), grad_bad, param_bad, scaler_skip]
-        )
-        shared = reduce(trainer, shared, "sum")
         scale = _scaler_scale(trainer)
-        scale_value = scale.to(device, torch.float64).reshape(()) if scale is not None else nan
-        local_loss_bad = (~torch.isfinite(loss_sum)).to(torch.float64)
-        values = to_host([*shared.unbind(), grad_norm, grad_first, grad_last, param_first, scale_value, local_loss_bad])
+        # Everything is packed into one float64 vector on the device and read in the step's single transfer:
+        # [loss sum?, scaler skip?, loss scale?, per-gradient norms..., per-parameter/buffer norms...]; the counts,
+        # first/last indices and the global norm are then worked out on the host (no per-step reductions).
+        pieces: list[Tensor] = []
+        if loss_sum is not None:
+            pieces.append(loss_sum)
+        scaler_skip = found_inf.to(device, f64).clamp(max=1).reshape(1) if found_inf is not None else None
+        if scaler_skip is not None:
+            pieces.append(scaler_skip)
+        if scale is not None:
+            pieces.append(scale.to(device, f64).reshape(1))
+        grad_norms = (
+            _norm_vector([p.grad for p in grad_params], device, share=True)  # type: ignore[misc]
+            if found_inf is None and grad_params
+            else None
+        )
+        if grad_norms is not None:
+            pieces.append(grad_norms)
+        param_norms = (
+            _norm_vector([t for _, t in self._checked], device) if self.check_params and self._checked else None
+        )
+        if param_norms is not None:
+            pieces.append(param_norms)
         world = max(1, trainer.world_size)
+        shared: Tensor | None = None
+        if trainer.world_size > 1:  # one all-reduce for the cross-rank decision
+            zero = torch.zeros((), dtype=f64, device=device)
+
+            def bad_count(norms: Tensor | None) -> Tensor:
+                return (~torch.isfinite(norms)).to(f64).sum() if norms is not None else zero
+
+            local_loss = loss_sum.reshape(()) if loss_sum is not None else zero
+            shared = torch.stack(
+                [
+                    local_loss,
+                    (~torch.isfinite(local_loss)).to(f64),
+                    bad_count(grad_norms),
+                    bad_count(param_norms),
+                    scaler_skip.reshape(()) if scaler_skip is not None else zero,
+                ]
+            )
+            pieces.insert(0, reduce(trainer, shared, "sum"))
+        values = torch.cat(pieces).cpu().tolist() if pieces else []  # the step's single device->host transfer
+        position = 0
+
+        def take(count: int) -> list[float]:
+            nonlocal position
+            position += count
+            return values[position - count : position]
+
+        reduced = take(5) if shared is not None else None
+        local_loss_value = take(1)[0] if loss_sum is not None else 0.0
+        local_skip = take(1)[0] if scaler_skip is not None else 0.0
+        loss_scale = take(1)[0] if scale is not None else math.nan
+        grads_host = take(grad_norms.numel()) if grad_norms is not None else None
+        params_host = take(param_norms.numel()) if param_norms is not None else None
+        grad_bad_indices = [i for i, v in enumerate(grads_host) if not math.isfinite(v)] if grads_host else []
+        param_bad_indices = [i for i, v in enumerate(params_host) if not math.isfinite(v)] if params_host else []
+        local_loss_bad = not math.isfinite(local_loss_value)
+        if reduced is not None:
+            loss_total, loss_bad, grad_bad, param_bad, skip = reduced
+        else:
+            loss_total, loss_bad = local_loss_value, float(local_loss_bad)
+            grad_bad, param_bad, skip = float(len(grad_bad_indices)), float(len(param_bad_indices)), local_skip
+        if grads_host is not None:
+            grad_norm = float(torch.linalg.vector_norm(torch.tensor(grads_host, dtype=f64)))
+            grad_first = float(grad_bad_indices[0]) if grad_bad_indices else math.inf
+            grad_last = float(grad_bad_indices[-1]) if grad_bad_indices else -1.0
+        else:
+            grad_norm = grad_first = grad_last = math.nan
+        if params_host is not None:
+            param_first = float(param_bad_indices[0]) if param_bad_indices else math.inf
+        else:
+            param_first = math.nan
         # automatic optimization hands us the loss already divided by accumulate_grad_batches
         normalised = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-        loss = values[0] * normalised / (loss_count * world) if loss_count else math.nan
+        loss = loss_total * normalised / (loss_count * world) if loss_count else math.nan
         return {
             "loss": loss,
             "has_loss": loss_count > 0,
-            "loss_bad": values[1] > 0,
-            "grad_bad": values[2] > 0,
-            "param_bad": values[3] > 0,
-            "scaler_skip": found_inf is not None and values[4] > 0,
+            "loss_bad": loss_bad > 0,
+            "grad_bad": grad_bad > 0,
+            "param_bad": param_bad > 0,
+            "scaler_skip": found_inf is not None and skip > 0,
             "scaler": found_inf is not None,
-            "grad_norm": values[5],
-            "grad_names": [name for name, _ in grads_named],
-            "grad_first": values[6],
-            "grad_last": values[7],
-            "param_first": values[8],
-            "loss_scale": values[9],
-            "local_loss_bad": values[10] > 0,
+            "grad_norm": grad_norm,
+            "grad_params": grad_params,  # named only for a finding (_forensics)
+            "grad_first": grad_first,
+            "grad_last": grad_last,
+            "param_first": param_first,
+            "loss_scale": loss_scale,
+            "local_loss_bad": local_loss_bad,
         }
 
     # ------------------------------------------------------------------ judge and act
@@ -424,7 +476,7 @@ class NaNGuard(DiagnosticCallback):
 
     def _forensics(self, trainer: pl.Trainer, kind: str, m: dict[str, Any], step: int, lr: float) -> dict[str, Any]:
         data: dict[str, Any] = {"step": step, "lr": lr, "loss": m["loss"], "grad_norm": m["grad_norm"]}
-        names = m["grad_names"]
+        names = [self._param_names.get(id(p), "?") for p in m["grad_params"]]
         if m["grad_bad"] and names:
             data["first_nonfinite"] = _name_at(names, m["grad_first"])
             data["nearest_output"] = _name_at(names, m["grad_last"])
@@ -639,7 +691,9 @@ class NaNGuard(DiagnosticCallback):
                 f"NaNGuard: refusing to save non-finite weights (`{name}`) at step {trainer.global_step}"
             )
         snapshot.wait()
-        checkpoint["state_dict"] = {k: v.clone() for k, v in snapshot.model.items()}
+        checkpoint["state_dict"] = {
+            k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in snapshot.model.items()
+        }
         if "optimizer_states" in checkpoint and len(checkpoint["optimizer_states"]) == len(snapshot.optimizers):
             for opt_state, saved in zip(checkpoint["optimizer_states"], snapshot.optimizers):
                 opt_state["state"] = copy.deepcopy(saved)
@@ -765,7 +819,7 @@ class _Snapshot:
 
     def __init__(self) -> None:
         self.step: int | None = None
-        self.model: dict[str, Tensor] = {}
+        self.model: dict[str, Any] = {}
         self.optimizers: list[dict[Any, Any]] = []
         self.scaler: dict[str, Tensor] = {}
         self._event: Any = None
@@ -774,10 +828,13 @@ class _Snapshot:
         self, step: int, pl_module: pl.LightningModule, optimizers: Sequence[torch.optim.Optimizer], scaler: Any
     ) -> None:
         cuda = False
-        model: dict[str, Tensor] = {}
-        for name, tensor in pl_module.state_dict().items():
-            model[name] = _host_copy(tensor, self.model.get(name))
-            cuda = cuda or tensor.is_cuda
+        model: dict[str, Any] = {}
+        for name, value in pl_module.state_dict().items():
+            if isinstance(value, Tensor):
+                model[name] = _host_copy(value, self.model.get(name))
+                cuda = cuda or value.is_cuda
+            else:  # a module's get_extra_state(): any picklable object
+                model[name] = copy.deepcopy(value)
         self.model = model
         states: list[dict[Any, Any]] = []
         for index, optimizer in enumerate(optimizers):
@@ -811,7 +868,7 @@ class _Snapshot:
         self.wait()
         with torch.no_grad():
             for name, tensor in pl_module.state_dict().items():
-                if name in self.model:
+                if isinstance(tensor, Tensor) and isinstance(self.model.get(name), Tensor):
                     tensor.copy_(self.model[name])
         for optimizer, saved in zip(optimizers, self.optimizers):
             current = optimizer.state_dict()  # keeps the current param groups: the backed-off LRs stay
@@ -823,7 +880,7 @@ class _Snapshot:
                 value.copy_(saved_value)
 
     def nbytes(self) -> int:
-        tensors = list(self.model.values()) + [
+        tensors = [v for v in self.model.values() if isinstance(v, Tensor)] + [
             v
             for state in self.optimizers
             for param_state in state.values()
@@ -850,6 +907,14 @@ def _nonfinite_summary(tensors: Sequence[Tensor], device: torch.device) -> tuple
     first = torch.where(bad, index, torch.full_like(index, math.inf)).min()
     last = torch.where(bad, index, torch.full_like(index, -1.0)).max()
     return count, first, last, torch.linalg.vector_norm(norms)
+
+
+def _norm_vector(tensors: Sequence[Tensor], device: torch.device, share: bool = False) -> Tensor:
+    """The L2 norm of every tensor (float32, as ``stats.foreach_norms``), as one float64 vector on ``device``."""
+    norms = fused_norms(tensors, share=share)
+    if all(n.device == device for n in norms):
+        return torch.stack(norms).to(torch.float64)
+    return torch.stack([n.to(device, torch.float64) for n in norms])
 
 
 def _name_at(names: Sequence[str], index: float) -> str | None:

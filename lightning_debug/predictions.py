@@ -200,12 +200,6 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         self._warmup_step = 0
         self._late_step: int | None = None
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            num_examples=self.num_examples, every_n_steps=self.every_n_steps, task=self.task
-        )
-
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Computed on every rank (outside any rank-0 branch): the property may touch the data connector.

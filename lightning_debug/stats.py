@@ -30,7 +30,10 @@ def foreach_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     for index, tensor in enumerate(tensors):
         groups.setdefault((tensor.device, tensor.dtype), []).append(index)
     for (_, dtype), indices in groups.items():
-        group = [tensors[i].detach() for i in indices]
+        # sparse gradients (nn.Embedding(sparse=True)) have no fused kernel: their stored values carry the norm
+        group = [
+            tensors[i].detach().coalesce().values() if tensors[i].is_sparse else tensors[i].detach() for i in indices
+        ]
         if dtype in (torch.float16, torch.bfloat16):
             group = [t.float() for t in group]
         for i, norm in zip(indices, torch._foreach_norm(group)):

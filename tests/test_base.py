@@ -94,3 +94,17 @@ def test_findings_and_state_survive_checkpoint_and_resume(tmp_path):
 def test_every_n_steps_must_be_a_positive_integer(value):
     with pytest.raises(ValueError, match="`every_n_steps`"):
         StepCounter(every_n_steps=value)
+
+
+def test_state_key_names_the_passed_arguments_so_two_configurations_share_a_checkpoint(tmp_path):
+    default, explicit_default, other = StepCounter(), StepCounter(every_n_steps=None), StepCounter(every_n_steps=3)
+    assert default.state_key == explicit_default.state_key == "StepCounter{}"
+    assert other.state_key == "StepCounter{'every_n_steps': 3}"
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path, [default, other, checkpoint], max_steps=4, enable_checkpointing=True)
+    resumed_default, resumed_other = StepCounter(), StepCounter(every_n_steps=3)
+    trainer = quiet_trainer(tmp_path, [resumed_default, resumed_other], max_steps=6, max_epochs=5)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed_default.measured_steps == [0, 5]  # step 0 restored, step 5 measured after the resume
+    assert resumed_other.measured_steps == [0, 3]  # both restored; steps 4-5 are not multiples of 3

@@ -361,3 +361,24 @@ def test_halt_can_raise_instead(tmp_path: Path) -> None:
 def test_bad_arguments_raise_value_error_naming_them(kwargs: dict[str, Any], name: str) -> None:
     with pytest.raises(ValueError, match=f"`{name}`"):
         NaNGuard(**kwargs)
+
+
+class WithExtraState(DigitsMLP):
+    """A module whose state_dict carries a non-tensor entry (``get_extra_state``), as quantisation layers do."""
+
+    def get_extra_state(self):
+        return {"calibrated": True, "bins": [1, 2, 3]}
+
+    def set_extra_state(self, state):
+        self.restored_extra = state
+
+
+def test_snapshots_and_checkpoints_keep_non_tensor_extra_state(tmp_path):
+    pl.seed_everything(0)
+    guard = NaNGuard(snapshot_every_n_steps=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = quiet_trainer(tmp_path, [guard, checkpoint], max_steps=6, enable_checkpointing=True)
+    trainer.fit(WithExtraState(), datamodule=DigitsDataModule())
+    assert trainer.global_step == 6
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    assert saved["_extra_state"] == {"calibrated": True, "bins": [1, 2, 3]}
