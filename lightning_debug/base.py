@@ -54,6 +54,8 @@ class DiagnosticCallback(Callback):
         ValueError: if ``every_n_steps`` is not a positive integer or ``None``.
     """
 
+    _init_arguments: dict[str, Any]  # what the user passed to the constructor, recorded by __init_subclass__
+
     def __init__(self, every_n_steps: int | None = None) -> None:
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
