@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import all_ranks, any_rank, reduce
-from lightning_debug.isolation import isolated
+from lightning_debug.isolation import isolated, probe_loader
 
 Task = Literal["multiclass", "binary", "regression"]
 TASKS: tuple[str, ...] = ("multiclass", "binary", "regression")
@@ -45,7 +45,11 @@ class InitLossCallback(DiagnosticCallback):
     batches when a batch is ``(inputs, ..., target)`` or ``target_fn`` extracts the target.
 
     Training afterwards is bit-identical to training without the callback: the global RNG, the
-    loaders' generators, BatchNorm statistics, train/eval flags and ``self.log`` results are restored.
+    loaders' generators, BatchNorm statistics, parameters (an EMA teacher updated in ``training_step``),
+    train/eval flags and ``self.log`` results are restored, and loaders with worker processes are read in
+    the main process so their cached iterators stay untouched. Plain Python attributes your
+    ``training_step`` changes (a step counter) cannot be restored: keep such state in buffers.
+    Memory: one transient copy of the parameters at fit start, before any optimizer state exists.
     Under DDP every rank measures its own batches and the loss is averaged across ranks. On resume
     from a checkpoint the check is not repeated. Under manual optimization (``training_step`` steps
     the optimizer itself) the check is skipped with an info finding.
@@ -152,8 +156,8 @@ class InitLossCallback(DiagnosticCallback):
         has_targets = True
         final_layer = _FinalLayerProbe(pl_module)
         problem: str | None = None
-        with isolated(pl_module, train_mode=True, loaders=[loader]), final_layer:
-            for batch_idx, batch in enumerate(loader):
+        with isolated(pl_module, train_mode=True, loaders=[loader], restore_parameters=True), final_layer:
+            for batch_idx, batch in enumerate(probe_loader(loader)):
                 if batch_idx >= self.num_batches:
                     break
                 batch = trainer.strategy.batch_to_device(batch)
@@ -230,9 +234,11 @@ class InitLossCallback(DiagnosticCallback):
 
     def _target_stats(self, target: Tensor) -> Tensor:
         if self.task == "multiclass":
-            counts = torch.bincount(
-                target.flatten().long().clamp(0, int(self.num_classes or 1) - 1), minlength=self.num_classes or 0
-            )
+            labels = target.flatten().long()
+            labels = labels[
+                (labels >= 0) & (labels < int(self.num_classes or 0))
+            ]  # ignore_index (-100, 255) is no class
+            counts = torch.bincount(labels, minlength=self.num_classes or 0)
             return counts.double()
         values = target.flatten().double()
         if self.task == "binary":

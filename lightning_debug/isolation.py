@@ -18,6 +18,22 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch.utils.data import DataLoader
 
 
+def probe_loader(loader: Any) -> Any:
+    """A loader yielding the same batches as ``loader`` for a few extra passes, without touching its workers.
+
+    A DataLoader with worker processes (``persistent_workers=True`` above all) caches its first iterator, and
+    creating it early changes the order in which training later draws its seeds. The probe loads in the main
+    process instead, sharing the dataset, batch sampler and collate function.
+    """
+    if not isinstance(loader, DataLoader) or loader.num_workers == 0:
+        return loader
+    if loader.batch_sampler is not None:
+        return DataLoader(
+            loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn, num_workers=0
+        )
+    return DataLoader(loader.dataset, batch_size=None, collate_fn=loader.collate_fn, num_workers=0)
+
+
 def loader_generators(loaders: Iterable[Any]) -> list[torch.Generator]:
     """The ``torch.Generator`` objects a DataLoader and its samplers draw from."""
     generators: list[torch.Generator] = []
@@ -52,18 +68,24 @@ def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
 
 
 @contextmanager
-def isolated(pl_module: pl.LightningModule, train_mode: bool, loaders: Iterable[Any] = ()) -> Iterator[None]:
+def isolated(
+    pl_module: pl.LightningModule, train_mode: bool, loaders: Iterable[Any] = (), restore_parameters: bool = False
+) -> Iterator[None]:
     """Evaluate ``pl_module`` under ``torch.no_grad`` with every piece of training state restored afterwards.
 
     Args:
         pl_module: the module to evaluate.
         train_mode: put every submodule in train mode (True) or eval mode (False) for the evaluation.
         loaders: DataLoaders whose generators the evaluation may advance (by creating an iterator).
+        restore_parameters: also copy every parameter and put it back afterwards, for code that may update
+            parameters in place (an EMA teacher updated inside ``training_step``). Costs one transient copy of
+            the parameters on their device.
     """
     rng_states = _collect_rng_states(include_cuda=torch.cuda.is_available())
     generator_states = [(g, g.get_state()) for g in loader_generators(loaders)]
     training_flags = [(module, module.training) for module in pl_module.modules()]
-    buffers = [(buffer, buffer.detach().clone()) for buffer in pl_module.buffers()]
+    tensors = list(pl_module.buffers()) + (list(pl_module.parameters()) if restore_parameters else [])
+    buffers = [(tensor, tensor.detach().clone()) for tensor in tensors]
     try:
         pl_module.train(train_mode)
         with torch.no_grad(), muted_logging(pl_module):

@@ -344,6 +344,50 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, expli
     assert_bit_identical(without, with_callback)
 
 
+def test_training_is_bit_identical_with_persistent_worker_loaders(tmp_path):
+    class Workers(DigitsDataModule):
+        def train_dataloader(self):
+            return DataLoader(self.train_set, batch_size=32, shuffle=True, num_workers=1, persistent_workers=True)
+
+    kwargs = dict(max_epochs=2, limit_train_batches=6, limit_val_batches=0)
+    without = train_state(tmp_path / "a", DigitsMLP, [], datamodule=Workers(), **kwargs)
+    callback = InitLossCallback(task="multiclass", num_classes=10, num_batches=2)
+    with_callback = train_state(tmp_path / "b", DigitsMLP, [callback], datamodule=Workers(), **kwargs)
+    assert callback.result["batches"] == 2
+    assert_bit_identical(without, with_callback)
+
+
+class EmaTeacher(DigitsMLP):
+    """A mean teacher updated in place inside training_step, and a buffer counting the steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.teacher = nn.Linear(64, 10)
+        self.teacher.requires_grad_(False)
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+
+    def training_step(self, batch, batch_idx):
+        with torch.no_grad():
+            self.teacher.weight.lerp_(self.layers[0].weight[:10], 0.5)
+            self.steps_seen += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_parameters_a_training_step_updates_in_place_are_restored(tmp_path):
+    kwargs = dict(max_epochs=1, limit_train_batches=5, limit_val_batches=0)
+    without = train_state(tmp_path / "a", EmaTeacher, [], **kwargs)
+    callback = InitLossCallback(task="multiclass", num_classes=10)
+    with_callback = train_state(tmp_path / "b", EmaTeacher, [callback], **kwargs)
+    assert int(with_callback["steps_seen"]) == 5
+    assert_bit_identical(without, with_callback)
+
+
+def test_ignore_index_labels_are_not_counted_as_a_class():
+    callback = InitLossCallback(task="multiclass", num_classes=3)
+    counts = callback._target_stats(torch.tensor([0, 1, 2, 2, -100, 255]))
+    assert counts.tolist() == [1.0, 1.0, 2.0]
+
+
 # ---------------------------------------------------------------- mixed precision
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_mixed_precision_measures_the_same_loss_as_fp32(tmp_path, precision):
