@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce
-from lightning_debug.isolation import isolated
+from lightning_debug.isolation import isolated, probe_loader
 from lightning_debug.stats import to_host
 
 InputFn = Callable[[Any], Tensor]
@@ -143,7 +143,7 @@ class BatchMixingCheck(DiagnosticCallback):
             return {"problem": "there is no training dataloader"}
         try:
             with isolated(pl_module, train_mode=False, loaders=[loader]), torch.enable_grad():
-                batch = next(iter(loader))
+                batch = next(iter(probe_loader(loader)))
                 batch = trainer.strategy.batch_to_device(batch)
                 return self._probe(trainer, pl_module, batch)
         except StopIteration:

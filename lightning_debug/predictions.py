@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_debug.base import DiagnosticCallback
-from lightning_debug.isolation import isolated
+from lightning_debug.isolation import isolated, probe_loader
 
 Task = Literal["auto", "classification", "regression", "summary"]
 Source = Literal["auto", "val", "train"]
@@ -599,7 +599,7 @@ def _first_examples(loader: DataLoader, count: int) -> Any:
     # Iterable datasets (or loaders that batch themselves): concatenate the first batches.
     batches: list[Any] = []
     seen = 0
-    for batch in loader:
+    for batch in probe_loader(loader):
         batches.append(batch)
         seen += _batch_length(batch)
         if seen >= count or _batch_length(batch) == 0:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
 from torch import nn
+from torch.utils.data import DataLoader
 
 import lightning_debug
 from lightning_debug import DiagnosticCallback, NaNGuard
@@ -63,6 +64,22 @@ def test_training_with_the_whole_suite_is_bit_identical_to_training_without(tmp_
     assert summaries["UpdateRatioMonitor"]["measured_steps"] >= 10
     assert summaries["DeadActivationMonitor"]["windows"] >= 2
     assert summaries["PredictionDynamicsLogger"]["logs"] >= 10
+    assert_bit_identical(without, with_suite)
+
+
+def test_bit_identical_with_persistent_worker_loaders(tmp_path):
+    class Workers(DigitsDataModule):
+        def train_dataloader(self):
+            return DataLoader(self.train_set, batch_size=32, shuffle=True, num_workers=1, persistent_workers=True)
+
+        def val_dataloader(self):
+            return DataLoader(self.val_set, batch_size=32, num_workers=1, persistent_workers=True)
+
+    kwargs = dict(max_epochs=2, limit_train_batches=6, limit_val_batches=2)
+    without = train_state(tmp_path / "a", DigitsMLP, [], datamodule=Workers(), **kwargs)
+    with_suite = train_state(
+        tmp_path / "b", DigitsMLP, lightning_debug.suite(num_classes=10), datamodule=Workers(), **kwargs
+    )
     assert_bit_identical(without, with_suite)
 
 
