@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,11 @@ GROUP_BY: tuple[str, ...] = ("parameter", "module")
 class _StepLog:
     """Host-side record of one optimizer's global gradient norms (filled on measured steps)."""
 
-    buffer: Tensor | None = None  # squared global norms, one per step, on the device (ring buffer)
+    # ring buffer on the device, one row per step: the per-parameter gradient norms (float32, 0 for a parameter
+    # without a gradient) and, last, the factor they are unscaled by (1 unless a fused optimizer unscales itself)
+    buffer: Tensor | None = None
+    slots: list[Tensor] = field(default_factory=list)  # views of the rows' norm parts: torch.stack(..., out=slot)
+    scaled: bool = False  # a row's last column was ever written (not 1)
     steps: deque[int] = field(default_factory=deque)  # global_step of every unread buffer entry
     written: int = 0
     read: int = 0
@@ -186,20 +191,22 @@ class GradNormMonitor(DiagnosticCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         index = optimizer_index(trainer, optimizer)
-        log = self._logs.setdefault(index, _StepLog())
+        log = self._logs.get(index)
+        if log is None:
+            log = self._logs[index] = _StepLog()
         params = optimizer_params(optimizer)
         if not params:
             return
         grads = [p.grad for p in params if p.grad is not None]
-        norms = foreach_norms(grads) if grads else []
+        norms = fused_norms(grads, share=True)
         inv_scale = _inverse_grad_scale(trainer, optimizer)
-        global_sq = (
-            torch.stack(norms).double().square().sum() if norms else params[0].new_zeros((), dtype=torch.float64)
-        )
-        if inv_scale is not None:
-            global_sq = global_sq * inv_scale.double().square()
-        self._write(trainer, index, log, global_sq)
+        # the per-step work is one fused norm (shared with NaNGuard) and one stack into the ring buffer; the global
+        # norms of the steps are summed up on the device when they are read
+        self._write(trainer, index, log, params, grads, norms, inv_scale)
         if self.autoclip and grads:
+            global_sq = torch.stack(norms).double().square().sum()
+            if inv_scale is not None:
+                global_sq = global_sq * inv_scale.double().square()
             self._clip(log, grads, global_sq)
         measured = is_measured(self, trainer, log.optimizer_steps)
         log.optimizer_steps += 1
@@ -215,17 +222,45 @@ class GradNormMonitor(DiagnosticCallback):
             self._judge_no_grad(trainer, final=True)
 
     # ------------------------------------------------------------------ measure (device)
-    def _write(self, trainer: pl.Trainer, index: int, log: _StepLog, global_sq: Tensor) -> None:
+    def _write(
+        self,
+        trainer: pl.Trainer,
+        index: int,
+        log: _StepLog,
+        params: list[nn.Parameter],
+        grads: list[Tensor],
+        norms: list[Tensor],
+        inv_scale: Tensor | None,
+    ) -> None:
         capacity = self.measure_interval(trainer) + 1
-        if log.buffer is None or log.buffer.numel() != capacity or log.buffer.device != global_sq.device:
+        width = len(params) + 1
+        device = params[0].device
+        buffer = log.buffer
+        if buffer is None or buffer.shape != (capacity, width) or buffer.device != device:
             self._flush_log(trainer, index, log)  # size or device changed: read what is there first
-            dtype = torch.float32 if global_sq.device.type == "mps" else torch.float64
-            log.buffer = torch.zeros(capacity, dtype=dtype, device=global_sq.device)
+            log.buffer = buffer = torch.ones(capacity, width, dtype=torch.float32, device=device)
+            log.slots = [row[:-1] for row in buffer.unbind()]
+            log.scaled = False
             log.read = log.written
         if log.written - log.read >= capacity:  # cannot happen with one read per interval; keep the newest
             log.read += 1
             log.steps.popleft()
-        log.buffer[log.written % capacity] = global_sq.to(log.buffer.dtype)
+        position = log.written % capacity
+        slot = log.slots[position]
+        if len(norms) == len(params):
+            torch.stack(norms, out=slot)
+        elif norms:  # some parameters got no gradient this step: they count 0
+            row: list[Tensor] = [norms[0].new_zeros(())] * len(params)
+            it = iter(norms)
+            for i, param in enumerate(params):
+                if param.grad is not None:
+                    row[i] = next(it)
+            torch.stack(row, out=slot)
+        else:
+            slot.zero_()
+        if inv_scale is not None or log.scaled:
+            buffer[position, -1] = inv_scale if inv_scale is not None else 1.0
+            log.scaled = True
         log.steps.append(int(trainer.global_step))
         log.written += 1
 
@@ -240,11 +275,13 @@ class GradNormMonitor(DiagnosticCallback):
             torch._foreach_mul_(dtype_grads, factor.to(dtype_grads[0].dtype))
 
     def _unread(self, log: _StepLog) -> Tensor | None:
+        """The squared global gradient norms (float64, on the device) of the steps written since the last read."""
         if log.buffer is None or log.written == log.read:
             return None
-        capacity = log.buffer.numel()
+        capacity = log.buffer.shape[0]
         positions = torch.arange(log.read, log.written, device=log.buffer.device) % capacity
-        return log.buffer.index_select(0, positions)
+        rows = log.buffer.index_select(0, positions).double()
+        return rows[:, :-1].square().sum(dim=1) * rows[:, -1].square()
 
     # ------------------------------------------------------------------ measured step: one transfer
     def _measure(
@@ -593,6 +630,52 @@ class GradNormMonitor(DiagnosticCallback):
 
 
 # ---------------------------------------------------------------------- helpers shared with update_ratio.py
+def fused_norms(tensors: Sequence[Tensor], share: bool = False) -> list[Tensor]:
+    """``stats.foreach_norms(tensors)`` (the same float32 values) with no per-tensor Python work in the common case.
+
+    One device, one float32/float64 dtype, dense tensors (the usual case): a single ``torch._foreach_norm`` under
+    ``no_grad`` instead of one ``detach()`` and one ``float()`` per tensor. Other cases (several devices or dtypes,
+    half precision, sparse gradients) fall back to ``stats.foreach_norms``.
+
+    ``share=True`` memoises the result for the gradients of the current step: GradNormMonitor, NaNGuard and
+    UpdateRatioMonitor all take the norms of the same gradients in the same ``on_before_optimizer_step``, and the
+    gradients are then read once. The memo is reused only for the very same tensor objects (checked through weak
+    references, so it keeps nothing alive) with the same ``_version`` (no in-place change since, e.g. clipping).
+    """
+    if not tensors:
+        return []
+    if share:
+        key = tuple((id(t), t._version) for t in tensors)
+        memo = _NORM_MEMO
+        if memo.key == key and all(ref() is t for ref, t in zip(memo.refs, tensors)):
+            return list(memo.norms)
+    first = tensors[0]
+    device, dtype = first.device, first.dtype
+    strided = torch.strided  # sparse gradients take the general path (stats.foreach_norms handles them)
+    if dtype in (torch.float32, torch.float64) and all(
+        t.device == device and t.dtype == dtype and t.layout == strided for t in tensors
+    ):
+        with torch.no_grad():
+            norms = list(torch._foreach_norm(list(tensors)))
+        if dtype == torch.float64:
+            norms = [n.float() for n in norms]
+    else:
+        norms = foreach_norms(tensors)
+    if share:
+        memo.key, memo.refs, memo.norms = key, [weakref.ref(t) for t in tensors], norms
+    return norms
+
+
+class _NormMemo:
+    def __init__(self) -> None:
+        self.key: tuple[tuple[int, int], ...] | None = None
+        self.refs: list[weakref.ref[Tensor]] = []
+        self.norms: list[Tensor] = []
+
+
+_NORM_MEMO = _NormMemo()
+
+
 def optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:
     """Position of ``optimizer`` in ``trainer.optimizers`` (0 when it is not there)."""
     for index, candidate in enumerate(trainer.optimizers):

@@ -282,7 +282,9 @@ class NaNGuard(DiagnosticCallback):
 
     # ------------------------------------------------------------------ measure
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        value = loss.detach().float().sum()
+        value = loss.detach().float()
+        if value.ndim:
+            value = value.sum()
         scale = _scaler_scale(trainer)
         if scale is not None:
             value = value / scale.to(value.device)  # the precision plugin hands us the scaled loss
@@ -297,58 +299,60 @@ class NaNGuard(DiagnosticCallback):
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> dict[str, Any]:
-        device = pl_module.device
-        f64 = torch.float64
-        loss_sum = self._loss_sum.to(device, f64).reshape(1) if self._loss_sum is not None else None
+        grad_params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # pl_module.device is a slow property; the module's tensors say where it lives
+        device = grad_params[0].device if grad_params else pl_module.device
+        loss_sum = self._loss_sum
         loss_count = self._loss_count
         self._loss_sum, self._loss_count = None, 0
 
-        grad_params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         found_inf = _scaler_found_inf(trainer, optimizer)
         scale = _scaler_scale(trainer)
-        # Everything is packed into one float64 vector on the device and read in the step's single transfer:
-        # [loss sum?, scaler skip?, loss scale?, per-gradient norms..., per-parameter/buffer norms...]; the counts,
-        # first/last indices and the global norm are then worked out on the host (no per-step reductions).
-        pieces: list[Tensor] = []
+        # Everything is stacked into one float32 vector on the device (every value is a float32 or an exact
+        # small integer) and read in the step's single transfer: [loss sum?, scaler skip?, loss scale?,
+        # per-gradient norms..., per-parameter/buffer norms...]. The counts, first/last indices and the global norm
+        # are worked out on the host: per step that is one fused norm over the parameters (the gradients' norms are
+        # GradNormMonitor's, when it ran this step), one stack and one transfer.
+        head: list[Tensor] = []
         if loss_sum is not None:
-            pieces.append(loss_sum)
-        scaler_skip = found_inf.to(device, f64).clamp(max=1).reshape(1) if found_inf is not None else None
-        if scaler_skip is not None:
-            pieces.append(scaler_skip)
+            head.append(loss_sum if loss_sum.ndim == 0 else loss_sum.reshape(()))
+        if found_inf is not None:
+            head.append(found_inf.clamp(max=1).reshape(()))
         if scale is not None:
-            pieces.append(scale.to(device, f64).reshape(1))
-        grad_norms = (
-            _norm_vector([p.grad for p in grad_params], device, share=True)  # type: ignore[misc]
-            if found_inf is None and grad_params
-            else None
-        )
-        if grad_norms is not None:
-            pieces.append(grad_norms)
-        param_norms = (
-            _norm_vector([t for _, t in self._checked], device) if self.check_params and self._checked else None
-        )
-        if param_norms is not None:
-            pieces.append(param_norms)
+            head.append(scale.reshape(()))
+        grad_norms = fused_norms([p.grad for p in grad_params], share=True) if found_inf is None else []  # type: ignore[misc]
+        param_norms = fused_norms([t for _, t in self._checked]) if self.check_params and self._checked else []
+        parts = [t if t.device == device else t.to(device) for t in (*head, *grad_norms, *param_norms)]
+        parts = [t if t.dtype == torch.float32 else t.float() for t in parts]
         world = max(1, trainer.world_size)
         shared: Tensor | None = None
+        vector = torch.stack(parts) if parts else None
         if trainer.world_size > 1:  # one all-reduce for the cross-rank decision
+            f64 = torch.float64
             zero = torch.zeros((), dtype=f64, device=device)
+            assert vector is not None or not parts
+            values64 = vector.double() if vector is not None else zero.reshape(1)
+            offset = len(head)
 
-            def bad_count(norms: Tensor | None) -> Tensor:
-                return (~torch.isfinite(norms)).to(f64).sum() if norms is not None else zero
+            def bad_count(first: int, count: int) -> Tensor:
+                if not count:
+                    return zero
+                return (~torch.isfinite(values64[first : first + count])).to(f64).sum()
 
-            local_loss = loss_sum.reshape(()) if loss_sum is not None else zero
+            local_loss = values64[0] if loss_sum is not None else zero
             shared = torch.stack(
                 [
                     local_loss,
                     (~torch.isfinite(local_loss)).to(f64),
-                    bad_count(grad_norms),
-                    bad_count(param_norms),
-                    scaler_skip.reshape(()) if scaler_skip is not None else zero,
+                    bad_count(offset, len(grad_norms)),
+                    bad_count(offset + len(grad_norms), len(param_norms)),
+                    values64[1 if loss_sum is not None else 0] if found_inf is not None else zero,
                 ]
             )
-            pieces.insert(0, reduce(trainer, shared, "sum"))
-        values = torch.cat(pieces).cpu().tolist() if pieces else []  # the step's single device->host transfer
+            shared = reduce(trainer, shared, "sum")
+            values = torch.cat([shared, values64.reshape(-1)]).cpu().tolist()  # the step's single transfer
+        else:
+            values = vector.cpu().tolist() if vector is not None else []  # the step's single device->host transfer
         position = 0
 
         def take(count: int) -> list[float]:
@@ -358,10 +362,10 @@ class NaNGuard(DiagnosticCallback):
 
         reduced = take(5) if shared is not None else None
         local_loss_value = take(1)[0] if loss_sum is not None else 0.0
-        local_skip = take(1)[0] if scaler_skip is not None else 0.0
+        local_skip = take(1)[0] if found_inf is not None else 0.0
         loss_scale = take(1)[0] if scale is not None else math.nan
-        grads_host = take(grad_norms.numel()) if grad_norms is not None else None
-        params_host = take(param_norms.numel()) if param_norms is not None else None
+        grads_host = take(len(grad_norms)) if grad_norms else None
+        params_host = take(len(param_norms)) if param_norms else None
         grad_bad_indices = [i for i, v in enumerate(grads_host) if not math.isfinite(v)] if grads_host else []
         param_bad_indices = [i for i, v in enumerate(params_host) if not math.isfinite(v)] if params_host else []
         local_loss_bad = not math.isfinite(local_loss_value)
@@ -371,11 +375,10 @@ class NaNGuard(DiagnosticCallback):
             loss_total, loss_bad = local_loss_value, float(local_loss_bad)
             grad_bad, param_bad, skip = float(len(grad_bad_indices)), float(len(param_bad_indices)), local_skip
         if grads_host is not None:
-            grad_norm = float(torch.linalg.vector_norm(torch.tensor(grads_host, dtype=f64)))
             grad_first = float(grad_bad_indices[0]) if grad_bad_indices else math.inf
             grad_last = float(grad_bad_indices[-1]) if grad_bad_indices else -1.0
         else:
-            grad_norm = grad_first = grad_last = math.nan
+            grad_first = grad_last = math.nan
         if params_host is not None:
             param_first = float(param_bad_indices[0]) if param_bad_indices else math.inf
         else:
@@ -391,7 +394,7 @@ class NaNGuard(DiagnosticCallback):
             "param_bad": param_bad > 0,
             "scaler_skip": found_inf is not None and skip > 0,
             "scaler": found_inf is not None,
-            "grad_norm": grad_norm,
+            "grad_norms": grads_host,  # the global norm is worked out for a finding only (_forensics)
             "grad_params": grad_params,  # named only for a finding (_forensics)
             "grad_first": grad_first,
             "grad_last": grad_last,
@@ -475,7 +478,11 @@ class NaNGuard(DiagnosticCallback):
         self._log_state(trainer)
 
     def _forensics(self, trainer: pl.Trainer, kind: str, m: dict[str, Any], step: int, lr: float) -> dict[str, Any]:
-        data: dict[str, Any] = {"step": step, "lr": lr, "loss": m["loss"], "grad_norm": m["grad_norm"]}
+        grad_norms = m["grad_norms"]
+        grad_norm = (
+            float(torch.linalg.vector_norm(torch.tensor(grad_norms, dtype=torch.float64))) if grad_norms else math.nan
+        )
+        data: dict[str, Any] = {"step": step, "lr": lr, "loss": m["loss"], "grad_norm": grad_norm}
         names = [self._param_names.get(id(p), "?") for p in m["grad_params"]]
         if m["grad_bad"] and names:
             data["first_nonfinite"] = _name_at(names, m["grad_first"])
@@ -907,14 +914,6 @@ def _nonfinite_summary(tensors: Sequence[Tensor], device: torch.device) -> tuple
     first = torch.where(bad, index, torch.full_like(index, math.inf)).min()
     last = torch.where(bad, index, torch.full_like(index, -1.0)).max()
     return count, first, last, torch.linalg.vector_norm(norms)
-
-
-def _norm_vector(tensors: Sequence[Tensor], device: torch.device, share: bool = False) -> Tensor:
-    """The L2 norm of every tensor (float32, as ``stats.foreach_norms``), as one float64 vector on ``device``."""
-    norms = fused_norms(tensors, share=share)
-    if all(n.device == device for n in norms):
-        return torch.stack(norms).to(torch.float64)
-    return torch.stack([n.to(device, torch.float64) for n in norms])
 
 
 def _name_at(names: Sequence[str], index: float) -> str | None:

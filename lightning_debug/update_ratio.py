@@ -18,6 +18,7 @@ from lightning_debug.grad_norm import (
     _check_float,
     _check_int,
     _round,
+    fused_norms,
     is_measured,
     optimizer_index,
     optimizer_params,
@@ -163,7 +164,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
             return
         weights = [p.detach() for p in params]
         grads = [p.grad for p in params if p.grad is not None]
-        grad_sq = torch.stack(foreach_norms(grads)).double().square().sum() if grads else None
+        grad_sq = torch.stack(fused_norms(grads, share=True)).double().square().sum() if grads else None
         self._pending[index] = _Snapshot(
             step=int(trainer.global_step),
             names=[self._names.get(id(p), f"opt{index}.param{i}") for i, p in enumerate(params)],
