@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce
+from lightning_debug.validation import check_float, check_int
 
 BatchFn = Callable[[Any], Tensor | None]
 
@@ -122,14 +123,14 @@ class DataInspector(DiagnosticCallback):
         target_fn: BatchFn | None = None,
     ) -> None:
         super().__init__(every_n_steps=None)
-        _check_int("num_batches", num_batches, 1)
+        check_int("num_batches", num_batches, 1)
         if num_classes is not None:
-            _check_int("num_classes", num_classes, 2)
-        _check_float("imbalance_ratio", imbalance_ratio, low=1.0)
-        _check_float("max_abs", max_abs, low=0.0)
-        _check_float("center_tol", center_tol, low=0.0)
-        _check_float("max_duplicate_fraction", max_duplicate_fraction, low=0.0, high=1.0)
-        _check_int("grid_size", grid_size, 0)
+            check_int("num_classes", num_classes, 2)
+        check_float("imbalance_ratio", imbalance_ratio, low=1.0)
+        check_float("max_abs", max_abs, low=0.0)
+        check_float("center_tol", center_tol, low=0.0)
+        check_float("max_duplicate_fraction", max_duplicate_fraction, low=0.0, high=1.0)
+        check_int("grid_size", grid_size, 0)
         for name, fn in (("input_fn", input_fn), ("target_fn", target_fn)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"`{name}` must be a callable batch -> Tensor or None, got {fn!r}")
@@ -628,17 +629,3 @@ def _default_target(batch: Any, size: int) -> Tensor | None:
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         return None
     return target
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-
-
-def _check_float(name: str, value: Any, low: float, high: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > low
-    if ok and high is not None:
-        ok = value < high
-    if not ok:
-        accepted = f"in ({low:g}, {high:g})" if high is not None else f"> {low:g}"
-        raise ValueError(f"`{name}` must be a number {accepted}, got {value!r}")

@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.stats import foreach_norms, to_host
+from lightning_debug.validation import check_float
 
 
 class WeightStatsMonitor(DiagnosticCallback):
@@ -88,8 +89,8 @@ class WeightStatsMonitor(DiagnosticCallback):
         check_init: bool = True,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps)
-        _check_float("too_large", too_large, low=1.0)
-        _check_float("too_small", too_small, low=0.0, high=1.0)
+        check_float("too_large", too_large, low=1.0)
+        check_float("too_small", too_small, low=0.0, high=1.0)
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"`patience` must be an integer >= 1, got {patience!r}")
         for name, flag in (("histograms", histograms), ("check_init", check_init)):
@@ -370,12 +371,3 @@ def _std(norm: float, total: float, numel: int) -> float:
         return 0.0 if numel < 2 else math.nan
     mean = total / numel
     return math.sqrt(max(norm * norm - numel * mean * mean, 0.0) / (numel - 1))
-
-
-def _check_float(name: str, value: Any, low: float, high: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > low
-    if ok and high is not None:
-        ok = value < high
-    if not ok:
-        accepted = f"in ({low:g}, {high:g})" if high is not None else f"> {low:g}"
-        raise ValueError(f"`{name}` must be a number {accepted}, got {value!r}")
