@@ -128,6 +128,12 @@ class DiagnosticCallback(Callback):
                 rank_zero_warn(finding.format(), category=UserWarning)
         return finding
 
+    def flush_before_report(self, trainer: pl.Trainer) -> None:
+        """Judge what is still pending before the end-of-run report is written (override).
+
+        Called on rank 0 only, for every lightning_debug callback, also when training raised: no collectives here.
+        """
+
     def summary(self) -> dict[str, Any]:
         """The callback's key numbers for the end-of-run report (override to add some)."""
         return {}
@@ -184,6 +190,8 @@ class DiagnosticCallback(Callback):
         if not callbacks or callbacks[0] is not self or self._report_written or not trainer.is_global_zero:
             return
         self._report_written = True
+        for callback in callbacks:
+            callback.flush_before_report(trainer)
         findings = [finding for cb in callbacks for finding in cb.findings]
         summaries = {_summary_key(cb, callbacks): cb.summary() for cb in callbacks}
         run_report = build_report(findings, status, summaries)

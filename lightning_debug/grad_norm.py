@@ -69,7 +69,11 @@ class GradNormMonitor(DiagnosticCallback):
     - If you already clip by norm, the summary says how often clipping fires; a threshold below the median norm
       rescales nearly every step: that is gradient normalisation, not outlier clipping (info finding).
     - Steps with non-finite gradients (with a GradScaler: the steps it skips for overflow) are counted apart and
-      kept out of every statistic. Acting on them is NaNGuard's job.
+      kept out of every statistic, ``grad_norm.no_grad`` included. Acting on them is NaNGuard's job.
+    - **Sparse gradients** (``nn.Embedding(sparse=True)``) are measured by the norm of their stored values.
+    - **Training raises**: on a single device the unread norms are judged just before the end-of-run report is
+      written, so a spike before the crash reaches it. Under DDP this is skipped: reading them is a collective,
+      and the report is written on rank 0 alone.
 
     Under DDP the gradients agree after the all-reduce; norms are computed on every rank, averaged on measured
     steps (so every rank judges the same numbers) and logged from rank 0. Sharded strategies (FSDP, DeepSpeed)
@@ -99,6 +103,7 @@ class GradNormMonitor(DiagnosticCallback):
     ``grad_norm.spike``          warning   a step's norm >= ``spike_factor`` x the running median
     ``grad_norm.no_grad``        warning   parameters with ``requires_grad=True`` in an optimizer that never
                                            got a gradient, or only zeros, over ``patience`` measured steps
+                                           with finite gradients (also at the end of training)
     ``grad_norm.vanishing``      warning   a weight (>= 2-D) whose gradient RMS stays below
                                            ``vanishing_ratio`` x the largest parameter's for ``patience``
                                            measured steps; ``info`` for 1-D parameters (biases, norms)
@@ -171,6 +176,7 @@ class GradNormMonitor(DiagnosticCallback):
         self._logs: dict[int, _StepLog] = {}
         self._names: dict[int, str] = {}
         self._measured = 0
+        self._finite_measured = 0  # measured steps whose per-parameter gradient norms were all finite
         self._grad_seen: dict[str, bool] = {}  # name -> ever a non-zero gradient
         self._vanishing_run: dict[str, int] = {}  # name -> consecutive measured steps below vanishing_ratio
         self._reported: set[str] = set()  # "check:name" reported once
@@ -219,7 +225,17 @@ class GradNormMonitor(DiagnosticCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer)
         if self._measured:
-            self._judge_no_grad(trainer, final=True)
+            self._judge_no_grad(trainer)
+
+    def flush_before_report(self, trainer: pl.Trainer) -> None:
+        # judge the norms still in the device ring buffer so that a spike before a crash reaches the report.
+        # Single device only: under DDP the flush is a collective (the ranks' norms are averaged) and the report
+        # is written on rank 0 alone.
+        if trainer.world_size == 1:
+            try:
+                self._flush(trainer)
+            except Exception:  # never mask the exception that ended training
+                pass
 
     # ------------------------------------------------------------------ measure (device)
     def _write(
@@ -313,7 +329,7 @@ class GradNormMonitor(DiagnosticCallback):
         numels = [p.numel() for p in params]
         ndims = [p.ndim for p in params]
         self._ingest_params(trainer, names, numels, ndims, host[:count], host[count : 2 * count])
-        self._judge_no_grad(trainer, final=False)
+        self._judge_no_grad(trainer)
         self._log_clip(trainer, index, log)
 
     def _flush(self, trainer: pl.Trainer) -> None:
@@ -372,11 +388,14 @@ class GradNormMonitor(DiagnosticCallback):
         squares: list[float],
         has_grad: list[float],
     ) -> None:
+        finite = all(math.isfinite(sq) for sq in squares)
+        if finite:  # an overflowed (GradScaler-skipped) step says nothing about which parameters get gradients
+            self._finite_measured += 1
         for name, square, got in zip(names, squares, has_grad):
             self._grad_seen[name] = self._grad_seen.get(name, False) or (got > 0 and square > 0)
         scalars = {f"grad_norm/{key}": math.sqrt(sq) for key, sq in self._group(names, squares).items() if sq >= 0}
         self.log_scalars(trainer, {k: v for k, v in scalars.items() if math.isfinite(v)})
-        if not all(math.isfinite(sq) for sq in squares):
+        if not finite:
             return  # a non-finite step says nothing about vanishing layers
         rms = [math.sqrt(sq / max(n, 1)) for sq, n in zip(squares, numels)]
         largest = max(rms, default=0.0)
@@ -457,6 +476,7 @@ class GradNormMonitor(DiagnosticCallback):
             f"orders of magnitude larger than the rest). Meanwhile clip: "
             f"{clip_args} ({clip.get('statistic', 'not enough steps yet')}), or lower the learning rate.",
             {**{k: v for k, v in worst.items()}, "spike_steps": steps, "total_spikes": len(log.spikes), **clip},
+            step=int(worst["step"]),
         )
 
     def _report_nonfinite(self, trainer: pl.Trainer, index: int, log: _StepLog, steps: list[int]) -> None:
@@ -476,6 +496,7 @@ class GradNormMonitor(DiagnosticCallback):
                 "about one per growth interval). They are kept out of the gradient statistics.",
                 "Nothing to do while skipped steps stay rare; if they persist, use bf16-mixed or add NaNGuard.",
                 {"steps": steps[:20], "nonfinite_steps": len(log.nonfinite_steps), "total_steps": total},
+                step=steps[0],
             )
         else:
             self.report(
@@ -488,6 +509,7 @@ class GradNormMonitor(DiagnosticCallback):
                 "Add NaNGuard to skip such steps and back off the learning rate (by 3x), or lower the learning "
                 "rate and clip gradients.",
                 {"steps": steps[:20], "nonfinite_steps": len(log.nonfinite_steps), "total_steps": total},
+                step=steps[0],
             )
 
     def _report_vanishing(self, trainer: pl.Trainer, ndims_by_name: dict[str, int]) -> None:
@@ -527,8 +549,11 @@ class GradNormMonitor(DiagnosticCallback):
                 {"parameters": others, "rms_ratio": {n: ratios[n] for n in others}},
             )
 
-    def _judge_no_grad(self, trainer: pl.Trainer, final: bool) -> None:
-        if "no_grad" in self._reported or (not final and self._measured < self.patience):
+    def _judge_no_grad(self, trainer: pl.Trainer) -> None:
+        # judged only after `patience` measured steps with finite gradients, also at the end of training: at step 0
+        # a zero-initialised final layer gives every earlier layer an exact-zero gradient, and steps a GradScaler
+        # skips for overflow have non-finite norms; neither says a parameter never gets a gradient
+        if "no_grad" in self._reported or self._finite_measured < self.patience:
             return
         missing = [name for name, seen in self._grad_seen.items() if not seen]
         if not missing:
@@ -539,11 +564,12 @@ class GradNormMonitor(DiagnosticCallback):
             "grad_norm.no_grad",
             "warning",
             f"{len(missing)} parameter(s) with requires_grad=True never received a non-zero gradient in "
-            f"{self._measured} measured steps (expected: every optimised parameter gets one): {missing[:20]}.",
+            f"{self._finite_measured} measured steps with finite gradients (expected: every optimised parameter "
+            f"gets one): {missing[:20]}.",
             "Look for a .detach(), torch.no_grad() or .data in the forward path of these parameters, or a branch "
             "that is never used; if they are frozen on purpose set requires_grad_(False) and leave them out of the "
             "optimizer.",
-            {"parameters": missing, "measured_steps": self._measured},
+            {"parameters": missing, "measured_steps": self._measured, "finite_measured_steps": self._finite_measured},
         )
 
     def _report_clip_normalises(self, trainer: pl.Trainer, log: _StepLog, user_clip: float, fraction: float) -> None:
@@ -606,6 +632,7 @@ class GradNormMonitor(DiagnosticCallback):
         return {
             "logs": logs,
             "measured": self._measured,
+            "finite_measured": self._finite_measured,
             "grad_seen": dict(self._grad_seen),
             "vanishing_run": dict(self._vanishing_run),
             "reported": sorted(self._reported),
@@ -624,6 +651,7 @@ class GradNormMonitor(DiagnosticCallback):
             log.spikes = [dict(s) for s in raw.get("spikes", [])]
             self._logs[int(index)] = log
         self._measured = int(state.get("measured", 0))
+        self._finite_measured = int(state.get("finite_measured", self._measured))
         self._grad_seen = {str(k): bool(v) for k, v in state.get("grad_seen", {}).items()}
         self._vanishing_run = {str(k): int(v) for k, v in state.get("vanishing_run", {}).items()}
         self._reported = set(state.get("reported", []))

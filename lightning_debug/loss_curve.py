@@ -20,8 +20,9 @@ class LossCurveMonitor(DiagnosticCallback):
     r"""Checklist items "verify decreasing training loss", "hockey stick", "overfitting" and "regularisation loss".
 
     It reads the loss ``training_step`` returns (``on_train_batch_end``'s ``outputs``: a tensor or a dict with a
-    ``"loss"`` key) into a running sum on the device; on measured steps the window's mean goes to the host in one
-    transfer (reduced across ranks under DDP). The validation metric ``val_metric`` is read from
+    ``"loss"`` key): per step it only keeps a float64 copy of it on the device (one kernel, no host sync); on
+    measured steps the kept losses are summed (non-finite ones left out) and the window's mean goes to the host
+    in one transfer (reduced across ranks under DDP). The validation metric ``val_metric`` is read from
     ``trainer.callback_metrics`` at the end of each validation, next to the mean training loss since the
     previous validation. Judged:
 
@@ -128,9 +129,12 @@ class LossCurveMonitor(DiagnosticCallback):
         self.hockey: dict[str, Any] | None = None
         self._reg_run = 0
         self._reported: set[str] = set()
-        # device-side accumulators (never synced between measured steps)
-        self._window_sum: Tensor | None = None  # [sum of finite losses, count of finite losses]
-        self._epoch_sum: Tensor | None = None
+        # device-side accumulators (never synced between measured steps). Per step only a copy of the loss is kept
+        # (one kernel); the losses are folded into [sum of finite losses, count of finite losses] on measured steps,
+        # at validation and every _FOLD_EVERY losses (bounded memory), a few ops for all of them at once.
+        self._losses: list[Tensor] = []  # detached losses since the last fold
+        self._window_sum: Tensor | None = None  # folded losses since the last measured step
+        self._epoch_sum: Tensor | None = None  # folded losses since the last validation
         self._early: list[Tensor] = []
         self._last_step = -1
         self._no_loss = False
@@ -141,11 +145,11 @@ class LossCurveMonitor(DiagnosticCallback):
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, Tensor) and loss.numel() == 1:
-            value = loss.detach().reshape(()).double()
-            finite = torch.isfinite(value)
-            pair = torch.stack([torch.where(finite, value, torch.zeros_like(value)), finite.double()])
-            self._window_sum = pair if self._window_sum is None else self._window_sum + pair
-            self._epoch_sum = pair if self._epoch_sum is None else self._epoch_sum + pair
+            # the only per-step kernel: a float64 copy (the returned tensor may be reused, e.g. by CUDA graphs)
+            value = loss.detach().to(dtype=torch.float64, copy=True)
+            self._losses.append(value)
+            if len(self._losses) >= _FOLD_EVERY:
+                self._fold()
             if self.hockey is None and self.hockey_steps and len(self._early) < 5 * self.hockey_steps:
                 self._early.append(value)
         elif not self._no_loss:
@@ -174,6 +178,7 @@ class LossCurveMonitor(DiagnosticCallback):
         if not isinstance(val, Tensor):
             return
         device = trainer.strategy.root_device
+        self._fold()
         epoch = self._epoch_sum if self._epoch_sum is not None else torch.zeros(2, dtype=torch.float64, device=device)
         self._epoch_sum = None
         packed = torch.cat([val.detach().reshape(1).double().to(device), epoch.to(device)])
@@ -188,9 +193,21 @@ class LossCurveMonitor(DiagnosticCallback):
         self.log_scalars(trainer, {k: v for k, v in scalars.items() if math.isfinite(v)})
         self._judge_overfitting(trainer, point)
 
+    def _fold(self) -> None:
+        """Add the kept losses' [finite sum, finite count] to the window and epoch accumulators (on the device)."""
+        if not self._losses:
+            return
+        values = torch.cat([v.reshape(1) for v in self._losses])
+        self._losses = []
+        finite = torch.isfinite(values)
+        pair = torch.stack([torch.where(finite, values, torch.zeros_like(values)).sum(), finite.sum().double()])
+        self._window_sum = pair if self._window_sum is None else self._window_sum + pair
+        self._epoch_sum = pair if self._epoch_sum is None else self._epoch_sum + pair
+
     # ------------------------------------------------------------------ measured step: one transfer
     def _measure(self, trainer: pl.Trainer) -> None:
         device = trainer.strategy.root_device
+        self._fold()
         window = self._window_sum if self._window_sum is not None else torch.zeros(2, dtype=torch.float64)
         self._window_sum = None
         metrics = trainer.callback_metrics
@@ -371,6 +388,9 @@ class LossCurveMonitor(DiagnosticCallback):
         self.hockey = state.get("hockey") or ({"status": "resumed"} if self.measurements else None)
         self._reg_run = int(state.get("reg_run", 0))
         self._reported = set(state.get("reported", []))
+
+
+_FOLD_EVERY = 1024  # losses kept between folds: bounds memory when measured steps are far apart
 
 
 def _speed_words(speedup: float) -> str:

@@ -38,7 +38,7 @@ class _Snapshot:
     copies: list[Tensor] | None
     weight_sq: Tensor  # squared norms before the step
     grads_finite: Tensor
-    lr: float
+    lrs: list[float]  # each parameter's param-group learning rate at this step
     delta_sq: Tensor | None = None  # squared norms of the applied update, once the step ran
 
 
@@ -173,7 +173,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
             copies=[w.clone() for w in weights],
             weight_sq=torch.stack(foreach_norms(weights)).double().square(),
             grads_finite=torch.isfinite(grad_sq) if grad_sq is not None else torch.ones((), dtype=torch.bool),
-            lr=float(_group_lr(optimizer, params[0])),
+            lrs=_param_lrs(optimizer, params),
         )
 
     def _post_hook(self, trainer: pl.Trainer, index: int) -> Any:
@@ -293,6 +293,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
                 "their param group has lr=0; if frozen on purpose, set requires_grad_(False) and leave them out "
                 "of the optimizer.",
                 {"parameters": frozen, "measurements": self.patience},
+                step=snapshot.step + 1,
             )
 
     def _report_ratio(self, trainer: pl.Trainer, snapshot: _Snapshot, check: str, names: list[str]) -> None:
@@ -301,27 +302,42 @@ class UpdateRatioMonitor(DiagnosticCallback):
         medians = {name: statistics.median(self._ratios[name]) for name in names}
         overall = statistics.median(medians.values())
         shown = {name: _round(value, 2) for name, value in list(medians.items())[:10]}
+        lr_of = dict(zip(snapshot.names, snapshot.lrs))
+        target = 1e-3 if check == "too_small" else 1e-2
+        # advice per param group: each group's learning rate scaled by what brings its own weights to the target
+        groups: dict[float, list[str]] = {}
+        for name in names:
+            groups.setdefault(lr_of.get(name, math.nan), []).append(name)
+        advice = []
+        suggested: dict[str, float | None] = {}
+        for lr, members in groups.items():
+            factor = target / statistics.median(medians[n] for n in members)
+            for n in members:
+                suggested[n] = _round(lr * factor)
+            which = f" ({members[:5]}{' ...' if len(members) > 5 else ''})" if len(groups) > 1 else ""
+            amount = f"{factor:.3g}x" if check == "too_small" else f"{1 / factor:.3g}x"
+            advice.append(f"{amount}: lr {lr:.3g} -> {lr * factor:.3g}{which}")
+        per_group = "; ".join(advice)
+        single_lr = next(iter(groups)) if len(groups) == 1 else None
         if check == "too_small":
-            target, factor = 1e-3, 1e-3 / overall
             message = (
                 f"Updates are too small: ||Δw||/||w|| stayed below {self.too_small:g} for {self.patience} measurements "
                 f"in a row in {len(names)} weight(s), median {overall:.2g} (10^{math.log10(overall):.1f}); expected "
                 f"~1e-3 (checklist: below 1e-4 the network learns too slowly). {shown}"
             )
             hint = (
-                f"Raise the learning rate about {factor:.3g}x: lr {snapshot.lr:.3g} -> {snapshot.lr * factor:.3g} "
+                f"Raise the learning rate {'of each param group ' if len(groups) > 1 else ''}about {per_group} "
                 f"(brings the ratio to ~{target:g}). If the LR is right, these layers are stuck (saturated "
                 "activations, vanishing gradients): check GradNormMonitor's findings."
             )
         else:
-            target, factor = 1e-2, 1e-2 / overall
             message = (
                 f"Updates are too large: ||Δw||/||w|| stayed above {self.too_large:g} for {self.patience} measurements "
                 f"in a row in {len(names)} weight(s), median {overall:.2g} (10^{math.log10(overall):.1f}); expected "
                 f"~1e-3 to 1e-2: every step rewrites a large part of the weights. {shown}"
             )
             hint = (
-                f"Lower the learning rate about {1 / factor:.3g}x: lr {snapshot.lr:.3g} -> {snapshot.lr * factor:.3g} "
+                f"Lower the learning rate {'of each param group ' if len(groups) > 1 else ''}about {per_group} "
                 f"(brings the ratio to ~{target:g}), or add warm-up / gradient clipping."
             )
         self.report(
@@ -333,24 +349,32 @@ class UpdateRatioMonitor(DiagnosticCallback):
             {
                 "parameters": names,
                 "median_ratio": {n: _round(v) for n, v in medians.items()},
-                "lr": snapshot.lr,
-                "suggested_lr": _round(snapshot.lr * factor),
+                # one param group: its lr and the suggestion; several: None, see the per-parameter entries
+                "lr": single_lr,
+                "suggested_lr": suggested[names[0]] if single_lr is not None else None,
+                "lr_by_parameter": {n: lr_of.get(n, math.nan) for n in names},
+                "suggested_lr_by_parameter": suggested,
             },
+            step=snapshot.step + 1,
         )
 
     def _report_all_frozen(self, trainer: pl.Trainer, snapshot: _Snapshot) -> None:
         if "frozen:*" in self._flagged:
             return
         self._flagged.add("frozen:*")
+        distinct = sorted(set(snapshot.lrs), key=snapshot.lrs.index)
+        lrs = distinct if len(distinct) > 1 else distinct[:1]
+        lrs_text = ", ".join(f"{v:g}" for v in lrs)
         self.report(
             trainer,
             "update_ratio.frozen",
             "warning",
             f"No parameter changed in {self._unchanged_run} measured optimizer steps in a row although gradients "
-            f"were finite (update ratio exactly 0 everywhere; expected ~1e-3). Learning rate now: {snapshot.lr:g}.",
+            f"were finite (update ratio exactly 0 everywhere; expected ~1e-3). Learning rate now: {lrs_text}.",
             "Check the learning rate (lr=0, a scheduler that decays to 0) and whether something skips every step "
             "(NaNGuard, a GradScaler whose scale collapsed).",
-            {"unchanged_steps": self._unchanged_run, "lr": snapshot.lr},
+            {"unchanged_steps": self._unchanged_run, "lr": lrs[0] if len(lrs) == 1 else None, "lrs": lrs},
+            step=snapshot.step + 1,
         )
 
     # ------------------------------------------------------------------ report / resume
@@ -389,9 +413,12 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._flagged = set(state.get("flagged", []))
 
 
-def _group_lr(optimizer: Optimizer, param: nn.Parameter) -> float:
+def _param_lrs(optimizer: Optimizer, params: list[nn.Parameter]) -> list[float]:
+    """Each parameter's learning rate: that of the first param group holding it (NaN if none)."""
+    lr_by_id: dict[int, float] = {}
     for group in optimizer.param_groups:
-        if any(p is param for p in group["params"]):
-            lr = group.get("lr", float("nan"))
-            return float(lr.item()) if isinstance(lr, Tensor) else float(lr)
-    return float("nan")
+        lr = group.get("lr", float("nan"))
+        value = float(lr.item()) if isinstance(lr, Tensor) else float(lr)
+        for param in group["params"]:
+            lr_by_id.setdefault(id(param), value)
+    return [lr_by_id.get(id(p), float("nan")) for p in params]

@@ -15,7 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_debug import zoo
 from lightning_debug.data import DigitsDataModule
-from lightning_debug.grad_norm import GradNormMonitor
+from lightning_debug.grad_norm import GradNormMonitor, fused_norms
+from lightning_debug.loss_curve import LossCurveMonitor
 from lightning_debug.update_ratio import UpdateRatioMonitor
 
 
@@ -238,7 +239,7 @@ def test_ddp_two_processes_agree(tmp_path: Path) -> None:
         import lightning.pytorch as pl
         from lightning_debug import zoo
         from lightning_debug.data import DigitsDataModule
-        from lightning_debug.grad_norm import GradNormMonitor
+        from lightning_debug.grad_norm import GradNormMonitor, fused_norms
         from lightning_debug.update_ratio import UpdateRatioMonitor
 
         pl.seed_everything(0)
@@ -257,3 +258,88 @@ def test_ddp_two_processes_agree(tmp_path: Path) -> None:
     assert rank0 == rank1
     assert len(rank0["recent"]) == 30 and rank0["clip"] > 0
     assert "grad_norm.no_grad" in rank0["checks"] and "update_ratio.frozen" in rank0["checks"]
+
+
+class SparseEmbedding(pl.LightningModule):
+    """``nn.Embedding(sparse=True)``: SGD gets sparse (COO) gradients, which ``torch._foreach_norm`` rejects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(17, 8, sparse=True)
+        self.head = torch.nn.Linear(64 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.emb(x.long().clamp(0, 16)).flatten(1)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_sparse_gradients_use_the_norm_of_the_stored_values(tmp_path: Path) -> None:
+    grad = GradNormMonitor(every_n_steps=2, min_history=2, window=4)
+    data = DigitsDataModule(batch_size=32, standardize=False)
+    _fit(tmp_path, SparseEmbedding(), data, [grad], max_steps=10)
+    assert grad.summary()["global"]["steps"] == 10 and grad.summary()["global"]["nonfinite_steps"] == 0
+    assert "no_grad" not in grad.summary() and grad.suggested_clip_value is not None
+    model = SparseEmbedding()
+    model(torch.zeros(2, 64)).sum().backward()
+    assert model.emb.weight.grad is not None and model.emb.weight.grad.is_sparse
+    (norm,) = fused_norms([model.emb.weight.grad])
+    dense = torch.linalg.vector_norm(model.emb.weight.grad.to_dense())
+    assert torch.allclose(norm, dense, rtol=1e-6) and norm > 0
+
+
+def test_fp16_overflowed_steps_are_not_missing_gradients(tmp_path: Path) -> None:
+    """GradScaler calibration (init_scale 2**40): the first measured steps overflow; they are no 'no gradient'."""
+    grad = GradNormMonitor(every_n_steps=1)
+    _fit(tmp_path, zoo.DigitsMLP(), DigitsDataModule(batch_size=32), [grad], max_steps=12, plugins=[fp16_cpu_plugin()])
+    assert grad.summary()["global"]["nonfinite_steps"] >= 5  # the calibration steps were measured
+    assert [f.check for f in grad.findings if f.severity == "warning"] == []
+
+
+class ZeroHead(zoo.DigitsMLP):
+    """A zero-initialised final layer: at step 0 every earlier layer's gradient is exactly 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+
+def test_zero_initialised_head_is_not_judged_on_one_measured_step(tmp_path: Path) -> None:
+    grad = GradNormMonitor()  # measures every log_every_n_steps=50: only step 0 in 30 steps
+    _fit(tmp_path, ZeroHead(), DigitsDataModule(batch_size=32), [grad], max_steps=30, log_every_n_steps=50)
+    assert grad.summary()["measured_steps"] == 1
+    assert grad.findings == []
+
+
+class SpikeThenCrash(zoo.DigitsMLP):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_step == 40:
+            raise RuntimeError("user error")
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1000.0 if self.global_step == 25 else loss  # a gradient spike at step 25
+
+
+def test_exception_flushes_unread_norms_into_the_report(tmp_path: Path) -> None:
+    grad = GradNormMonitor()  # measured at step 0 only: the spike sits unread in the ring buffer at the crash
+    first = LossCurveMonitor()  # another callback writes the report, before GradNormMonitor's own hooks run
+    with pytest.raises(RuntimeError, match="user error"):
+        _fit(
+            tmp_path,
+            SpikeThenCrash(),
+            DigitsDataModule(batch_size=32),
+            [first, grad],
+            max_steps=45,
+            log_every_n_steps=50,
+        )
+    (spike,) = [f for f in grad.findings if f.check == "grad_norm.spike"]
+    assert spike.data["spike_steps"][0] == 25
+    assert spike.step == spike.data["step"] < 40  # the step the worst spike was measured at, not the judging step
+    (report,) = list(tmp_path.rglob("report.json"))
+    data = json.loads(report.read_text())
+    assert data["status"].startswith("failed") and [f["check"] for f in data["findings"]] == ["grad_norm.spike"]

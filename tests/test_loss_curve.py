@@ -266,3 +266,37 @@ def test_ddp_averages_the_loss_across_ranks(tmp_path):
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         LossCurveMonitor(**kwargs)
+
+
+def test_unmeasured_steps_do_one_tensor_op(tmp_path):
+    """Per step only a copy of the loss is kept; sums, finiteness and counts wait for the measured steps."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", str(func))
+            if name not in ("numel", "dim", "size"):  # metadata, no kernel
+                self.calls.append(name)
+            return func(*args, **(kwargs or {}))
+
+    class Counting(LossCurveMonitor):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.per_step: list[list[str]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            measured = self.is_measured_step(trainer) or trainer.global_step == 5 * self.hockey_steps
+            with Count() as mode:
+                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            if not measured:
+                self.per_step.append(mode.calls)
+
+    monitor = Counting(every_n_steps=10)
+    fit(tmp_path, DigitsMLP(), monitor, max_epochs=None, max_steps=40)
+    assert len(monitor.per_step) > 20
+    assert max(len(calls) for calls in monitor.per_step) <= 2, monitor.per_step[:3]  # detach + one float64 copy
+    assert monitor.measurements == 4

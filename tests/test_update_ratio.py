@@ -141,3 +141,72 @@ def test_state_survives_checkpoint_and_resume(tmp_path: Path) -> None:
     # the 5th measurement (step 20) completes the restored history of 4: found right after resume
     (finding,) = [f for f in second.findings if f.check == "update_ratio.too_small"]
     assert finding.step == 21
+
+
+class TwoGroups(zoo.DigitsMLP):
+    """The head (first param group) at a sane lr, the hidden layers (second group) at a far too small one."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            [{"params": self.head.parameters(), "lr": 0.05}, {"params": self.layers.parameters(), "lr": 1e-6}], lr=0.05
+        )
+
+
+def test_hint_uses_the_learning_rate_of_the_flagged_parameters_group(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor(every_n_steps=5)
+    _fit(tmp_path, TwoGroups(), [monitor], max_steps=30)
+    (finding,) = [f for f in monitor.findings if f.check == "update_ratio.too_small"]
+    assert "head.weight" not in finding.data["parameters"]
+    assert finding.data["lr"] == 1e-6 and "lr 1e-06 ->" in finding.hint and "lr 0.05" not in finding.hint
+    assert set(finding.data["lr_by_parameter"].values()) == {1e-6}
+    assert 1e-3 < finding.data["suggested_lr"] < 1.0  # ~1e4 x 1e-6
+    assert finding.step == 21  # the 5th measurement (step 20), in effect from step 21
+
+
+class ThreeGroups(zoo.DigitsMLP):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            [
+                {"params": self.layers[0].parameters(), "lr": 1e-5},
+                {"params": self.layers[1].parameters(), "lr": 1e-6},
+                {"params": self.head.parameters(), "lr": 0.05},
+            ],
+            lr=0.05,
+        )
+
+
+def test_hint_gives_advice_per_param_group(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor(every_n_steps=5)
+    _fit(tmp_path, ThreeGroups(), [monitor], max_steps=30)
+    (finding,) = [f for f in monitor.findings if f.check == "update_ratio.too_small"]
+    assert finding.data["lr_by_parameter"] == {"layers.0.weight": 1e-5, "layers.1.weight": 1e-6}
+    assert finding.data["lr"] is None  # several groups: see the per-parameter entries
+    suggested = finding.data["suggested_lr_by_parameter"]
+    assert all(1e-3 < suggested[n] < 1.0 for n in ("layers.0.weight", "layers.1.weight"))
+    assert "lr 1e-05 ->" in finding.hint and "lr 1e-06 ->" in finding.hint
+
+
+class SparseEmbedding(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(17, 8, sparse=True)
+        self.head = torch.nn.Linear(64 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.emb(x.long().clamp(0, 16)).flatten(1)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_sparse_gradients_are_measured(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor(every_n_steps=2)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [monitor], max_steps=10)
+    trainer.fit(SparseEmbedding(), datamodule=DigitsDataModule(batch_size=32, standardize=False))
+    assert monitor._measured == 5 and monitor.skipped_steps == 0
+    assert set(monitor.last_ratios) == {"emb.weight", "head.weight", "head.bias"}
