@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce
 from lightning_debug.stats import foreach_norms, to_host
+from lightning_debug.validation import check_float, check_int
 
 GroupBy = Literal["parameter", "module"]
 GROUP_BY: tuple[str, ...] = ("parameter", "module")
@@ -153,15 +154,15 @@ class GradNormMonitor(DiagnosticCallback):
         super().__init__(every_n_steps=every_n_steps)
         if group_by not in GROUP_BY:
             raise ValueError(f"`group_by` must be one of {GROUP_BY}, got {group_by!r}")
-        _check_int("window", window, 2)
-        _check_int("min_history", min_history, 1)
-        _check_int("patience", patience, 1)
-        _check_int("history_size", history_size, 1)
+        check_int("window", window, 2)
+        check_int("min_history", min_history, 1)
+        check_int("patience", patience, 1)
+        check_int("history_size", history_size, 1)
         if min_history > window:
             raise ValueError(f"`min_history` must be <= `window` ({window}), got {min_history!r}")
-        _check_float("spike_factor", spike_factor, low=1.0)
-        _check_float("clip_factor", clip_factor, low=1.0)
-        _check_float("vanishing_ratio", vanishing_ratio, low=0.0, high=1.0)
+        check_float("spike_factor", spike_factor, low=1.0)
+        check_float("clip_factor", clip_factor, low=1.0)
+        check_float("vanishing_ratio", vanishing_ratio, low=0.0, high=1.0)
         if not isinstance(autoclip, bool):
             raise ValueError(f"`autoclip` must be True or False, got {autoclip!r}")
         self.group_by = group_by
@@ -764,17 +765,3 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     if value is None or not math.isfinite(value) or value == 0:
         return value
     return round(value, digits - 1 - math.floor(math.log10(abs(value))))
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-
-
-def _check_float(name: str, value: Any, low: float, high: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > low
-    if ok and high is not None:
-        ok = value < high
-    if not ok:
-        accepted = f"in ({low:g}, {high:g})" if high is not None else f"> {low:g}"
-        raise ValueError(f"`{name}` must be a number {accepted}, got {value!r}")

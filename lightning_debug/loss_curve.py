@@ -14,6 +14,7 @@ from torch import Tensor
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce
 from lightning_debug.stats import to_host
+from lightning_debug.validation import check_float, check_int
 
 
 class LossCurveMonitor(DiagnosticCallback):
@@ -104,14 +105,14 @@ class LossCurveMonitor(DiagnosticCallback):
         reg_ratio: float = 10.0,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps)
-        _check_int("window", window, 2)
-        _check_float("min_decrease", min_decrease, low=0.0, high=1.0)
-        _check_int("hockey_steps", hockey_steps, 0)
-        _check_int("patience", patience, 1)
+        check_int("window", window, 2)
+        check_float("min_decrease", min_decrease, low=0.0, high=1.0)
+        check_int("hockey_steps", hockey_steps, 0)
+        check_int("patience", patience, 1)
         for name, value in (("val_metric", val_metric), ("reg_metric", reg_metric), ("data_metric", data_metric)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"`{name}` must be a non-empty metric name, got {value!r}")
-        _check_float("reg_ratio", reg_ratio, low=0.0)
+        check_float("reg_ratio", reg_ratio, low=0.0)
         self.window = window
         self.min_decrease = float(min_decrease)
         self.hockey_steps = hockey_steps
@@ -403,17 +404,3 @@ def _metric(metrics: Mapping[str, Any], name: str) -> Tensor | None:
         if isinstance(value, Tensor) and value.numel() == 1:
             return value
     return None
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-
-
-def _check_float(name: str, value: Any, low: float, high: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > low
-    if ok and high is not None:
-        ok = value < high
-    if not ok:
-        accepted = f"in ({low:g}, {high:g})" if high is not None else f"> {low:g}"
-        raise ValueError(f"`{name}` must be a number {accepted}, got {value!r}")

@@ -15,8 +15,6 @@ from torch.optim import Optimizer
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.grad_norm import (
-    _check_float,
-    _check_int,
     _round,
     fused_norms,
     is_measured,
@@ -25,6 +23,7 @@ from lightning_debug.grad_norm import (
     reduce_squares,
 )
 from lightning_debug.stats import foreach_norms, to_host
+from lightning_debug.validation import check_float, check_int
 
 
 @dataclass
@@ -121,11 +120,11 @@ class UpdateRatioMonitor(DiagnosticCallback):
         patience: int = 5,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps)
-        _check_float("too_small", too_small, low=0.0)
-        _check_float("too_large", too_large, low=0.0)
+        check_float("too_small", too_small, low=0.0)
+        check_float("too_large", too_large, low=0.0)
         if too_large <= too_small:
             raise ValueError(f"`too_large` must be greater than `too_small` ({too_small!r}), got {too_large!r}")
-        _check_int("patience", patience, 1)
+        check_int("patience", patience, 1)
         self.too_small = float(too_small)
         self.too_large = float(too_large)
         self.patience = patience
