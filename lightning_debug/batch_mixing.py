@@ -11,14 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_debug.base import DiagnosticCallback
+from lightning_debug.batches import default_input
 from lightning_debug.distributed import reduce
 from lightning_debug.isolation import isolated, probe_loader
 from lightning_debug.stats import to_host
 
 InputFn = Callable[[Any], Tensor]
 ForwardFn = Callable[[pl.LightningModule, Any], Any]
-
-_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "input_ids")
 
 
 class BatchMixingCheck(DiagnosticCallback):
@@ -152,7 +151,7 @@ class BatchMixingCheck(DiagnosticCallback):
             return {"problem": f"the forward pass raised {type(err).__name__}: {err}"}
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> dict[str, Any]:
-        inputs = self.input_fn(batch) if self.input_fn is not None else _default_input(batch)
+        inputs = self.input_fn(batch) if self.input_fn is not None else default_input(batch)
         if not isinstance(inputs, Tensor):
             return {"problem": f"no input tensor found in the batch ({type(batch).__name__}); pass input_fn"}
         if inputs.dim() == 0 or inputs.shape[0] < 2:
@@ -356,18 +355,6 @@ class _EmbeddingProbe:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-
-def _default_input(batch: Any) -> Tensor | None:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in _INPUT_KEYS:
-            if isinstance(batch.get(key), Tensor):
-                return batch[key]
-    return None
 
 
 def _replace(batch: Any, old: Tensor, new: Tensor) -> Any:

@@ -12,12 +12,12 @@ import torch
 from torch import Tensor
 
 from lightning_debug.base import DiagnosticCallback
+from lightning_debug.batches import default_input
 from lightning_debug.distributed import reduce
 from lightning_debug.validation import check_float, check_int
 
 BatchFn = Callable[[Any], Tensor | None]
 
-_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "input_ids")
 _TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 _UNKNOWN_CLASSES = 1024  # label-count bins when num_classes is not given; larger labels are counted apart
 
@@ -183,7 +183,7 @@ class DataInspector(DiagnosticCallback):
 
     # ------------------------------------------------------------------ accumulate (device only)
     def _accumulate(self, batch: Any) -> None:
-        inputs = self.input_fn(batch) if self.input_fn is not None else _default_input(batch)
+        inputs = self.input_fn(batch) if self.input_fn is not None else default_input(batch)
         if not isinstance(inputs, Tensor) or inputs.dim() == 0:
             self._problem = self._problem or f"no input tensor found in the batch ({type(batch).__name__})"
             return
@@ -604,18 +604,6 @@ def _grid_image(images: np.ndarray) -> tuple[np.ndarray, float, float]:
             k
         ]
     return grid, low, high
-
-
-def _default_input(batch: Any) -> Tensor | None:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in _INPUT_KEYS:
-            if isinstance(batch.get(key), Tensor):
-                return batch[key]
-    return None
 
 
 def _default_target(batch: Any, size: int) -> Tensor | None:
