@@ -716,7 +716,8 @@ class NaNGuard(DiagnosticCallback):
         )
 
     # ------------------------------------------------------------------ report / resume
-    def summary(self) -> dict[str, Any]:
+    def _record(self) -> dict[str, Any]:
+        """What NaNGuard did: in the report and in the checkpoint alike."""
         return {
             "lr_scale": self.lr_scale,
             "backoffs": self.backoffs,
@@ -725,26 +726,21 @@ class NaNGuard(DiagnosticCallback):
             "scaler_collapses": self.scaler_collapses,
             "lr_history": list(self.lr_history),
             "first_bad": self.first_bad,
-            "halted_reason": self.halted_reason,
-            "snapshot_bytes": self._snapshot.nbytes() if self._snapshot is not None else 0,
+            "halted_reason": self.halted_reason,  # for the record: a resumed run starts un-halted
         }
+
+    def summary(self) -> dict[str, Any]:
+        return {**self._record(), "snapshot_bytes": self._snapshot.nbytes() if self._snapshot is not None else 0}
 
     def extra_state(self) -> dict[str, Any]:
         return {
-            "lr_scale": self.lr_scale,
-            "backoffs": self.backoffs,
-            "skipped_steps": self.skipped_steps,
-            "rollbacks": self.rollbacks,
-            "scaler_collapses": self.scaler_collapses,
-            "lr_history": list(self.lr_history),
+            **self._record(),
             "bad_steps": list(self.bad_steps),
-            "first_bad": self.first_bad,
             "last_backoff_step": self._last_backoff_step,
             "consecutive_bad": self._consecutive_bad,
             "scaler_consecutive_skips": self._scaler_consecutive_skips,
             "scaler_had_good_step": self._scaler_had_good_step,
             "recent_losses": list(self._recent_losses),
-            "halted_reason": self.halted_reason,  # for the record: a resumed run starts un-halted
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
