@@ -233,8 +233,12 @@ class DiagnosticCallback(Callback):
         Several instances of one class with different arguments can share a checkpoint; resume with the same
         arguments to get a callback's state back.
         """
-        passed = getattr(self, "_init_arguments", {})
-        return self._generate_state_key(**{k: v for k, v in sorted(passed.items()) if _plain(v)})
+        key = self.__dict__.get("_state_key")
+        if key is None:  # Lightning reads it for every hook call: build it once
+            passed = getattr(self, "_init_arguments", {})
+            key = self._generate_state_key(**{k: v for k, v in sorted(passed.items()) if _plain(v)})
+            self.__dict__["_state_key"] = key
+        return key
 
     def extra_state(self) -> dict[str, Any]:
         """State a subclass keeps across checkpoint and resume (override)."""
