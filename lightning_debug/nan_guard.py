@@ -16,8 +16,7 @@ from torch import Tensor
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce
-from lightning_debug.grad_norm import fused_norms
-from lightning_debug.stats import foreach_norms, to_host
+from lightning_debug.stats import foreach_norms, fused_norms, to_host
 
 OnHalt = Literal["stop", "raise"]
 ON_HALT: tuple[str, ...] = ("stop", "raise")

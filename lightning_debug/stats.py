@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -41,11 +41,47 @@ def foreach_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [n for n in norms if n is not None]
 
 
-def global_norm(norms: Sequence[Tensor]) -> Tensor:
-    """The L2 norm of the concatenation, from the per-tensor norms."""
-    stacked = torch.stack([n.to(norms[0].device) for n in norms])
-    return torch.linalg.vector_norm(stacked)
+def fused_norms(tensors: Sequence[Tensor], share: bool = False) -> list[Tensor]:
+    """``foreach_norms(tensors)`` (the same float32 values) with no per-tensor Python work in the common case.
+
+    One device, one float32/float64 dtype, dense tensors (the usual case): a single ``torch._foreach_norm`` under
+    ``no_grad`` instead of one ``detach()`` and one ``float()`` per tensor. Other cases (several devices or dtypes,
+    half precision, sparse gradients) fall back to ``foreach_norms``.
+
+    ``share=True`` memoises the result for the gradients of the current step: GradNormMonitor, NaNGuard and
+    UpdateRatioMonitor all take the norms of the same gradients in the same ``on_before_optimizer_step``, and the
+    gradients are then read once. The memo is reused only for the very same tensor objects (checked through weak
+    references, so it keeps nothing alive) with the same ``_version`` (no in-place change since, e.g. clipping).
+    """
+    if not tensors:
+        return []
+    if share:
+        key = tuple((id(t), t._version) for t in tensors)
+        memo = _NORM_MEMO
+        if memo.key == key and all(ref() is t for ref, t in zip(memo.refs, tensors)):
+            return list(memo.norms)
+    first = tensors[0]
+    device, dtype = first.device, first.dtype
+    strided = torch.strided  # sparse gradients take the general path (foreach_norms handles them)
+    if dtype in (torch.float32, torch.float64) and all(
+        t.device == device and t.dtype == dtype and t.layout == strided for t in tensors
+    ):
+        with torch.no_grad():
+            norms = list(torch._foreach_norm(list(tensors)))
+        if dtype == torch.float64:
+            norms = [n.float() for n in norms]
+    else:
+        norms = foreach_norms(tensors)
+    if share:
+        memo.key, memo.refs, memo.norms = key, [weakref.ref(t) for t in tensors], norms
+    return norms
 
 
-def safe_log10(value: float, floor: float = 1e-30) -> float:
-    return math.log10(max(value, floor)) if math.isfinite(value) else value
+class _NormMemo:
+    def __init__(self) -> None:
+        self.key: tuple[tuple[int, int], ...] | None = None
+        self.refs: list[weakref.ref[Tensor]] = []
+        self.norms: list[Tensor] = []
+
+
+_NORM_MEMO = _NormMemo()

@@ -16,13 +16,12 @@ from torch.optim import Optimizer
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.grad_norm import (
     _round,
-    fused_norms,
     is_measured,
     optimizer_index,
     optimizer_params,
     reduce_squares,
 )
-from lightning_debug.stats import foreach_norms, to_host
+from lightning_debug.stats import foreach_norms, fused_norms, to_host
 from lightning_debug.validation import check_float, check_int
 
 

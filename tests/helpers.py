@@ -95,3 +95,22 @@ def findings_files(root: Path) -> list[Path]:
 
 def all_findings(root: Path) -> list[dict[str, Any]]:
     return [row for path in findings_files(root) for row in read_jsonl(path)]
+
+
+class SparseEmbedding(pl.LightningModule):
+    """Pixels (0..16) as tokens through ``nn.Embedding(sparse=True)``: SGD gets sparse (COO) gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(17, 8, sparse=True)
+        self.head = torch.nn.Linear(64 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.emb(x.long().clamp(0, 16)).flatten(1)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)

@@ -10,13 +10,14 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
+from helpers import SparseEmbedding, assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_debug import zoo
 from lightning_debug.data import DigitsDataModule
-from lightning_debug.grad_norm import GradNormMonitor, fused_norms
+from lightning_debug.grad_norm import GradNormMonitor
 from lightning_debug.loss_curve import LossCurveMonitor
+from lightning_debug.stats import fused_norms
 from lightning_debug.update_ratio import UpdateRatioMonitor
 
 
@@ -239,7 +240,8 @@ def test_ddp_two_processes_agree(tmp_path: Path) -> None:
         import lightning.pytorch as pl
         from lightning_debug import zoo
         from lightning_debug.data import DigitsDataModule
-        from lightning_debug.grad_norm import GradNormMonitor, fused_norms
+        from lightning_debug.grad_norm import GradNormMonitor
+        from lightning_debug.stats import fused_norms
         from lightning_debug.update_ratio import UpdateRatioMonitor
 
         pl.seed_everything(0)
@@ -258,25 +260,6 @@ def test_ddp_two_processes_agree(tmp_path: Path) -> None:
     assert rank0 == rank1
     assert len(rank0["recent"]) == 30 and rank0["clip"] > 0
     assert "grad_norm.no_grad" in rank0["checks"] and "update_ratio.frozen" in rank0["checks"]
-
-
-class SparseEmbedding(pl.LightningModule):
-    """``nn.Embedding(sparse=True)``: SGD gets sparse (COO) gradients, which ``torch._foreach_norm`` rejects."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(17, 8, sparse=True)
-        self.head = torch.nn.Linear(64 * 8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.emb(x.long().clamp(0, 16)).flatten(1)))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def test_sparse_gradients_use_the_norm_of_the_stored_values(tmp_path: Path) -> None:

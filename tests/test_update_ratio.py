@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import assert_bit_identical, fp16_cpu_plugin, quiet_trainer, train_state
+from helpers import SparseEmbedding, assert_bit_identical, fp16_cpu_plugin, quiet_trainer, train_state
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_debug import zoo
@@ -184,23 +184,6 @@ def test_hint_gives_advice_per_param_group(tmp_path: Path) -> None:
     suggested = finding.data["suggested_lr_by_parameter"]
     assert all(1e-3 < suggested[n] < 1.0 for n in ("layers.0.weight", "layers.1.weight"))
     assert "lr 1e-05 ->" in finding.hint and "lr 1e-06 ->" in finding.hint
-
-
-class SparseEmbedding(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(17, 8, sparse=True)
-        self.head = torch.nn.Linear(64 * 8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.emb(x.long().clamp(0, 16)).flatten(1)))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def test_sparse_gradients_are_measured(tmp_path: Path) -> None:
