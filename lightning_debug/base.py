@@ -90,6 +90,12 @@ class DiagnosticCallback(Callback):
         """Whether the optimizer step about to happen (``trainer.global_step``) is a measured one."""
         return trainer.global_step % self.measure_interval(trainer) == 0
 
+    def is_measured_optimizer_step(self, trainer: pl.Trainer, optimizer_steps: int) -> bool:
+        """:meth:`is_measured_step` for one optimizer; with several, each optimizer counts its own steps."""
+        if len(trainer.optimizers) <= 1:
+            return self.is_measured_step(trainer)
+        return optimizer_steps % self.measure_interval(trainer) == 0
+
     # ------------------------------------------------------------------ findings
     def report(
         self,

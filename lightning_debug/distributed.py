@@ -38,3 +38,16 @@ def all_ranks(trainer: pl.Trainer, flag: bool) -> bool:
     if trainer.world_size <= 1:
         return bool(flag)
     return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=True))
+
+
+def is_sharded(trainer: pl.Trainer) -> bool:
+    """Whether parameters are sharded across ranks (FSDP, DeepSpeed): norms then combine as sums of squares."""
+    name = type(trainer.strategy).__name__.lower()
+    return "fsdp" in name or "deepspeed" in name
+
+
+def reduce_squares(trainer: pl.Trainer, squares: Tensor) -> Tensor:
+    """Combine squared norms across ranks: summed over shards (FSDP), else averaged (equal after DDP's all-reduce)."""
+    if trainer.world_size <= 1:
+        return squares
+    return reduce(trainer, squares, "sum" if is_sharded(trainer) else "mean")

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_debug.base import DiagnosticCallback
-from lightning_debug.distributed import reduce
-from lightning_debug.stats import fused_norms, to_host
+from lightning_debug.distributed import reduce_squares
+from lightning_debug.optimizers import optimizer_index, optimizer_params
+from lightning_debug.stats import fused_norms, round_significant, to_host
 from lightning_debug.validation import check_float, check_int
 
 GroupBy = Literal["parameter", "module"]
@@ -214,7 +215,7 @@ class GradNormMonitor(DiagnosticCallback):
             if inv_scale is not None:
                 global_sq = global_sq * inv_scale.double().square()
             self._clip(log, grads, global_sq)
-        measured = is_measured(self, trainer, log.optimizer_steps)
+        measured = self.is_measured_optimizer_step(trainer, log.optimizer_steps)
         log.optimizer_steps += 1
         if measured:
             self._measure(trainer, index, log, params, norms, inv_scale)
@@ -431,12 +432,12 @@ class GradNormMonitor(DiagnosticCallback):
         history = list(log.history)
         recent = list(log.recent)
         return {
-            "suggested_clip_value": _round(clip),
+            "suggested_clip_value": round_significant(clip),
             "statistic": f"{self.clip_factor:g} x median of the last {len(recent)} finite global norms",
-            "running_median": _round(statistics.median(recent)),
-            "clipped_fraction_all_steps": _round(sum(n > clip for n in history) / len(history)),
-            "clipped_fraction_recent": _round(sum(n > clip for n in recent) / len(recent)),
-            "trainer_args": f'Trainer(gradient_clip_val={_round(clip)}, gradient_clip_algorithm="norm")',
+            "running_median": round_significant(statistics.median(recent)),
+            "clipped_fraction_all_steps": round_significant(sum(n > clip for n in history) / len(history)),
+            "clipped_fraction_recent": round_significant(sum(n > clip for n in recent) / len(recent)),
+            "trainer_args": f'Trainer(gradient_clip_val={round_significant(clip)}, gradient_clip_algorithm="norm")',
         }
 
     def _user_clip(self, trainer: pl.Trainer) -> float | None:
@@ -524,7 +525,7 @@ class GradNormMonitor(DiagnosticCallback):
             self._reported.add(f"vanishing:{name}")
         weights = [n for n in flagged if ndims_by_name.get(n, 2) >= 2]
         others = [n for n in flagged if n not in weights]
-        ratios = {n: _round(self._last_rms_ratio[n]) for n in flagged}
+        ratios = {n: round_significant(self._last_rms_ratio[n]) for n in flagged}
         if weights:
             self.report(
                 trainer,
@@ -586,8 +587,8 @@ class GradNormMonitor(DiagnosticCallback):
             "info",
             f"gradient_clip_val={user_clip:g} is below the median gradient norm {median:.3g}: clipping fires on "
             f"{fraction:.0%} of steps, so it rescales (normalises) nearly every gradient instead of catching outliers.",
-            f"That acts like a lower learning rate. To clip outliers only, use gradient_clip_val={_round(suggestion)} "
-            f"({self.clip_factor:g} x the running median)."
+            f"That acts like a lower learning rate. To clip outliers only, use "
+            f"gradient_clip_val={round_significant(suggestion)} ({self.clip_factor:g} x the running median)."
             if suggestion
             else "To clip outliers only, set gradient_clip_val a few times above the median norm.",
             {"gradient_clip_val": user_clip, "median": median, "clip_fraction": fraction},
@@ -604,7 +605,7 @@ class GradNormMonitor(DiagnosticCallback):
                 **self._clip_stats(log),
             }
             if log.recent:
-                entry["median_norm"] = _round(statistics.median(log.recent))
+                entry["median_norm"] = round_significant(statistics.median(log.recent))
             out["global" if index == 0 else f"optimizer_{index}"] = entry
         missing = [name for name, seen in self._grad_seen.items() if not seen]
         if missing:
@@ -658,46 +659,6 @@ class GradNormMonitor(DiagnosticCallback):
 
 
 # ---------------------------------------------------------------------- helpers shared with update_ratio.py
-def optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:
-    """Position of ``optimizer`` in ``trainer.optimizers`` (0 when it is not there)."""
-    for index, candidate in enumerate(trainer.optimizers):
-        if candidate is optimizer or getattr(candidate, "_optimizer", None) is optimizer:
-            return index
-    return 0
-
-
-def optimizer_params(optimizer: Optimizer) -> list[nn.Parameter]:
-    """The trainable parameters an optimizer updates, in param-group order, each once."""
-    seen: set[int] = set()
-    params: list[nn.Parameter] = []
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if param.requires_grad and id(param) not in seen:
-                seen.add(id(param))
-                params.append(param)
-    return params
-
-
-def is_measured(callback: DiagnosticCallback, trainer: pl.Trainer, optimizer_steps: int) -> bool:
-    """``is_measured_step`` for one optimizer; with several, each optimizer counts its own steps."""
-    if len(trainer.optimizers) <= 1:
-        return callback.is_measured_step(trainer)
-    return optimizer_steps % callback.measure_interval(trainer) == 0
-
-
-def is_sharded(trainer: pl.Trainer) -> bool:
-    """Whether parameters are sharded across ranks (FSDP, DeepSpeed): norms then combine as sums of squares."""
-    name = type(trainer.strategy).__name__.lower()
-    return "fsdp" in name or "deepspeed" in name
-
-
-def reduce_squares(trainer: pl.Trainer, squares: Tensor) -> Tensor:
-    """Combine squared norms across ranks: summed over shards (FSDP), else averaged (equal after DDP's all-reduce)."""
-    if trainer.world_size <= 1:
-        return squares
-    return reduce(trainer, squares, "sum" if is_sharded(trainer) else "mean")
-
-
 def _inverse_grad_scale(trainer: pl.Trainer, optimizer: Optimizer) -> Tensor | None:
     """1/scale for optimizers that unscale inside ``step`` (their gradients are still scaled in the hook)."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -712,9 +673,3 @@ def _by_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:
     for tensor in tensors:
         groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
     return list(groups.values())
-
-
-def _round(value: float | None, digits: int = 4) -> float | None:
-    if value is None or not math.isfinite(value) or value == 0:
-        return value
-    return round(value, digits - 1 - math.floor(math.log10(abs(value))))

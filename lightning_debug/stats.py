@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 
@@ -85,3 +86,10 @@ class _NormMemo:
 
 
 _NORM_MEMO = _NormMemo()
+
+
+def round_significant(value: float | None, digits: int = 4) -> float | None:
+    """``value`` rounded to ``digits`` significant digits (None, 0 and non-finite values unchanged)."""
+    if value is None or not math.isfinite(value) or value == 0:
+        return value
+    return round(value, digits - 1 - math.floor(math.log10(abs(value))))

@@ -14,14 +14,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_debug.base import DiagnosticCallback
-from lightning_debug.grad_norm import (
-    _round,
-    is_measured,
-    optimizer_index,
-    optimizer_params,
-    reduce_squares,
-)
-from lightning_debug.stats import foreach_norms, fused_norms, to_host
+from lightning_debug.distributed import reduce_squares
+from lightning_debug.optimizers import optimizer_index, optimizer_params
+from lightning_debug.stats import foreach_norms, fused_norms, round_significant, to_host
 from lightning_debug.validation import check_float, check_int
 
 
@@ -153,7 +148,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         index = optimizer_index(trainer, optimizer)
         steps = self._optimizer_steps.get(index, 0)
         self._optimizer_steps[index] = steps + 1
-        if not is_measured(self, trainer, steps):
+        if not self.is_measured_optimizer_step(trainer, steps):
             return
         if index in self._pending:  # the same optimizer stepped twice in one batch: finish the first
             self._finish(trainer, index, self._pending.pop(index))
@@ -299,7 +294,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
             self._flagged.add(f"{check}:{name}")
         medians = {name: statistics.median(self._ratios[name]) for name in names}
         overall = statistics.median(medians.values())
-        shown = {name: _round(value, 2) for name, value in list(medians.items())[:10]}
+        shown = {name: round_significant(value, 2) for name, value in list(medians.items())[:10]}
         lr_of = dict(zip(snapshot.names, snapshot.lrs))
         target = 1e-3 if check == "too_small" else 1e-2
         # advice per param group: each group's learning rate scaled by what brings its own weights to the target
@@ -311,7 +306,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         for lr, members in groups.items():
             factor = target / statistics.median(medians[n] for n in members)
             for n in members:
-                suggested[n] = _round(lr * factor)
+                suggested[n] = round_significant(lr * factor)
             which = f" ({members[:5]}{' ...' if len(members) > 5 else ''})" if len(groups) > 1 else ""
             amount = f"{factor:.3g}x" if check == "too_small" else f"{1 / factor:.3g}x"
             advice.append(f"{amount}: lr {lr:.3g} -> {lr * factor:.3g}{which}")
@@ -346,7 +341,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
             hint,
             {
                 "parameters": names,
-                "median_ratio": {n: _round(v) for n, v in medians.items()},
+                "median_ratio": {n: round_significant(v) for n, v in medians.items()},
                 # one param group: its lr and the suggestion; several: None, see the per-parameter entries
                 "lr": single_lr,
                 "suggested_lr": suggested[names[0]] if single_lr is not None else None,
@@ -380,7 +375,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         judged = {n: statistics.median(h) for n, h in self._ratios.items() if h}
         out: dict[str, Any] = {"measured_steps": self._measured, "skipped_steps": self.skipped_steps}
         if judged:
-            out["median_ratio"] = {n: _round(v, 3) for n, v in judged.items()}
+            out["median_ratio"] = {n: round_significant(v, 3) for n, v in judged.items()}
         frozen = [n for n, changed in self._changed.items() if not changed]
         if frozen:
             out["never_changed"] = frozen
