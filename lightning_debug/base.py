@@ -13,6 +13,7 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
 from lightning_debug.dashboard import write_layout
@@ -151,7 +152,8 @@ class DiagnosticCallback(Callback):
             return
         step = int(trainer.global_step) if step is None else step
         for logger in trainer.loggers:
-            logger.log_metrics(dict(metrics), step=step)
+            if not (isinstance(logger, TensorBoardLogger) and _tensorboard_scalars(logger, metrics, step)):
+                logger.log_metrics(dict(metrics), step=step)
 
     @staticmethod
     def tensorboard(trainer: pl.Trainer) -> Any | None:
@@ -288,3 +290,23 @@ def _finding_markdown(finding: Finding) -> str:
         f"**{finding.severity.upper()}** `{finding.check}` ({finding.source}, step {finding.step})  \n"
         f"{finding.message}  \n**fix:** {finding.hint}"
     )
+
+
+def _tensorboard_scalars(logger: TensorBoardLogger, metrics: Mapping[str, float], step: int) -> bool:
+    """Write ``metrics`` as one TensorBoard event (one ``Summary`` with a value per tag); False if not possible.
+
+    ``TensorBoardLogger.log_metrics`` writes one event per scalar (~30-50 us each: a protobuf event, a queue put and
+    the writer thread's work). One event holding every value of the step is the same on-disk format that
+    ``add_scalar`` writes (``simple_value`` per tag), read by TensorBoard tag by tag, at a fraction of the cost.
+    """
+    get_file_writer = getattr(logger.experiment, "_get_file_writer", None)
+    if get_file_writer is None:
+        return False
+    prefix = getattr(logger, "_prefix", "")
+    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+    values = [
+        Summary.Value(tag=f"{prefix}{join}{tag}" if prefix else tag, simple_value=float(value))
+        for tag, value in metrics.items()
+    ]
+    get_file_writer().add_summary(Summary(value=values), step)
+    return True

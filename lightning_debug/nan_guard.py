@@ -50,10 +50,14 @@ class NaNGuard(DiagnosticCallback):
     1. **Detect.** In ``on_before_optimizer_step`` (after backward, DDP's all-reduce and AMP unscaling,
        before clipping and the update) it checks, fused into one device flag: the loss of the step
        (summed over accumulated micro-batches and all ranks), the gradients (one ``torch._foreach_norm``
-       over all of them; a gradient whose L2 norm overflows float32 counts as non-finite), and with
+       over all of them; a gradient whose L2 norm overflows float32 counts as non-finite). With
        ``check_params`` the parameters and floating-point buffers (e.g. BatchNorm statistics) that the
-       previous update produced. Optionally (``spike_factor``) a loss above ``spike_factor`` times the
-       median of the last ``spike_window`` good losses counts as bad too.
+       previous update produced are checked too, not on every step but where it tells something: on every
+       step whose loss or gradients are non-finite (a non-finite weight the forward reads makes the loss
+       non-finite on the very step a per-step check would have caught it, and is then named and rolled back
+       at once), every ``every_n_steps`` steps (weights no loss reads: unused rows, eval-only buffers), before
+       every snapshot (a snapshot is always finite) and in every checkpoint. Optionally (``spike_factor``) a
+       loss above ``spike_factor`` times the median of the last ``spike_window`` good losses counts as bad too.
     2. **Skip.** A bad step is skipped: ``optimizer.step`` is unwound right after its closure, before the
        optimizer reads anything, so parameters and optimizer state (moments, step counters) are untouched.
        With a GradScaler the scaler's own skip is reused.
@@ -86,9 +90,10 @@ class NaNGuard(DiagnosticCallback):
     takes the same decision (skip, rollback, backoff, halt) in the same order; a NaN in one rank's batch
     reaches the gradients of all ranks through DDP's all-reduce and is skipped everywhere.
 
-    **Cost.** One fused pass over the gradients (none with a GradScaler, whose ``found_inf`` is reused) and
-    with ``check_params`` one over the parameters, and exactly one device→host transfer per optimizer step
-    (the flags), plus one all-reduce under DDP. Snapshots copy to host without a sync (pinned memory on CUDA).
+    **Cost.** Per optimizer step one fused pass over the gradients (shared with GradNormMonitor; none with a
+    GradScaler, whose ``found_inf`` is reused) and exactly one device→host transfer (the flags), plus one
+    all-reduce under DDP. The pass over the parameters runs on measured and bad steps only (see 1.). Snapshots
+    copy to host without a sync (pinned memory on CUDA).
 
     **Checkpoints.** ``on_save_checkpoint`` checks the weights being saved; non-finite weights are replaced by
     the last good snapshot (``nan_guard.checkpoint_replaced``), or saving raises :class:`NaNGuardError` when
@@ -143,7 +148,8 @@ class NaNGuard(DiagnosticCallback):
         rollback_after: roll back after this many consecutive bad steps (>= 1; non-finite weights roll back at once).
         snapshot_every_n_steps: take a snapshot after this many consecutive good steps (>= 1); ``None``
             disables snapshots and rollbacks (and saves their host memory).
-        check_params: also check parameters and floating-point buffers for NaN/Inf every step.
+        check_params: also check parameters and floating-point buffers for NaN/Inf: on bad steps, every
+            ``every_n_steps`` steps, before snapshots (see "Detect").
         spike_factor: treat a loss above this multiple (> 1) of the recent median as bad; ``None`` (default) off.
         spike_window: how many recent good losses form the median (>= 5).
         min_loss_scale: fp16: a GradScaler scale below this (> 0) after a skipped step is a collapse.
@@ -237,6 +243,7 @@ class NaNGuard(DiagnosticCallback):
         self._checked: list[tuple[str, Tensor]] = []
         self._param_names: dict[int, str] = {}
         self._last_loss_scale: float | None = None
+        self._params_due = False  # check the parameters at the next optimizer step (a snapshot found them bad)
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -292,11 +299,21 @@ class NaNGuard(DiagnosticCallback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch optimizer
-        measured = self._measure(trainer, pl_module, optimizer)
+        with_params = self.check_params and bool(self._checked) and (self._params_due or self.is_measured_step(trainer))
+        self._params_due = False
+        measured = self._measure(trainer, pl_module, optimizer, with_params)
+        if self.check_params and self._checked and not with_params and (measured["loss_bad"] or measured["grad_bad"]):
+            # a bad step: were the weights themselves non-finite already? (a collective when the ranks agree it is bad)
+            count, first = self._check_params(trainer)
+            measured["param_bad"], measured["param_first"] = count > 0, first
         self._judge(trainer, pl_module, optimizer, measured)
 
     def _measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        with_params: bool,
     ) -> dict[str, Any]:
         grad_params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         # pl_module.device is a slow property; the module's tensors say where it lives
@@ -309,9 +326,9 @@ class NaNGuard(DiagnosticCallback):
         scale = _scaler_scale(trainer)
         # Everything is stacked into one float32 vector on the device (every value is a float32 or an exact
         # small integer) and read in the step's single transfer: [loss sum?, scaler skip?, loss scale?,
-        # per-gradient norms..., per-parameter/buffer norms...]. The counts, first/last indices and the global norm
-        # are worked out on the host: per step that is one fused norm over the parameters (the gradients' norms are
-        # GradNormMonitor's, when it ran this step), one stack and one transfer.
+        # per-gradient norms..., per-parameter/buffer norms (with_params)...]. The counts, first/last indices and
+        # the global norm are worked out on the host: per step that is one stack and one transfer (the gradients'
+        # norms are GradNormMonitor's, when it ran this step).
         head: list[Tensor] = []
         if loss_sum is not None:
             head.append(loss_sum if loss_sum.ndim == 0 else loss_sum.reshape(()))
@@ -320,7 +337,7 @@ class NaNGuard(DiagnosticCallback):
         if scale is not None:
             head.append(scale.reshape(()))
         grad_norms = fused_norms([p.grad for p in grad_params], share=True) if found_inf is None else []  # type: ignore[misc]
-        param_norms = fused_norms([t for _, t in self._checked]) if self.check_params and self._checked else []
+        param_norms = fused_norms([t for _, t in self._checked]) if with_params else []
         parts = [t if t.device == device else t.to(device) for t in (*head, *grad_norms, *param_norms)]
         parts = [t if t.dtype == torch.float32 else t.float() for t in parts]
         world = max(1, trainer.world_size)
@@ -623,6 +640,9 @@ class NaNGuard(DiagnosticCallback):
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._snapshot is None:
             return
+        if self.check_params and self._checked and self._check_params(trainer)[0] > 0:
+            self._params_due = True  # never snapshot non-finite weights; the next step names them and rolls back
+            return
         self._snapshot.capture(int(trainer.global_step), pl_module, trainer.optimizers, _grad_scaler(trainer))
         self._clean_steps = 0
 
@@ -758,6 +778,13 @@ class NaNGuard(DiagnosticCallback):
         self._recent_losses = deque(state.get("recent_losses", []), maxlen=self.spike_window)
 
     # ------------------------------------------------------------------ helpers
+    def _check_params(self, trainer: pl.Trainer) -> tuple[float, float]:
+        """(non-finite parameters/buffers summed over ranks, index of this rank's first); a collective under DDP."""
+        tensors = [t for _, t in self._checked]
+        count, first, _, _ = _nonfinite_summary(tensors, tensors[0].device)
+        total, first_index = to_host([reduce(trainer, count, "sum"), first])
+        return total, first_index
+
     def _refresh_checked(self, pl_module: pl.LightningModule) -> None:
         named = [*pl_module.named_parameters(), *pl_module.named_buffers()]
         self._checked = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]

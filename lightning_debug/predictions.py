@@ -31,6 +31,9 @@ _EPS = 1e-12
 _OSCILLATING_PROGRESS = 0.5
 # Collapse and stuck are never judged before this many optimizer steps (AMP's GradScaler skips the first ones).
 _MIN_WARMUP_STEPS = 50
+# The images show at most this many rows (examples) and class columns: readable, and cheap to encode.
+IMAGE_MAX_ROWS = 64
+IMAGE_MAX_CLASSES = 64
 
 
 class PredictionDynamicsLogger(DiagnosticCallback):
@@ -84,14 +87,22 @@ class PredictionDynamicsLogger(DiagnosticCallback):
     ``predictions/flips``                       examples whose predicted class changed since the previous log
     ``predictions/output_{mean,std,min,max}``   summary statistics of the output (summary task)
     ``predictions/probabilities`` (image)       rows: examples; columns: classes; colour: probability (viridis);
-                                                framed: the true class; left strip green/red: right/wrong
-    ``predictions/trajectory`` (image)          rows: examples; columns: logs, oldest left; classification: the
+                                                framed: the true class; left strip green/red: right/wrong.
+                                                At most 64 rows (the first examples) and 64 classes (beyond 64:
+                                                the shown rows' true classes, then the most probable, in class
+                                                order)
+    ``predictions/trajectory`` (image)          rows: examples (at most 64); columns: logs, oldest left;
+                                                classification: the
                                                 true-class probability (the top probability without targets);
                                                 regression: (prediction - target) / sigma_y, blue < 0 < red
     ``predictions/vs_target`` (image)           regression: prediction (y axis) against target (x axis); the
                                                 diagonal is a perfect fit
     ``predictions/outputs`` (histogram)         the raw output values (summary task)
     ==========================================  =================================================================
+
+    The scalars are logged at every evaluation; the images (PNG-encoded, the costly part) at the first one,
+    every ``images_every_n_logs``-th one and the last one of the run, since TensorBoard shows only a sample of an
+    image tag's steps anyway and the trajectory image holds the whole history.
 
     Findings (judged on rank 0, each reported once per episode):
 
@@ -127,6 +138,7 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         output_transform: maps the model's output to one tensor (e.g. ``lambda out: out["logits"]``); required
             when the output is not a tensor.
         log_images: log the images (TensorBoard only); the scalars and findings do not depend on it.
+        images_every_n_logs: log the images at every this many evaluations (and the first and last); default 5.
         max_history: how many logs the trajectory image and ``history`` keep (the most recent ones); default 200.
         collapse_fraction: share of the batch predicted as one class that counts as collapse, in (0.5, 1]; 0.9.
         jitter_threshold: jitter (0..1 for classification) above which late training counts as unstable; 0.2.
@@ -157,6 +169,7 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         batch_fn: Callable[[Any], tuple[Any, Tensor | None]] | None = None,
         output_transform: Callable[[Any], Tensor] | None = None,
         log_images: bool = True,
+        images_every_n_logs: int = 5,
         max_history: int = 200,
         collapse_fraction: float = 0.9,
         jitter_threshold: float = 0.2,
@@ -168,7 +181,7 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         super().__init__(every_n_steps=every_n_steps)
         _validate(
             num_examples, task, source, batch_fn, output_transform, max_history, collapse_fraction,
-            jitter_threshold, stuck_threshold, patience, warmup_steps, late_fraction,
+            jitter_threshold, stuck_threshold, patience, warmup_steps, late_fraction, images_every_n_logs,
         )  # fmt: skip
         self.num_examples = num_examples
         self.task = task
@@ -176,6 +189,7 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         self.batch_fn = batch_fn
         self.output_transform = output_transform
         self.log_images = log_images
+        self.images_every_n_logs = images_every_n_logs
         self.max_history = max_history
         self.collapse_fraction = collapse_fraction
         self.jitter_threshold = jitter_threshold
@@ -199,6 +213,8 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         self._device_batch: Any = None
         self._warmup_step = 0
         self._late_step: int | None = None
+        self._evaluations = 0  # evaluations so far, including before a resume (images cadence)
+        self._unlogged_images: Callable[[], None] | None = None  # the last evaluation's images, if not logged
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -242,6 +258,35 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         if self.steps and self.steps[-1] == trainer.global_step:
             return  # gradient accumulation: several batches end at the same optimizer step
         self._evaluate(trainer, trainer.lightning_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_images()
+
+    def flush_before_report(self, trainer: pl.Trainer) -> None:
+        self._flush_images()  # also when training raised: the last predictions are the interesting ones
+
+    def _flush_images(self) -> None:
+        pending, self._unlogged_images = self._unlogged_images, None
+        if pending is not None:
+            pending()
+
+    def _images(self, trainer: pl.Trainer, step: int, images: dict[str, Callable[[], np.ndarray]]) -> None:
+        """Log ``images`` (tag -> renderer) now when this evaluation is due for images, else keep them pending.
+
+        Pending images are always the latest evaluation's: the next evaluation replaces them, and the state they
+        are rendered from (``self.trajectory``) does not change until then.
+        """
+        if not self.log_images or self.tensorboard(trainer) is None:
+            return
+
+        def log() -> None:
+            for tag, render in images.items():
+                self.log_image(trainer, tag, render(), step=step)
+
+        due = (self._evaluations - 1) % self.images_every_n_logs == 0
+        self._unlogged_images = None if due else log
+        if due:
+            log()
 
     # ------------------------------------------------------------------ fixed batch
     def _choose_fixed_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, str | None]:
@@ -315,6 +360,7 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             if self.resolved_task == "regression" and target is not None:
                 self._target_scale = _scale(target.float())
         step = int(trainer.global_step)
+        self._evaluations += 1
         if self.resolved_task == "classification":
             self._measure_classification(trainer, step, output, target)
         elif self.resolved_task == "regression":
@@ -361,9 +407,13 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             metrics["flips"] = float((predicted != self._previous.argmax(dim=1)).sum())
         self._record(step, probs, metrics, trajectory_values)
         self.log_scalars(trainer, {f"predictions/{name}": value for name, value in metrics.items()}, step=step)
-        if self.log_images:
-            self.log_image(trainer, "predictions/probabilities", render_probabilities(probs, labels), step=step)
-            self.log_image(trainer, "predictions/trajectory", render_trajectory(self.trajectory, 0.0, 1.0), step=step)
+        self._images(
+            trainer, step,
+            {
+                "predictions/probabilities": lambda: render_probabilities(probs, labels),
+                "predictions/trajectory": lambda: render_trajectory(self.trajectory, 0.0, 1.0),
+            },
+        )  # fmt: skip
         self._judge(trainer, step, metrics, _collapse_stats(predicted, labels, probs.shape[1], self.collapse_fraction))
 
     def _measure_regression(self, trainer: pl.Trainer, step: int, output: Tensor, target: Tensor | None) -> None:
@@ -379,9 +429,13 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             trajectory_values, low = error.pow(2).mean(dim=1).sqrt(), 0.0
         self._record(step, predictions, metrics, trajectory_values)
         self.log_scalars(trainer, {f"predictions/{name}": value for name, value in metrics.items()}, step=step)
-        if self.log_images:
-            self.log_image(trainer, "predictions/vs_target", render_scatter(targets, predictions), step=step)
-            self.log_image(trainer, "predictions/trajectory", render_trajectory(self.trajectory, low, 2.0), step=step)
+        self._images(
+            trainer, step,
+            {
+                "predictions/vs_target": lambda: render_scatter(targets, predictions),
+                "predictions/trajectory": lambda: render_trajectory(self.trajectory, low, 2.0),
+            },
+        )  # fmt: skip
         self._judge(trainer, step, metrics, None)
 
     def _measure_summary(self, trainer: pl.Trainer, step: int, output: Tensor) -> None:
@@ -399,7 +453,7 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         self._record(step, flat, metrics, None)
         self.log_scalars(trainer, {f"predictions/{name}": value for name, value in metrics.items()}, step=step)
         if self.log_images and finite.numel():
-            self.log_histogram(trainer, "predictions/outputs", finite, step=step)
+            self.log_histogram(trainer, "predictions/outputs", finite, step=step)  # cheap: no image encoding
         self._judge(trainer, step, metrics, None)
 
     def _distance(self, new: Tensor, old: Tensor) -> float:
@@ -556,6 +610,7 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             "recent": list(self._recent),
             "target_scale": self._target_scale,
             "streaks": dict(self._streaks),
+            "evaluations": self._evaluations,
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -572,6 +627,7 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         self._recent = list(state.get("recent", []))
         self._target_scale = float(state.get("target_scale", 1.0))
         self._streaks = {name: int(count) for name, count in state.get("streaks", {}).items()}
+        self._evaluations = int(state.get("evaluations", len(self.steps)))
 
 
 # ---------------------------------------------------------------------- measurement helpers
@@ -767,20 +823,36 @@ def _cell(count: int, target_pixels: int, smallest: int, largest: int) -> int:
     return int(min(largest, max(smallest, target_pixels // max(count, 1))))
 
 
-def render_probabilities(probs: Tensor, labels: Tensor | None) -> np.ndarray:
-    """Rows: examples; columns: classes; a left strip green (right) / red (wrong); the true class framed."""
-    p = probs.numpy()
+def render_probabilities(
+    probs: Tensor, labels: Tensor | None, max_rows: int = IMAGE_MAX_ROWS, max_classes: int = IMAGE_MAX_CLASSES
+) -> np.ndarray:
+    """Rows: examples; columns: classes; a left strip green (right) / red (wrong); the true class framed.
+
+    At most ``max_rows`` rows (the first) and ``max_classes`` columns: with more classes, the shown rows' true
+    classes and then the most probable ones (by their summed probability), kept in class order.
+    """
+    p = probs.numpy()[:max_rows]
+    label_array = labels.numpy()[:max_rows] if labels is not None else None
+    correct = p.argmax(axis=1) == label_array if label_array is not None else None
+    if p.shape[1] > max_classes:
+        ranked = list(dict.fromkeys([*(label_array.tolist() if label_array is not None else []),
+                                     *np.argsort(-p.sum(axis=0), kind="stable").tolist()]))  # fmt: skip
+        shown = np.sort(np.asarray(ranked[:max_classes], dtype=np.int64))
+        if label_array is not None:
+            column = {int(c): i for i, c in enumerate(shown)}
+            label_array = np.asarray([column.get(int(label), -1) for label in label_array], dtype=np.int64)
+        p = p[:, shown]
     rows, classes = p.shape
     ch, cw = _cell(rows, 320, 4, 16), _cell(classes, 320, 2, 24)
     heat = upscale(colormap(p, 0.0, 1.0), ch, cw)
     strip = np.zeros((rows, 1, 3), dtype=np.uint8)
     strip[:] = _GREY
-    if labels is not None:
-        label_array = labels.numpy()
-        correct = p.argmax(axis=1) == label_array
+    if label_array is not None and correct is not None:
         strip[correct], strip[~correct] = _GREEN, _RED
         if ch >= 4 and cw >= 4:
             for row, label in enumerate(label_array):
+                if label < 0:
+                    continue  # a true class beyond the shown columns (more rows' labels than columns)
                 top, left = row * ch, int(label) * cw
                 frame = _WHITE if p[row, int(label)] < 0.5 else _BLACK  # contrast with the cell's colour
                 heat[top, left : left + cw] = heat[top + ch - 1, left : left + cw] = frame
@@ -790,8 +862,8 @@ def render_probabilities(probs: Tensor, labels: Tensor | None) -> np.ndarray:
 
 
 def render_trajectory(trajectory: Sequence[Sequence[float]], low: float, high: float) -> np.ndarray:
-    """Rows: examples; columns: logs (oldest left); diverging colours when ``low < 0``."""
-    values = np.asarray(trajectory, dtype=np.float64).T  # (examples, logs)
+    """Rows: examples (the first ``IMAGE_MAX_ROWS``); columns: logs (oldest left); diverging colours if ``low < 0``."""
+    values = np.asarray(trajectory, dtype=np.float64).T[:IMAGE_MAX_ROWS]  # (examples, logs)
     if values.size == 0:
         values = np.zeros((1, 1))
     colors = _DIVERGING if low < 0 else _VIRIDIS
@@ -837,8 +909,15 @@ def _validate(
     patience: int,
     warmup_steps: int | None,
     late_fraction: float,
+    images_every_n_logs: int,
 ) -> None:
-    for name, value in (("num_examples", num_examples), ("max_history", max_history), ("patience", patience)):
+    positive = (
+        ("num_examples", num_examples),
+        ("max_history", max_history),
+        ("patience", patience),
+        ("images_every_n_logs", images_every_n_logs),
+    )
+    for name, value in positive:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
     if task not in TASKS:

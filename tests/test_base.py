@@ -4,7 +4,8 @@ import lightning.pytorch as pl
 import pytest
 from helpers import quiet_trainer, read_jsonl
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_debug import DiagnosticCallback
 from lightning_debug.data import DigitsDataModule
@@ -75,6 +76,26 @@ def test_scalars_reach_loggers_other_than_tensorboard(tmp_path):
     fit(tmp_path, [StepCounter(every_n_steps=5)], logger=logger)
     text = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     assert "counter/step" in text.splitlines()[0]
+
+
+class ManyScalars(DiagnosticCallback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        step = trainer.global_step
+        self.log_scalars(trainer, {"many/a": float(step), "many/b": -2.0 * step, "many/nan": float("nan")})
+
+
+@pytest.mark.parametrize("prefix", ["", "run1"])
+def test_tensorboard_reads_every_tag_of_a_one_event_write(tmp_path, prefix):
+    logger = TensorBoardLogger(tmp_path, name="tb", prefix=prefix)
+    fit(tmp_path, [ManyScalars()], logger=logger, max_steps=3)
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    name = (lambda tag: f"{prefix}-{tag}") if prefix else (lambda tag: tag)
+    assert {name("many/a"), name("many/b"), name("many/nan")} <= set(events.Tags()["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars(name("many/a"))] == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    assert [(e.step, e.value) for e in events.Scalars(name("many/b"))] == [(0, -0.0), (1, -2.0), (2, -4.0)]
+    assert all(e.value != e.value for e in events.Scalars(name("many/nan")))
 
 
 def test_findings_and_state_survive_checkpoint_and_resume(tmp_path):

@@ -251,6 +251,71 @@ def test_nan_parameter_rolls_back_to_the_last_good_snapshot(tmp_path: Path) -> N
     assert nonfinite.data["nonfinite_param"] == "head.weight"
 
 
+class UnreadBuffer(FaultyMLP):
+    """A float buffer no loss reads (like a running statistic used only in eval): NaN there never reaches the loss."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("eval_only", torch.zeros(3))
+
+
+class PoisonBuffer(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            pl_module.eval_only[1] = NAN
+
+
+def test_nan_in_weights_no_loss_reads_is_caught_on_the_next_measured_step(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model = UnreadBuffer(lr=0.05)
+    guard = NaNGuard(every_n_steps=4, snapshot_every_n_steps=1000)
+    trainer = fit(tmp_path, model, [guard, PoisonBuffer(step=5)], max_steps=10)
+    nonfinite = [f for f in guard.findings if f.check == "nan_guard.nonfinite_param"]
+    assert [(f.step, f.data["nonfinite_param"]) for f in nonfinite] == [(8, "eval_only")]
+    rollback = next(f for f in guard.findings if f.check == "nan_guard.rollback")
+    assert rollback.data["to_step"] == 0
+    assert trainer.global_step == 10 and weights_finite(model)
+
+
+def test_a_snapshot_is_never_taken_of_nan_weights(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model = UnreadBuffer(lr=0.05)
+    guard = NaNGuard(every_n_steps=1000, snapshot_every_n_steps=3)
+    fit(tmp_path, model, [guard, PoisonBuffer(step=4)], max_steps=10)
+    # snapshots at the start and after steps 2 (3 good steps); the one due after step 5 finds the NaN instead:
+    # the next step names it and rolls back to the snapshot before the poison
+    nonfinite = next(f for f in guard.findings if f.check == "nan_guard.nonfinite_param")
+    assert nonfinite.step == 6 and nonfinite.data["nonfinite_param"] == "eval_only"
+    rollback = next(f for f in guard.findings if f.check == "nan_guard.rollback")
+    assert rollback.data["to_step"] == 3
+    assert weights_finite(model)
+
+
+def test_between_measured_steps_only_the_gradients_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_debug.nan_guard as nan_guard_module
+
+    read: list[tuple[int, str]] = []
+    original = nan_guard_module.fused_norms
+
+    def recording(tensors: Any, share: bool = False) -> Any:
+        read.append((trainer_step[0], "grads" if share else "params"))
+        return original(tensors, share=share)
+
+    class Step(Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            trainer_step[0] = trainer.global_step
+
+    trainer_step = [0]
+    monkeypatch.setattr(nan_guard_module, "fused_norms", recording)
+    pl.seed_everything(0)
+    fit(tmp_path, DigitsMLP(), [Step(), NaNGuard(every_n_steps=4, snapshot_every_n_steps=None)], max_steps=9)
+    assert [step for step, kind in read if kind == "params"] == [0, 4, 8]
+    assert [step for step, kind in read if kind == "grads"] == list(range(9))
+
+
 def test_loss_spike_is_skipped_when_enabled(tmp_path: Path) -> None:
     class SpikyMLP(FaultyMLP):
         def training_step(self, batch: Any, batch_idx: int) -> Any:

@@ -143,7 +143,7 @@ def fit_collecting_warnings(trainer: pl.Trainer, model: pl.LightningModule, data
 # ---------------------------------------------------------------------- classification and regression
 def test_classification_run_shows_prediction_images_and_fixed_batch_scalars_in_tensorboard(tmp_path: Path) -> None:
     pl.seed_everything(0)
-    logger = PredictionDynamicsLogger(num_examples=12, every_n_steps=5)
+    logger = PredictionDynamicsLogger(num_examples=12, every_n_steps=5, images_every_n_logs=1)
     trainer = tensorboard_trainer(tmp_path, [logger], limit_train_batches=20, max_epochs=1)
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(batch_size=32))
 
@@ -178,7 +178,7 @@ def test_classification_run_shows_prediction_images_and_fixed_batch_scalars_in_t
 
 def test_regression_run_shows_prediction_vs_target_and_the_error_trajectory(tmp_path: Path) -> None:
     pl.seed_everything(0)
-    logger = PredictionDynamicsLogger(num_examples=16, every_n_steps=5)
+    logger = PredictionDynamicsLogger(num_examples=16, every_n_steps=5, images_every_n_logs=1)
     trainer = tensorboard_trainer(tmp_path, [logger], limit_train_batches=30, max_epochs=1)
     trainer.fit(DigitsRegressor(), datamodule=RegressionDigits(batch_size=32))
 
@@ -408,6 +408,7 @@ def test_mixed_precision_runs_log_finite_predictions(tmp_path: Path, precision: 
         ({"jitter_threshold": 0.0}, "jitter_threshold"),
         ({"stuck_threshold": float("nan")}, "stuck_threshold"),
         ({"patience": True}, "patience"),
+        ({"images_every_n_logs": 0}, "images_every_n_logs"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"late_fraction": -0.1}, "late_fraction"),
     ],
@@ -415,6 +416,41 @@ def test_mixed_precision_runs_log_finite_predictions(tmp_path: Path, precision: 
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs: dict[str, Any], name: str) -> None:
     with pytest.raises(ValueError, match=f"`{name}`"):
         PredictionDynamicsLogger(**kwargs)
+
+
+@pytest.mark.parametrize(("max_steps", "image_steps"), [(40, [0, 25, 40]), (45, [0, 25, 45]), (50, [0, 25, 50])])
+def test_images_are_logged_every_n_logs_and_at_the_end(tmp_path: Path, max_steps: int, image_steps: list[int]) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5, images_every_n_logs=5)
+    trainer = tensorboard_trainer(tmp_path, [logger], max_steps=max_steps, max_epochs=-1)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(batch_size=32))
+    events = read_events(trainer)
+    assert [e.step for e in events.Scalars("predictions/loss")] == list(range(0, max_steps + 1, 5))
+    for tag in ("predictions/probabilities", "predictions/trajectory"):
+        assert [e.step for e in events.Images(tag)] == image_steps
+
+
+def test_images_of_many_classes_and_examples_are_capped_and_keep_the_true_classes() -> None:
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(512, 1000, generator=generator), dim=1)
+    labels = torch.randint(0, 1000, (512,), generator=generator)
+    labels[:3] = torch.tensor([999, 0, 500])
+    probs[:, 700] += 5.0  # one class clearly the most probable everywhere
+    probs /= probs.sum(dim=1, keepdim=True)
+    image = render_probabilities(probs, labels)
+    assert image.shape[0] == 64 * (320 // 64)  # 64 rows of 5-pixel cells
+    shown_columns = (image.shape[1] - 8) // 5  # strip (6) + gap (2), then 64 columns of width 320 // 64
+    assert shown_columns == 64
+    small = render_probabilities(probs[:3, :], labels[:3], max_rows=3, max_classes=4)
+    # 3 rows; columns: the true classes 0, 500, 999 and the most probable 700, in class order
+    assert small.shape[0] == 3 * 16
+    cw = 24  # 4 columns get the widest cells; the strip is as wide, then a 2-pixel gap
+    heat = small[:, cw + 2 :]
+    assert heat.shape[1] == 4 * cw
+    frame_rows = [r * 16 for r in range(3)]
+    frames = ((255, 255, 255), (0, 0, 0))
+    framed = [[c for c in range(4) if tuple(heat[top, c * cw + cw // 2]) in frames] for top in frame_rows]
+    assert framed == [[3], [0], [1]]  # classes 999, 0, 500 sit in columns 3, 0, 1 of [0, 500, 700, 999]
 
 
 def test_renderers_make_readable_uint8_images() -> None:
