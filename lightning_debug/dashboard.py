@@ -11,8 +11,10 @@ LAYOUT: dict[str, dict[str, list[str]]] = {
         "final-layer output std": [r"init_loss/output_std$"],
     },
     "lightning_debug: gradients": {
-        "global gradient norm and suggested clip": [r"grad_norm/global$", r"grad_norm/suggested_clip$"],
-        "per-parameter gradient norm": [r"grad_norm/(?!global$|suggested_clip$|skipped_steps$|clip_fraction$).*"],
+        "global gradient norm and suggested clip": [r"grad_norm/global(_max)?$", r"grad_norm/suggested_clip$"],
+        "per-parameter gradient norm": [
+            r"grad_norm/(?!global(_opt\d+)?(_max)?$|(suggested_clip|skipped_steps|clip_fraction)(_opt\d+)?$).*"
+        ],
         "GradScaler-skipped steps, fraction clipped": [r"grad_norm/skipped_steps$", r"grad_norm/clip_fraction$"],
     },
     "lightning_debug: updates": {

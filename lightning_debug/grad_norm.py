@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce_squares
 from lightning_debug.optimizers import optimizer_index, optimizer_params
-from lightning_debug.stats import fused_norms, round_significant, to_host
+from lightning_debug.stats import grad_norm_vector, round_significant, to_host
 from lightning_debug.validation import check_float, check_int
 
 GroupBy = Literal["parameter", "module"]
@@ -29,14 +29,12 @@ GROUP_BY: tuple[str, ...] = ("parameter", "module")
 class _StepLog:
     """Host-side record of one optimizer's global gradient norms (filled on measured steps)."""
 
-    # ring buffer on the device, one row per step: the per-parameter gradient norms (float32, 0 for a parameter
-    # without a gradient) and, last, the factor they are unscaled by (1 unless a fused optimizer unscales itself)
-    buffer: Tensor | None = None
-    slots: list[Tensor] = field(default_factory=list)  # views of the rows' norm parts: torch.stack(..., out=slot)
-    scaled: bool = False  # a row's last column was ever written (not 1)
-    steps: deque[int] = field(default_factory=deque)  # global_step of every unread buffer entry
-    written: int = 0
-    read: int = 0
+    # the unread steps: (global step, the step's per-gradient norm vector on the device, the factor the norms are
+    # unscaled by or None). The vector is the one shared with NaNGuard (stats.grad_norm_vector): keeping a
+    # reference costs no device work; the global norms are summed up on the device when they are read.
+    unread: list[tuple[int, Tensor, Tensor | None]] = field(default_factory=list)
+    params: list[nn.Parameter] = field(default_factory=list)  # the optimizer's trainable parameters (cached)
+    signature: tuple[int, ...] = ()  # the param groups' sizes the cache was built for
     optimizer_steps: int = 0
     restored: list[tuple[int, float]] = field(default_factory=list)  # unread norms carried by a checkpoint
     recent: deque[float] = field(default_factory=deque)  # the running reference window
@@ -52,9 +50,10 @@ class GradNormMonitor(DiagnosticCallback):
     In ``on_before_optimizer_step`` (after AMP unscaling, before Lightning's gradient clipping) it computes the
     L2 norm of every parameter's gradient with one fused kernel (``torch._foreach_norm``) and their global norm.
 
-    - **Every optimizer step** the global norm is written, on the device, into a ring buffer of
-      ``every_n_steps + 1`` entries: no host sync. On measured steps the whole unread buffer is read in one
-      batched transfer together with the per-parameter norms, so a spike between two measured steps is found.
+    - **Every optimizer step** the per-gradient norms stay on the device (the vector shared with NaNGuard; this
+      monitor keeps a reference, at most ``every_n_steps + 1`` of them): no host sync, no extra kernel. On measured
+      steps the unread steps' global norms are summed on the device and read in one batched transfer together with
+      the per-parameter norms, so every step is judged and a spike between two measured steps is found.
     - **Spikes**: a step whose norm is at least ``spike_factor`` times the running median of the previous
       ``window`` finite norms (judged once ``min_history`` steps were seen). Healthy runs' norms drift 10-100x as
       the loss falls; the running median follows that, and a single step ~10x above it is normal. Measured on
@@ -86,9 +85,11 @@ class GradNormMonitor(DiagnosticCallback):
     ====================================  ====================================================================
     tag                                   meaning
     ====================================  ====================================================================
-    ``grad_norm/global``                  global L2 norm of the gradients, every optimizer step (written on
-                                          measured steps at each step's own index); ``global_opt<i>`` for
-                                          optimizer ``i > 0``
+    ``grad_norm/global``                  global L2 norm of the gradients on measured steps (every step with
+                                          ``log_every_step=True``, written on measured steps at each step's own
+                                          index); ``global_opt<i>`` for optimizer ``i > 0``
+    ``grad_norm/global_max``              the largest global norm since the previous log (every step is
+                                          measured on the device; this shows a spike between two logs)
     ``grad_norm/<param.dotted.name>``     one parameter's gradient norm (``group_by="module"``: one module's),
                                           on measured steps
     ``grad_norm/suggested_clip``          the clip value suggested now (``clip_factor`` x running median)
@@ -123,6 +124,9 @@ class GradNormMonitor(DiagnosticCallback):
         patience: measured steps a vanishing or missing gradient must persist before it is reported.
         autoclip: clip every step at ``clip_factor`` x the running median. **Changes training**; off by default.
         history_size: finite norms kept on the host for the clip fractions.
+        log_every_step: log ``grad_norm/global`` at every optimizer step (one logger write per step, made on the
+            measured steps) instead of at the measured steps with ``grad_norm/global_max``. Spikes are judged on
+            every step either way.
 
     Raises:
         ValueError: if an argument is out of range (the message names it and the accepted values).
@@ -150,6 +154,7 @@ class GradNormMonitor(DiagnosticCallback):
         patience: int = 5,
         autoclip: bool = False,
         history_size: int = 10_000,
+        log_every_step: bool = False,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps)
         if group_by not in GROUP_BY:
@@ -165,6 +170,8 @@ class GradNormMonitor(DiagnosticCallback):
         check_float("vanishing_ratio", vanishing_ratio, low=0.0, high=1.0)
         if not isinstance(autoclip, bool):
             raise ValueError(f"`autoclip` must be True or False, got {autoclip!r}")
+        if not isinstance(log_every_step, bool):
+            raise ValueError(f"`log_every_step` must be True or False, got {log_every_step!r}")
         self.group_by = group_by
         self.window = window
         self.min_history = min_history
@@ -174,6 +181,7 @@ class GradNormMonitor(DiagnosticCallback):
         self.patience = patience
         self.autoclip = autoclip
         self.history_size = history_size
+        self.log_every_step = log_every_step
         self._logs: dict[int, _StepLog] = {}
         self._names: dict[int, str] = {}
         self._measured = 0
@@ -197,28 +205,37 @@ class GradNormMonitor(DiagnosticCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        index = optimizer_index(trainer, optimizer)
+        index = optimizer_index(trainer, optimizer) if len(trainer.optimizers) > 1 else 0
         log = self._logs.get(index)
         if log is None:
             log = self._logs[index] = _StepLog()
-        params = optimizer_params(optimizer)
+        measured = self.is_measured_optimizer_step(trainer, log.optimizer_steps)
+        params = self._params(log, optimizer, refresh=measured)
         if not params:
             return
         grads = [p.grad for p in params if p.grad is not None]
-        norms = fused_norms(grads, share=True)
+        norms = grad_norm_vector(grads)
         inv_scale = _inverse_grad_scale(trainer, optimizer)
-        # the per-step work is one fused norm (shared with NaNGuard) and one stack into the ring buffer; the global
-        # norms of the steps are summed up on the device when they are read
-        self._write(trainer, index, log, params, grads, norms, inv_scale)
+        # the per-step work is the fused norm shared with NaNGuard; this monitor only keeps a reference to it
+        if len(log.unread) > self.measure_interval(trainer):
+            self._flush_log(trainer, index, log)  # cannot happen with one read per interval: read, lose nothing
+        log.unread.append((int(trainer.global_step), norms, inv_scale))
         if self.autoclip and grads:
-            global_sq = torch.stack(norms).double().square().sum()
+            global_sq = norms.double().square().sum()
             if inv_scale is not None:
                 global_sq = global_sq * inv_scale.double().square()
             self._clip(log, grads, global_sq)
-        measured = self.is_measured_optimizer_step(trainer, log.optimizer_steps)
         log.optimizer_steps += 1
         if measured:
             self._measure(trainer, index, log, params, norms, inv_scale)
+
+    @staticmethod
+    def _params(log: _StepLog, optimizer: Optimizer, refresh: bool) -> list[nn.Parameter]:
+        """The optimizer's trainable parameters, re-read on measured steps and when the param groups change size."""
+        signature = tuple(len(group["params"]) for group in optimizer.param_groups)
+        if refresh or signature != log.signature:
+            log.params, log.signature = optimizer_params(optimizer), signature
+        return log.params
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer)
@@ -239,48 +256,6 @@ class GradNormMonitor(DiagnosticCallback):
                 pass
 
     # ------------------------------------------------------------------ measure (device)
-    def _write(
-        self,
-        trainer: pl.Trainer,
-        index: int,
-        log: _StepLog,
-        params: list[nn.Parameter],
-        grads: list[Tensor],
-        norms: list[Tensor],
-        inv_scale: Tensor | None,
-    ) -> None:
-        capacity = self.measure_interval(trainer) + 1
-        width = len(params) + 1
-        device = params[0].device
-        buffer = log.buffer
-        if buffer is None or buffer.shape != (capacity, width) or buffer.device != device:
-            self._flush_log(trainer, index, log)  # size or device changed: read what is there first
-            log.buffer = buffer = torch.ones(capacity, width, dtype=torch.float32, device=device)
-            log.slots = [row[:-1] for row in buffer.unbind()]
-            log.scaled = False
-            log.read = log.written
-        if log.written - log.read >= capacity:  # cannot happen with one read per interval; keep the newest
-            log.read += 1
-            log.steps.popleft()
-        position = log.written % capacity
-        slot = log.slots[position]
-        if len(norms) == len(params):
-            torch.stack(norms, out=slot)
-        elif norms:  # some parameters got no gradient this step: they count 0
-            row: list[Tensor] = [norms[0].new_zeros(())] * len(params)
-            it = iter(norms)
-            for i, param in enumerate(params):
-                if param.grad is not None:
-                    row[i] = next(it)
-            torch.stack(row, out=slot)
-        else:
-            slot.zero_()
-        if inv_scale is not None or log.scaled:
-            buffer[position, -1] = inv_scale if inv_scale is not None else 1.0
-            log.scaled = True
-        log.steps.append(int(trainer.global_step))
-        log.written += 1
-
     def _clip(self, log: _StepLog, grads: list[Tensor], global_sq: Tensor) -> None:
         threshold = self._clip_value(log)
         if threshold is None:
@@ -291,14 +266,23 @@ class GradNormMonitor(DiagnosticCallback):
         for dtype_grads in _by_dtype(grads):
             torch._foreach_mul_(dtype_grads, factor.to(dtype_grads[0].dtype))
 
-    def _unread(self, log: _StepLog) -> Tensor | None:
-        """The squared global gradient norms (float64, on the device) of the steps written since the last read."""
-        if log.buffer is None or log.written == log.read:
+    @staticmethod
+    def _unread(log: _StepLog) -> Tensor | None:
+        """The squared global gradient norms (float64, on the device) of the steps not read yet."""
+        if not log.unread:
             return None
-        capacity = log.buffer.shape[0]
-        positions = torch.arange(log.read, log.written, device=log.buffer.device) % capacity
-        rows = log.buffer.index_select(0, positions).double()
-        return rows[:, :-1].square().sum(dim=1) * rows[:, -1].square()
+        vectors = [vector for _, vector, _ in log.unread]
+        device = vectors[0].device
+        if all(v.shape == vectors[0].shape and v.device == device for v in vectors):
+            squares = torch.stack(vectors).double().square().sum(dim=1)  # one row per step
+        else:  # the set of parameters with a gradient changed between steps
+            squares = torch.stack([v.to(device).double().square().sum() for v in vectors])
+        scales = [scale for _, _, scale in log.unread]
+        if any(scale is not None for scale in scales):
+            one = torch.ones((), dtype=torch.float64, device=device)
+            factors = torch.stack([one if f is None else f.to(device, torch.float64).reshape(()) for f in scales])
+            squares = squares * factors.square()
+        return squares
 
     # ------------------------------------------------------------------ measured step: one transfer
     def _measure(
@@ -307,7 +291,7 @@ class GradNormMonitor(DiagnosticCallback):
         index: int,
         log: _StepLog,
         params: list[nn.Parameter],
-        norms: list[Tensor],
+        norms: Tensor,
         inv_scale: Tensor | None,
     ) -> None:
         device = params[0].device
@@ -315,14 +299,14 @@ class GradNormMonitor(DiagnosticCallback):
         has_grad = torch.zeros(len(params), dtype=torch.float64, device=device)
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
         if with_grad:
-            stacked = torch.stack(norms).double().square()
+            stacked = norms.double().square()
             if inv_scale is not None:
                 stacked = stacked * inv_scale.double().square()
             per_param_sq[with_grad] = stacked
             has_grad[with_grad] = 1.0
         unread = self._unread(log)
-        parts = [per_param_sq, has_grad] + ([unread.double().to(device)] if unread is not None else [])
-        host = to_host(list(reduce_squares(trainer, torch.cat(parts)).unbind()))
+        parts = [per_param_sq, has_grad] + ([unread.to(device)] if unread is not None else [])
+        host = to_host([reduce_squares(trainer, torch.cat(parts))])
         count = len(params)
         self._ingest_steps(trainer, index, log, host[2 * count :])
         self._measured += 1
@@ -341,7 +325,7 @@ class GradNormMonitor(DiagnosticCallback):
         unread = self._unread(log)
         if unread is None and not log.restored:
             return
-        values = [] if unread is None else to_host(list(reduce_squares(trainer, unread.double()).unbind()))
+        values = [] if unread is None else to_host([reduce_squares(trainer, unread)])
         self._ingest_steps(trainer, index, log, values)
         self._log_clip(trainer, index, log)
 
@@ -350,11 +334,12 @@ class GradNormMonitor(DiagnosticCallback):
         """Judge every step since the last read, in order, against the running median before it."""
         entries = list(log.restored)
         log.restored = []
-        entries += [(log.steps.popleft(), math.sqrt(sq) if sq >= 0 else float("nan")) for sq in squares]
-        log.read = log.written
+        entries += [(step, math.sqrt(sq) if sq >= 0 else float("nan")) for (step, _, _), sq in zip(log.unread, squares)]
+        log.unread = []
         tag = "grad_norm/global" if index == 0 else f"grad_norm/global_opt{index}"
         new_spikes: list[dict[str, float]] = []
         new_nonfinite: list[int] = []
+        finite: list[tuple[int, float]] = []
         for step, norm in entries:
             if not math.isfinite(norm):
                 log.nonfinite_steps.append(step)
@@ -373,7 +358,13 @@ class GradNormMonitor(DiagnosticCallback):
             while len(log.history) > self.history_size:
                 log.history.popleft()
             log.finite_steps += 1
-            self.log_scalars(trainer, {tag: norm}, step=step)
+            finite.append((step, norm))
+        if self.log_every_step:
+            for step, norm in finite:
+                self.log_scalars(trainer, {tag: norm}, step=step)
+        elif finite:  # the latest step's norm, and the largest since the last log: a spike between logs shows
+            step, norm = finite[-1]
+            self.log_scalars(trainer, {tag: norm, f"{tag}_max": max(n for _, n in finite)}, step=step)
         del log.nonfinite_steps[:-1000]
         if new_nonfinite:
             self._report_nonfinite(trainer, index, log, new_nonfinite)
@@ -618,9 +609,10 @@ class GradNormMonitor(DiagnosticCallback):
         for index, log in self._logs.items():
             unread = self._unread(log)
             pending = list(log.restored)
-            if unread is not None:  # the device buffer does not travel; its unread steps do (a sync only on save)
-                squares = unread.double().cpu().tolist()
-                pending += [(s, math.sqrt(v) if v >= 0 else float("nan")) for s, v in zip(log.steps, squares)]
+            if unread is not None:  # the device vectors do not travel; their norms do (a sync only on save)
+                squares = unread.cpu().tolist()
+                steps = [step for step, _, _ in log.unread]
+                pending += [(s, math.sqrt(v) if v >= 0 else float("nan")) for s, v in zip(steps, squares)]
             logs[index] = {
                 "pending": [[s, repr(v)] for s, v in pending],
                 "optimizer_steps": log.optimizer_steps,

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce
-from lightning_debug.stats import foreach_norms, fused_norms, to_host
+from lightning_debug.stats import foreach_norms, fused_norms, grad_norm_vector, to_host
 
 OnHalt = Literal["stop", "raise"]
 ON_HALT: tuple[str, ...] = ("stop", "raise")
@@ -336,19 +336,24 @@ class NaNGuard(DiagnosticCallback):
             head.append(found_inf.clamp(max=1).reshape(()))
         if scale is not None:
             head.append(scale.reshape(()))
-        grad_norms = fused_norms([p.grad for p in grad_params], share=True) if found_inf is None else []  # type: ignore[misc]
+        grad_vector = grad_norm_vector([p.grad for p in grad_params]) if found_inf is None and grad_params else None  # type: ignore[misc]
         param_norms = fused_norms([t for _, t in self._checked]) if with_params else []
-        parts = [t if t.device == device else t.to(device) for t in (*head, *grad_norms, *param_norms)]
-        parts = [t if t.dtype == torch.float32 else t.float() for t in parts]
+        head = [t if t.device == device else t.to(device) for t in (*head, *param_norms)]
+        head = [t if t.dtype == torch.float32 else t.float() for t in head]
+        grad_count = 0 if grad_vector is None else len(grad_vector)
         world = max(1, trainer.world_size)
         shared: Tensor | None = None
-        vector = torch.stack(parts) if parts else None
+        if grad_vector is not None:  # the norms shared with GradNormMonitor: one cat, no per-norm work
+            vector: Tensor | None = torch.cat([torch.stack(head), grad_vector]) if head else grad_vector
+        else:
+            vector = torch.stack(head) if head else None
+        # layout: [loss sum?, scaler skip?, loss scale?, per-parameter norms (with_params)..., per-gradient norms...]
+        param_offset = len(head) - len(param_norms)
+        grad_offset = len(head)
         if trainer.world_size > 1:  # one all-reduce for the cross-rank decision
             f64 = torch.float64
             zero = torch.zeros((), dtype=f64, device=device)
-            assert vector is not None or not parts
             values64 = vector.double() if vector is not None else zero.reshape(1)
-            offset = len(head)
 
             def bad_count(first: int, count: int) -> Tensor:
                 if not count:
@@ -360,8 +365,8 @@ class NaNGuard(DiagnosticCallback):
                 [
                     local_loss,
                     (~torch.isfinite(local_loss)).to(f64),
-                    bad_count(offset, len(grad_norms)),
-                    bad_count(offset + len(grad_norms), len(param_norms)),
+                    bad_count(grad_offset, grad_count),
+                    bad_count(param_offset, len(param_norms)),
                     values64[1 if loss_sum is not None else 0] if found_inf is not None else zero,
                 ]
             )
@@ -380,8 +385,8 @@ class NaNGuard(DiagnosticCallback):
         local_loss_value = take(1)[0] if loss_sum is not None else 0.0
         local_skip = take(1)[0] if found_inf is not None else 0.0
         loss_scale = take(1)[0] if scale is not None else math.nan
-        grads_host = take(len(grad_norms)) if grad_norms else None
         params_host = take(len(param_norms)) if param_norms else None
+        grads_host = take(grad_count) if grad_count else None
         grad_bad_indices = [i for i, v in enumerate(grads_host) if not math.isfinite(v)] if grads_host else []
         param_bad_indices = [i for i, v in enumerate(params_host) if not math.isfinite(v)] if params_host else []
         local_loss_bad = not math.isfinite(local_loss_value)

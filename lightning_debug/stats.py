@@ -42,25 +42,15 @@ def foreach_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [n for n in norms if n is not None]
 
 
-def fused_norms(tensors: Sequence[Tensor], share: bool = False) -> list[Tensor]:
+def fused_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     """``foreach_norms(tensors)`` (the same float32 values) with no per-tensor Python work in the common case.
 
     One device, one float32/float64 dtype, dense tensors (the usual case): a single ``torch._foreach_norm`` under
     ``no_grad`` instead of one ``detach()`` and one ``float()`` per tensor. Other cases (several devices or dtypes,
     half precision, sparse gradients) fall back to ``foreach_norms``.
-
-    ``share=True`` memoises the result for the gradients of the current step: GradNormMonitor, NaNGuard and
-    UpdateRatioMonitor all take the norms of the same gradients in the same ``on_before_optimizer_step``, and the
-    gradients are then read once. The memo is reused only for the very same tensor objects (checked through weak
-    references, so it keeps nothing alive) with the same ``_version`` (no in-place change since, e.g. clipping).
     """
     if not tensors:
         return []
-    if share:
-        key = tuple((id(t), t._version) for t in tensors)
-        memo = _NORM_MEMO
-        if memo.key == key and all(ref() is t for ref, t in zip(memo.refs, tensors)):
-            return list(memo.norms)
     first = tensors[0]
     device, dtype = first.device, first.dtype
     strided = torch.strided  # sparse gradients take the general path (foreach_norms handles them)
@@ -69,20 +59,39 @@ def fused_norms(tensors: Sequence[Tensor], share: bool = False) -> list[Tensor]:
     ):
         with torch.no_grad():
             norms = list(torch._foreach_norm(list(tensors)))
-        if dtype == torch.float64:
-            norms = [n.float() for n in norms]
-    else:
-        norms = foreach_norms(tensors)
-    if share:
-        memo.key, memo.refs, memo.norms = key, [weakref.ref(t) for t in tensors], norms
-    return norms
+        return [n.float() for n in norms] if dtype == torch.float64 else norms
+    return foreach_norms(tensors)
+
+
+def grad_norm_vector(grads: Sequence[Tensor]) -> Tensor:
+    """The L2 norm of each gradient as one float32 vector on the first gradient's device, shared within a step.
+
+    GradNormMonitor, NaNGuard and UpdateRatioMonitor all need the norms of the same gradients in the same
+    ``on_before_optimizer_step``: the first caller computes them (one fused norm and one stack), the others get the
+    same vector. It is reused only for the very same tensor objects (checked through weak references, so the memo
+    keeps nothing alive) with the same ``_version`` (any in-place change since, e.g. clipping, recomputes). Callers
+    must not modify the vector.
+    """
+    if not grads:
+        return torch.zeros(0)
+    key = tuple((id(t), t._version) for t in grads)
+    memo = _NORM_MEMO
+    if memo.key == key and all(ref() is t for ref, t in zip(memo.refs, grads)):
+        assert memo.vector is not None
+        return memo.vector
+    device = grads[0].device
+    norms = fused_norms(grads)
+    with torch.no_grad():
+        vector = torch.stack(norms if all(n.device == device for n in norms) else [n.to(device) for n in norms])
+    memo.key, memo.refs, memo.vector = key, [weakref.ref(t) for t in grads], vector
+    return vector
 
 
 class _NormMemo:
     def __init__(self) -> None:
         self.key: tuple[tuple[int, int], ...] | None = None
         self.refs: list[weakref.ref[Tensor]] = []
-        self.norms: list[Tensor] = []
+        self.vector: Tensor | None = None
 
 
 _NORM_MEMO = _NormMemo()

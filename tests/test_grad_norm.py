@@ -326,3 +326,28 @@ def test_exception_flushes_unread_norms_into_the_report(tmp_path: Path) -> None:
     (report,) = list(tmp_path.rglob("report.json"))
     data = json.loads(report.read_text())
     assert data["status"].startswith("failed") and [f["check"] for f in data["findings"]] == ["grad_norm.spike"]
+
+
+@pytest.mark.parametrize("every_step", [False, True])
+def test_global_norm_is_logged_on_measured_steps_with_the_interval_max(tmp_path: Path, every_step: bool) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monitor, applied = GradNormMonitor(every_n_steps=5, log_every_step=every_step), _AppliedNorms()
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _fit(tmp_path, zoo.DigitsMLP(), DigitsDataModule(batch_size=32), [monitor, applied], max_steps=12, logger=logger)
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("grad_norm/global")}
+    if every_step:
+        assert sorted(logged) == list(range(12)) and "grad_norm/global_max" not in events.Tags()["scalars"]
+        assert [logged[s] for s in range(12)] == pytest.approx(applied.norms, rel=1e-5)
+        return
+    # measured at 0, 5 and 10; the steps after the last measured one are read when training ends
+    assert sorted(logged) == [0, 5, 10, 11]
+    assert [logged[s] for s in (0, 5, 10, 11)] == pytest.approx([applied.norms[s] for s in (0, 5, 10, 11)], rel=1e-5)
+    largest = {e.step: e.value for e in events.Scalars("grad_norm/global_max")}
+    intervals = {0: [0], 5: range(1, 6), 10: range(6, 11), 11: [11]}
+    expected = {s: max(applied.norms[i] for i in steps) for s, steps in intervals.items()}
+    assert largest == pytest.approx(expected, rel=1e-5)

@@ -298,18 +298,23 @@ def test_between_measured_steps_only_the_gradients_are_read(tmp_path: Path, monk
     import lightning_debug.nan_guard as nan_guard_module
 
     read: list[tuple[int, str]] = []
-    original = nan_guard_module.fused_norms
+    original_params, original_grads = nan_guard_module.fused_norms, nan_guard_module.grad_norm_vector
 
-    def recording(tensors: Any, share: bool = False) -> Any:
-        read.append((trainer_step[0], "grads" if share else "params"))
-        return original(tensors, share=share)
+    def params_read(tensors: Any) -> Any:
+        read.append((trainer_step[0], "params"))
+        return original_params(tensors)
+
+    def grads_read(tensors: Any) -> Any:
+        read.append((trainer_step[0], "grads"))
+        return original_grads(tensors)
 
     class Step(Callback):
         def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
             trainer_step[0] = trainer.global_step
 
     trainer_step = [0]
-    monkeypatch.setattr(nan_guard_module, "fused_norms", recording)
+    monkeypatch.setattr(nan_guard_module, "fused_norms", params_read)
+    monkeypatch.setattr(nan_guard_module, "grad_norm_vector", grads_read)
     pl.seed_everything(0)
     fit(tmp_path, DigitsMLP(), [Step(), NaNGuard(every_n_steps=4, snapshot_every_n_steps=None)], max_steps=9)
     assert [step for step, kind in read if kind == "params"] == [0, 4, 8]
