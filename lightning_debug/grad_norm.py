@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce_squares
 from lightning_debug.optimizers import optimizer_index, optimizer_params
-from lightning_debug.stats import grad_norm_vector, round_significant, to_host
+from lightning_debug.stats import StepNorms, round_significant, shared_grad_norms, stacked, to_host
 from lightning_debug.validation import check_float, check_int
 
 GroupBy = Literal["parameter", "module"]
@@ -29,10 +29,10 @@ GROUP_BY: tuple[str, ...] = ("parameter", "module")
 class _StepLog:
     """Host-side record of one optimizer's global gradient norms (filled on measured steps)."""
 
-    # the unread steps: (global step, the step's per-gradient norm vector on the device, the factor the norms are
-    # unscaled by or None). The vector is the one shared with NaNGuard (stats.grad_norm_vector): keeping a
+    # the unread steps: (global step, the step's per-gradient norms on the device, the factor the norms are
+    # unscaled by or None). The norms are the ones shared with NaNGuard (stats.shared_grad_norms): keeping a
     # reference costs no device work; the global norms are summed up on the device when they are read.
-    unread: list[tuple[int, Tensor, Tensor | None]] = field(default_factory=list)
+    unread: list[tuple[int, StepNorms, Tensor | None]] = field(default_factory=list)
     params: list[nn.Parameter] = field(default_factory=list)  # the optimizer's trainable parameters (cached)
     signature: tuple[int, ...] = ()  # the param groups' sizes the cache was built for
     optimizer_steps: int = 0
@@ -214,14 +214,14 @@ class GradNormMonitor(DiagnosticCallback):
         if not params:
             return
         grads = [p.grad for p in params if p.grad is not None]
-        norms = grad_norm_vector(grads)
+        norms = shared_grad_norms(grads)
         inv_scale = _inverse_grad_scale(trainer, optimizer)
         # the per-step work is the fused norm shared with NaNGuard; this monitor only keeps a reference to it
         if len(log.unread) > self.measure_interval(trainer):
             self._flush_log(trainer, index, log)  # cannot happen with one read per interval: read, lose nothing
         log.unread.append((int(trainer.global_step), norms, inv_scale))
         if self.autoclip and grads:
-            global_sq = norms.double().square().sum()
+            global_sq = stacked(norms).double().square().sum()
             if inv_scale is not None:
                 global_sq = global_sq * inv_scale.double().square()
             self._clip(log, grads, global_sq)
@@ -271,12 +271,17 @@ class GradNormMonitor(DiagnosticCallback):
         """The squared global gradient norms (float64, on the device) of the steps not read yet."""
         if not log.unread:
             return None
-        vectors = [vector for _, vector, _ in log.unread]
-        device = vectors[0].device
-        if all(v.shape == vectors[0].shape and v.device == device for v in vectors):
-            squares = torch.stack(vectors).double().square().sum(dim=1)  # one row per step
+        steps = [norms for _, norms, _ in log.unread]
+        if not any(steps):
+            return torch.zeros(len(steps), dtype=torch.float64)
+        vectors = [stacked(norms) if norms else None for norms in steps]  # mostly NaNGuard's, already stacked
+        device = next(v for v in vectors if v is not None).device
+        width = vectors[0].shape[0] if vectors[0] is not None else -1
+        if all(v is not None and v.shape[0] == width and v.device == device for v in vectors):
+            squares = torch.stack(vectors).double().square().sum(dim=1)  # type: ignore[arg-type]  # one row per step
         else:  # the set of parameters with a gradient changed between steps
-            squares = torch.stack([v.to(device).double().square().sum() for v in vectors])
+            zero = torch.zeros((), dtype=torch.float64, device=device)
+            squares = torch.stack([zero if v is None else v.to(device).double().square().sum() for v in vectors])
         scales = [scale for _, _, scale in log.unread]
         if any(scale is not None for scale in scales):
             one = torch.ones((), dtype=torch.float64, device=device)
@@ -291,7 +296,7 @@ class GradNormMonitor(DiagnosticCallback):
         index: int,
         log: _StepLog,
         params: list[nn.Parameter],
-        norms: Tensor,
+        norms: StepNorms,
         inv_scale: Tensor | None,
     ) -> None:
         device = params[0].device
@@ -299,10 +304,10 @@ class GradNormMonitor(DiagnosticCallback):
         has_grad = torch.zeros(len(params), dtype=torch.float64, device=device)
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
         if with_grad:
-            stacked = norms.double().square()
+            squares = stacked(norms).double().square()
             if inv_scale is not None:
-                stacked = stacked * inv_scale.double().square()
-            per_param_sq[with_grad] = stacked
+                squares = squares * inv_scale.double().square()
+            per_param_sq[with_grad] = squares
             has_grad[with_grad] = 1.0
         unread = self._unread(log)
         parts = [per_param_sq, has_grad] + ([unread.to(device)] if unread is not None else [])

@@ -146,8 +146,10 @@ class LossCurveMonitor(DiagnosticCallback):
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, Tensor) and loss.numel() == 1:
-            # the only per-step kernel: a float64 copy (the returned tensor may be reused, e.g. by CUDA graphs)
-            value = loss.detach().to(dtype=torch.float64, copy=True)
+            # Automatic optimization hands over a detached clone of the loss, fresh every step: keeping a reference
+            # costs no kernel. Under manual optimization the returned tensor is the user's (it may be reused, e.g.
+            # by CUDA graphs): then a copy, the only per-step kernel.
+            value = loss if pl_module.automatic_optimization else loss.detach().to(dtype=torch.float64, copy=True)
             self._losses.append(value)
             if len(self._losses) >= _FOLD_EVERY:
                 self._fold()
@@ -198,7 +200,7 @@ class LossCurveMonitor(DiagnosticCallback):
         """Add the kept losses' [finite sum, finite count] to the window and epoch accumulators (on the device)."""
         if not self._losses:
             return
-        values = torch.cat([v.reshape(1) for v in self._losses])
+        values = torch.cat([v.reshape(1) for v in self._losses]).double()
         self._losses = []
         finite = torch.isfinite(values)
         pair = torch.stack([torch.where(finite, values, torch.zeros_like(values)).sum(), finite.sum().double()])

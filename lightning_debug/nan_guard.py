@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce
-from lightning_debug.stats import foreach_norms, fused_norms, grad_norm_vector, to_host
+from lightning_debug.stats import StepNorms, foreach_norms, fused_norms, shared_grad_norms, to_host
 
 OnHalt = Literal["stop", "raise"]
 ON_HALT: tuple[str, ...] = ("stop", "raise")
@@ -244,10 +244,12 @@ class NaNGuard(DiagnosticCallback):
         self._param_names: dict[int, str] = {}
         self._last_loss_scale: float | None = None
         self._params_due = False  # check the parameters at the next optimizer step (a snapshot found them bad)
+        self._has_scaler = False  # the run has an enabled GradScaler (read once per run: the plugin is fixed)
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._loss_sum, self._loss_count, self._clean_steps, self._stepped_good = None, 0, 0, False
+        self._has_scaler = _grad_scaler(trainer) is not None
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
         self._refresh_checked(pl_module)
         for optimizer in trainer.optimizers:
@@ -291,7 +293,7 @@ class NaNGuard(DiagnosticCallback):
         value = loss.detach().float()
         if value.ndim:
             value = value.sum()
-        scale = _scaler_scale(trainer)
+        scale = _scaler_scale(trainer) if self._has_scaler else None
         if scale is not None:
             value = value / scale.to(value.device)  # the precision plugin hands us the scaled loss
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
@@ -322,8 +324,8 @@ class NaNGuard(DiagnosticCallback):
         loss_count = self._loss_count
         self._loss_sum, self._loss_count = None, 0
 
-        found_inf = _scaler_found_inf(trainer, optimizer)
-        scale = _scaler_scale(trainer)
+        found_inf = _scaler_found_inf(trainer, optimizer) if self._has_scaler else None
+        scale = _scaler_scale(trainer) if self._has_scaler else None
         # Everything is stacked into one float32 vector on the device (every value is a float32 or an exact
         # small integer) and read in the step's single transfer: [loss sum?, scaler skip?, loss scale?,
         # per-gradient norms..., per-parameter/buffer norms (with_params)...]. The counts, first/last indices and
@@ -336,21 +338,23 @@ class NaNGuard(DiagnosticCallback):
             head.append(found_inf.clamp(max=1).reshape(()))
         if scale is not None:
             head.append(scale.reshape(()))
-        grad_vector = grad_norm_vector([p.grad for p in grad_params]) if found_inf is None and grad_params else None  # type: ignore[misc]
+        grad_norms = shared_grad_norms([p.grad for p in grad_params]) if found_inf is None else StepNorms()  # type: ignore[misc]
         param_norms = fused_norms([t for _, t in self._checked]) if with_params else []
-        head = [t if t.device == device else t.to(device) for t in (*head, *param_norms)]
-        head = [t if t.dtype == torch.float32 else t.float() for t in head]
-        grad_count = 0 if grad_vector is None else len(grad_vector)
-        world = max(1, trainer.world_size)
+        if head or param_norms:  # the loss and flags may live elsewhere or in another dtype: rare, cheap
+            head = [t if t.device == device else t.to(device) for t in (*head, *param_norms)]
+            head = [t if t.dtype == torch.float32 else t.float() for t in head]
+        grad_count = len(grad_norms)
+        world_size = trainer.world_size
+        world = max(1, world_size)
         shared: Tensor | None = None
-        if grad_vector is not None:  # the norms shared with GradNormMonitor: one cat, no per-norm work
-            vector: Tensor | None = torch.cat([torch.stack(head), grad_vector]) if head else grad_vector
-        else:
-            vector = torch.stack(head) if head else None
+        # one stack of everything (the gradient norms are the tensors shared with GradNormMonitor: float32)
+        vector = _stack_on(device, [*head, *grad_norms]) if head or grad_norms else None
+        if grad_norms and grad_norms.stacked is None and vector is not None:
+            grad_norms.stacked = vector[len(head) :]  # GradNormMonitor reads the steps' norms from it: no stack
         # layout: [loss sum?, scaler skip?, loss scale?, per-parameter norms (with_params)..., per-gradient norms...]
         param_offset = len(head) - len(param_norms)
         grad_offset = len(head)
-        if trainer.world_size > 1:  # one all-reduce for the cross-rank decision
+        if world_size > 1:  # one all-reduce for the cross-rank decision
             f64 = torch.float64
             zero = torch.zeros((), dtype=f64, device=device)
             values64 = vector.double() if vector is not None else zero.reshape(1)
@@ -941,6 +945,14 @@ def _nonfinite_summary(tensors: Sequence[Tensor], device: torch.device) -> tuple
     first = torch.where(bad, index, torch.full_like(index, math.inf)).min()
     last = torch.where(bad, index, torch.full_like(index, -1.0)).max()
     return count, first, last, torch.linalg.vector_norm(norms)
+
+
+def _stack_on(device: torch.device, values: list[Tensor]) -> Tensor:
+    """Stack 0-d tensors; the ones on another device (a model spread over several) are moved first."""
+    try:
+        return torch.stack(values)
+    except RuntimeError:
+        return torch.stack([v.to(device) for v in values])
 
 
 def _name_at(names: Sequence[str], index: float) -> str | None:

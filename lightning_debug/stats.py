@@ -63,35 +63,44 @@ def fused_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     return foreach_norms(tensors)
 
 
-def grad_norm_vector(grads: Sequence[Tensor]) -> Tensor:
-    """The L2 norm of each gradient as one float32 vector on the first gradient's device, shared within a step.
+class StepNorms(list):  # type: ignore[type-arg]
+    """One step's gradient norms (0-d float32 tensors), with their stacked vector once some caller made it."""
+
+    stacked: Tensor | None = None
+
+
+def stacked(norms: StepNorms) -> Tensor:
+    """``torch.stack(norms)``, made once per step and shared (NaNGuard hands over the one it transfers)."""
+    if norms.stacked is None:
+        norms.stacked = torch.stack(list(norms))
+    return norms.stacked
+
+
+def shared_grad_norms(grads: Sequence[Tensor]) -> StepNorms:
+    """``fused_norms(grads)``, computed once per step for all callers: the step's gradient norms are shared.
 
     GradNormMonitor, NaNGuard and UpdateRatioMonitor all need the norms of the same gradients in the same
-    ``on_before_optimizer_step``: the first caller computes them (one fused norm and one stack), the others get the
-    same vector. It is reused only for the very same tensor objects (checked through weak references, so the memo
-    keeps nothing alive) with the same ``_version`` (any in-place change since, e.g. clipping, recomputes). Callers
-    must not modify the vector.
+    ``on_before_optimizer_step``: the first caller computes them (one fused norm), the others get the same
+    object. It is reused only for the very same tensor objects (checked through weak references, so the memo keeps
+    nothing alive) with the same ``_version`` (any in-place change since, e.g. clipping, recomputes). Callers must
+    not modify it.
     """
     if not grads:
-        return torch.zeros(0)
+        return StepNorms()
     key = tuple((id(t), t._version) for t in grads)
     memo = _NORM_MEMO
     if memo.key == key and all(ref() is t for ref, t in zip(memo.refs, grads)):
-        assert memo.vector is not None
-        return memo.vector
-    device = grads[0].device
-    norms = fused_norms(grads)
-    with torch.no_grad():
-        vector = torch.stack(norms if all(n.device == device for n in norms) else [n.to(device) for n in norms])
-    memo.key, memo.refs, memo.vector = key, [weakref.ref(t) for t in grads], vector
-    return vector
+        return memo.norms
+    norms = StepNorms(fused_norms(grads))
+    memo.key, memo.refs, memo.norms = key, [weakref.ref(t) for t in grads], norms
+    return norms
 
 
 class _NormMemo:
     def __init__(self) -> None:
         self.key: tuple[tuple[int, int], ...] | None = None
         self.refs: list[weakref.ref[Tensor]] = []
-        self.vector: Tensor | None = None
+        self.norms = StepNorms()
 
 
 _NORM_MEMO = _NormMemo()

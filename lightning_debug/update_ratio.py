@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce_squares
 from lightning_debug.optimizers import optimizer_index, optimizer_params
-from lightning_debug.stats import foreach_norms, grad_norm_vector, round_significant, to_host
+from lightning_debug.stats import foreach_norms, round_significant, shared_grad_norms, stacked, to_host
 from lightning_debug.validation import check_float, check_int
 
 
@@ -157,7 +157,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
             return
         weights = [p.detach() for p in params]
         grads = [p.grad for p in params if p.grad is not None]
-        grad_sq = grad_norm_vector(grads).double().square().sum() if grads else None
+        grad_sq = stacked(shared_grad_norms(grads)).double().square().sum() if grads else None
         self._pending[index] = _Snapshot(
             step=int(trainer.global_step),
             names=[self._names.get(id(p), f"opt{index}.param{i}") for i, p in enumerate(params)],

@@ -351,3 +351,34 @@ def test_global_norm_is_logged_on_measured_steps_with_the_interval_max(tmp_path:
     intervals = {0: [0], 5: range(1, 6), 10: range(6, 11), 11: [11]}
     expected = {s: max(applied.norms[i] for i in steps) for s, steps in intervals.items()}
     assert largest == pytest.approx(expected, rel=1e-5)
+
+
+class _OddStepBranch(zoo.DigitsMLP):
+    """An extra head used on odd steps only: its parameters have a gradient on every other step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = torch.nn.Linear(64, 10)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step % 2:
+            x, y = batch
+            loss = loss + torch.nn.functional.cross_entropy(self.extra(x.flatten(1)), y)
+        return loss
+
+
+def test_global_norms_are_right_when_the_parameters_with_a_gradient_change_between_steps(tmp_path: Path) -> None:
+    monitor, applied = GradNormMonitor(every_n_steps=5, log_every_step=True), _AppliedNorms()
+    _fit(tmp_path, _OddStepBranch(), DigitsDataModule(batch_size=32), [monitor, applied], max_steps=12)
+    assert [n for _, n in _recorded(monitor)] == pytest.approx(applied.norms, rel=1e-5)
+    assert "no_grad" not in monitor.summary()
+
+
+@pytest.mark.parametrize("model", [zoo.DigitsMLP, _OddStepBranch])
+def test_norms_read_from_nan_guards_transfer_vector_are_the_applied_ones(tmp_path: Path, model: Any) -> None:
+    from lightning_debug.nan_guard import NaNGuard
+
+    monitor, applied = GradNormMonitor(every_n_steps=5), _AppliedNorms()
+    _fit(tmp_path, model(), DigitsDataModule(batch_size=32), [monitor, NaNGuard(), applied], max_steps=12)
+    assert [n for _, n in _recorded(monitor)] == pytest.approx(applied.norms, rel=1e-5)

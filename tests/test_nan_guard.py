@@ -298,7 +298,7 @@ def test_between_measured_steps_only_the_gradients_are_read(tmp_path: Path, monk
     import lightning_debug.nan_guard as nan_guard_module
 
     read: list[tuple[int, str]] = []
-    original_params, original_grads = nan_guard_module.fused_norms, nan_guard_module.grad_norm_vector
+    original_params, original_grads = nan_guard_module.fused_norms, nan_guard_module.shared_grad_norms
 
     def params_read(tensors: Any) -> Any:
         read.append((trainer_step[0], "params"))
@@ -314,7 +314,7 @@ def test_between_measured_steps_only_the_gradients_are_read(tmp_path: Path, monk
 
     trainer_step = [0]
     monkeypatch.setattr(nan_guard_module, "fused_norms", params_read)
-    monkeypatch.setattr(nan_guard_module, "grad_norm_vector", grads_read)
+    monkeypatch.setattr(nan_guard_module, "shared_grad_norms", grads_read)
     pl.seed_everything(0)
     fit(tmp_path, DigitsMLP(), [Step(), NaNGuard(every_n_steps=4, snapshot_every_n_steps=None)], max_steps=9)
     assert [step for step, kind in read if kind == "params"] == [0, 4, 8]
