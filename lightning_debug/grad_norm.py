@@ -274,20 +274,25 @@ class GradNormMonitor(DiagnosticCallback):
         steps = [norms for _, norms, _ in log.unread]
         if not any(steps):
             return torch.zeros(len(steps), dtype=torch.float64)
-        vectors = [stacked(norms) if norms else None for norms in steps]  # mostly NaNGuard's, already stacked
+        width = len(steps[0])
+        sources = [norms.source for norms in steps]
+        first = sources[0]
+        if first is not None and all(
+            source is not None and len(norms) == width and source[1] == first[1] and source[0].shape == first[0].shape
+            for norms, source in zip(steps, sources)
+        ):  # every step's norms sit at the same place of NaNGuard's transfer vectors: one stack, one slice
+            offset = first[1]
+            rows = torch.stack([source[0] for source in sources if source is not None])[:, offset : offset + width]
+            squares = rows.double().square().sum(dim=1)
+            return _unscaled(log, squares)
+        vectors = [stacked(norms) if norms else None for norms in steps]
         device = next(v for v in vectors if v is not None).device
-        width = vectors[0].shape[0] if vectors[0] is not None else -1
         if all(v is not None and v.shape[0] == width and v.device == device for v in vectors):
             squares = torch.stack(vectors).double().square().sum(dim=1)  # type: ignore[arg-type]  # one row per step
         else:  # the set of parameters with a gradient changed between steps
             zero = torch.zeros((), dtype=torch.float64, device=device)
             squares = torch.stack([zero if v is None else v.to(device).double().square().sum() for v in vectors])
-        scales = [scale for _, _, scale in log.unread]
-        if any(scale is not None for scale in scales):
-            one = torch.ones((), dtype=torch.float64, device=device)
-            factors = torch.stack([one if f is None else f.to(device, torch.float64).reshape(()) for f in scales])
-            squares = squares * factors.square()
-        return squares
+        return _unscaled(log, squares)
 
     # ------------------------------------------------------------------ measured step: one transfer
     def _measure(
@@ -653,6 +658,17 @@ class GradNormMonitor(DiagnosticCallback):
         self._grad_seen = {str(k): bool(v) for k, v in state.get("grad_seen", {}).items()}
         self._vanishing_run = {str(k): int(v) for k, v in state.get("vanishing_run", {}).items()}
         self._reported = set(state.get("reported", []))
+
+
+def _unscaled(log: _StepLog, squares: Tensor) -> Tensor:
+    """``squares`` times each unread step's squared unscaling factor (fused optimizers that unscale themselves)."""
+    device = squares.device
+    scales = [scale for _, _, scale in log.unread]
+    if any(scale is not None for scale in scales):
+        one = torch.ones((), dtype=torch.float64, device=device)
+        factors = torch.stack([one if f is None else f.to(device, torch.float64).reshape(()) for f in scales])
+        squares = squares * factors.square()
+    return squares
 
 
 # ---------------------------------------------------------------------- helpers shared with update_ratio.py

@@ -349,8 +349,8 @@ class NaNGuard(DiagnosticCallback):
         shared: Tensor | None = None
         # one stack of everything (the gradient norms are the tensors shared with GradNormMonitor: float32)
         vector = _stack_on(device, [*head, *grad_norms]) if head or grad_norms else None
-        if grad_norms and grad_norms.stacked is None and vector is not None:
-            grad_norms.stacked = vector[len(head) :]  # GradNormMonitor reads the steps' norms from it: no stack
+        if grad_norms and grad_norms.stacked is None and grad_norms.source is None and vector is not None:
+            grad_norms.source = (vector, len(head))  # GradNormMonitor reads the steps' norms from it: no stack
         # layout: [loss sum?, scaler skip?, loss scale?, per-parameter norms (with_params)..., per-gradient norms...]
         param_offset = len(head) - len(param_norms)
         grad_offset = len(head)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -245,6 +246,9 @@ class PredictionDynamicsLogger(DiagnosticCallback):
                 )  # fmt: skip
                 return
         self._save_fixed_batch()
+        if self.log_images and self.tensorboard(trainer) is not None:
+            with contextlib.suppress(ImportError):  # the image encoder's first import (~10 ms): at start, not mid-run
+                import PIL.Image  # noqa: F401
         if not self.steps:
             self._evaluate(trainer, pl_module)  # the initial model: where the trajectories start
 

@@ -57,8 +57,12 @@ def fused_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     if dtype in (torch.float32, torch.float64) and all(
         t.device == device and t.dtype == dtype and t.layout == strided for t in tensors
     ):
-        with torch.no_grad():
+        grad_mode = torch.is_grad_enabled()  # like torch.no_grad(), without the context manager's cost
+        torch.set_grad_enabled(False)
+        try:
             norms = list(torch._foreach_norm(list(tensors)))
+        finally:
+            torch.set_grad_enabled(grad_mode)
         return [n.float() for n in norms] if dtype == torch.float64 else norms
     return foreach_norms(tensors)
 
@@ -66,13 +70,18 @@ def fused_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
 class StepNorms(list):  # type: ignore[type-arg]
     """One step's gradient norms (0-d float32 tensors), with their stacked vector once some caller made it."""
 
-    stacked: Tensor | None = None
+    stacked: Tensor | None = None  # the norms as one vector
+    source: tuple[Tensor, int] | None = None  # or a vector that holds them from this offset on (NaNGuard's)
 
 
 def stacked(norms: StepNorms) -> Tensor:
-    """``torch.stack(norms)``, made once per step and shared (NaNGuard hands over the one it transfers)."""
+    """``torch.stack(norms)``, made once per step and shared (NaNGuard hands over the vector it transfers)."""
     if norms.stacked is None:
-        norms.stacked = torch.stack(list(norms))
+        if norms.source is not None:
+            vector, offset = norms.source
+            norms.stacked = vector[offset : offset + len(norms)]
+        else:
+            norms.stacked = torch.stack(list(norms))
     return norms.stacked
 
 
