@@ -428,6 +428,9 @@ def make_callbacks(config: str, num_classes: int) -> list[Callback]:
     """``suite`` is ``lightning_debug.suite(num_classes=...)``; a class name is that callback of the suite alone."""
     if config == "suite":
         return lightning_debug.suite(num_classes=num_classes)
+    if config.startswith("suite-"):  # the suite without one callback: that callback's marginal cost
+        left_out = config.removeprefix("suite-")
+        return [cb for cb in lightning_debug.suite(num_classes=num_classes) if type(cb).__name__ != left_out]
     if config in CALLBACKS:
         return [cb for cb in lightning_debug.suite(num_classes=num_classes) if type(cb).__name__ == config]
     return []
@@ -546,6 +549,97 @@ def run_one(
     del trainer, module, loader, callbacks
     gc.collect()
     return result
+
+
+# ---------------------------------------------------------------------------------------------- paired blocks
+class _Toggle(Callback):
+    """Puts the measured callbacks in and out of ``trainer.callbacks`` every ``every`` optimizer steps.
+
+    Block ``b`` holds the optimizer steps ``[b * every, (b + 1) * every)``: one whole measurement interval, whose
+    first step is the monitors' measured step and whose last is the one Lightning logs on. Blocks come in pairs, one
+    with the callbacks and one without, in ABBA order (on-off, off-on, ...) so a drift cancels; the first
+    ``warmup_pairs`` pairs are not timed. Switched at the end of a block's last step (this callback is last).
+    """
+
+    def __init__(self, clock: StepClock, measured: list[Callback], every: int) -> None:
+        self.clock = clock
+        self.measured = measured
+        self.every = every
+        self.on_blocks: list[bool] = []
+
+    @staticmethod
+    def is_on(block: int) -> bool:
+        pair, position = divmod(block, 2)
+        return position == 0 if pair % 2 == 0 else position == 1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self.clock.ends.append(self.clock.now())
+        step = int(trainer.global_step)
+        if step % self.every:
+            return
+        block = step // self.every
+        on = self.is_on(block)
+        others = [cb for cb in trainer.callbacks if not any(cb is m for m in self.measured)]
+        if not on:
+            for cb in self.measured:
+                if isinstance(cb, NaNGuard):
+                    cb._remove_gates()  # the optimizer-step gate goes too (re-installed by its next batch start)
+        trainer.callbacks = [*others[:-1], *(self.measured if on else []), others[-1]]
+
+
+def run_blocks(spec: ModelSpec, config: str, pairs: int, warmup_pairs: int, every: int, workdir: str) -> dict[str, Any]:
+    """One Trainer whose ``config`` callbacks are switched on and off every ``every`` steps (see ``_Toggle``)."""
+    pl.seed_everything(0, verbose=False)
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    blocks = 2 * (pairs + warmup_pairs)
+    total = blocks * every + 1
+    module = spec.build()
+    loader = DataLoader(BatchPool(spec.batches(torch.Generator().manual_seed(0)), total), batch_size=None)
+    clock = StepClock(accelerator == "gpu")
+    measured = make_callbacks(config, spec.num_classes)
+    toggle = _Toggle(clock, measured, every)
+    logger = TensorBoardLogger(workdir, name=f"{spec.name}-{config}-blocks")
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=1, max_steps=total, max_epochs=1,
+        callbacks=[_TimerStart(clock), *measured, toggle], logger=logger, log_every_n_steps=every,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
+        trainer.fit(module, train_dataloaders=loader)
+    step_ms = [1e3 * (b - a) for a, b in zip(clock.starts[:-1], clock.starts[1:])]
+    means = [statistics.fmean(step_ms[b * every : (b + 1) * every]) for b in range(blocks)]
+    ratios, extra_us, base_ms = [], [], []
+    for pair in range(warmup_pairs, pairs + warmup_pairs):
+        a, b = means[2 * pair], means[2 * pair + 1]
+        on, off = (a, b) if _Toggle.is_on(2 * pair) else (b, a)
+        ratios.append(on / off)
+        extra_us.append(1e3 * (on - off))
+        base_ms.append(off)
+    del trainer, module, loader, measured
+    gc.collect()
+    return {
+        "ratio": _ratio_stats(ratios),
+        "extra_us_per_step": _ratio_stats(extra_us),
+        "base_ms": statistics.median(base_ms),
+        "pairs": len(ratios),
+        "ratios": ratios,
+    }
+
+
+def blocks_table(results: dict[str, dict[str, dict[str, Any]]], specs: dict[str, ModelSpec], every: int) -> str:
+    lines = [
+        f"| model | configuration | step time x without (median over pairs, min-max) | extra us per step | "
+        f"step without (ms) | pairs of {every}-step blocks |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for model, rows in results.items():
+        for config, r in rows.items():
+            lines.append(
+                f"| {model} | {config} | {_fmt_ratio(r['ratio'])} | {_fmt_num(r['extra_us_per_step'], 0)} | "
+                f"{r['base_ms']:.2f} | {r['pairs']} |"
+            )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -837,6 +931,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.set_num_threads; default 1 on machines with <= 2 cores (2 OpenMP threads on 2 shared cores slow "
         "down many-fold whenever another process takes a core), else torch's default",
     )
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help="paired blocks: per model and configuration one run whose callbacks are switched on and off every "
+        "--every steps, this many timed on/off pairs (lightning_debug configurations only; see _Toggle)",
+    )
+    parser.add_argument("--warmup-pairs", type=int, default=1, help="with --blocks: untimed pairs at the start")
     parser.add_argument("--profile", action="store_true", help="only print where the suite's time goes, per callback")
     parser.add_argument("--profile-hooks", action="store_true", help="with --profile: also one row per hook")
     parser.add_argument(
@@ -882,7 +984,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     models = [m for m in args.models.split(",") if m]
     configs = [c for c in args.configs.split(",") if c]
     for c in configs:
-        if c not in ALL_CONFIGS:
+        if c not in ALL_CONFIGS and not (args.blocks and c.removeprefix("suite-") in CALLBACKS):
             raise SystemExit(f"unknown configuration {c!r}; choose from {ALL_CONFIGS}")
     if "none" not in configs:
         configs.insert(0, "none")
@@ -914,6 +1016,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  f"{statistics.fmean(me) if me else math.nan:.2f} |")  # fmt: skip
         print("\n".join(lines), flush=True)
         return {"sync_debug": lines}
+    if args.blocks:
+        toggled = [c for c in configs if c != "none"]
+        for c in toggled:
+            if c != "suite" and c not in CALLBACKS and c.removeprefix("suite-") not in CALLBACKS:
+                raise SystemExit(f"--blocks switches lightning_debug callbacks on and off; {c!r} is not one")
+        block_results: dict[str, dict[str, dict[str, Any]]] = {}
+        with tempfile.TemporaryDirectory(prefix="lightning_debug_bench_") as workdir:
+            for m in models:
+                for c in toggled:
+                    res = run_blocks(specs[m], c, args.blocks, args.warmup_pairs, args.every, workdir)
+                    block_results.setdefault(m, {})[c] = res
+                    print(f"  {m:11s} {c:26s} x{res['ratio']['median']:.3f} ({res['ratio']['min']:.3f}-"
+                          f"{res['ratio']['max']:.3f}), {res['extra_us_per_step']['median']:+.0f} us/step, "
+                          f"without {res['base_ms']:.2f} ms", flush=True)  # fmt: skip
+        elapsed = time.perf_counter() - started
+        command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        table = blocks_table(block_results, specs, args.every)
+        print(f"\nCommand: `{command.strip()}` ({elapsed / 60:.1f} min)\n\n{table}", flush=True)
+        if args.markdown:
+            Path(args.markdown).write_text(f"Machine: {machine()}\n\nCommand: `{command.strip()}`\n\n{table}\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": machine(), "command": command, "blocks": block_results}))
+        return {"blocks": block_results}
     if args.profile:
         with tempfile.TemporaryDirectory(prefix="lightning_debug_bench_") as workdir:
             for m in models:

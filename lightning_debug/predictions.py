@@ -128,7 +128,8 @@ class PredictionDynamicsLogger(DiagnosticCallback):
     GradScaler skips its first steps while it calibrates. The initial model is never judged.
 
     Args:
-        num_examples: how many examples the fixed batch holds (the first ones of the chosen dataset); default 16.
+        num_examples: how many examples the fixed batch holds (the first ones of the chosen dataset, at most one
+            batch of its loader, so an evaluation costs at most one forward pass of a batch); default 16.
         every_n_steps: evaluate every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
         task: ``"auto"``, ``"classification"``, ``"regression"`` or ``"summary"`` (see the table above).
         source: where the fixed batch comes from: ``"auto"`` (validation, else training), ``"val"`` or ``"train"``.
@@ -649,24 +650,20 @@ def _first_loader(loaders: Any) -> DataLoader | None:
 
 
 def _first_examples(loader: DataLoader, count: int) -> Any:
-    """The first ``count`` examples of the loader's dataset, collated; independent of shuffling."""
+    """The first ``count`` examples of the loader's dataset, at most one batch of it, collated; shuffle-independent.
+
+    At most one batch: the evaluation then costs at most one forward pass of a batch every ``every_n_steps`` steps.
+    """
     dataset = loader.dataset
     if not isinstance(dataset, IterableDataset) and loader.batch_size is not None and hasattr(dataset, "__len__"):
-        size = min(count, len(dataset))  # type: ignore[arg-type]
+        size = min(count, len(dataset), loader.batch_size)  # type: ignore[arg-type]
         if size == 0:
             return None
         return loader.collate_fn([dataset[i] for i in range(size)])
-    # Iterable datasets (or loaders that batch themselves): concatenate the first batches.
-    batches: list[Any] = []
-    seen = 0
+    # Iterable datasets (or loaders that batch themselves): the first batch.
     for batch in probe_loader(loader):
-        batches.append(batch)
-        seen += _batch_length(batch)
-        if seen >= count or _batch_length(batch) == 0:
-            break
-    if not batches:
-        return None
-    return _slice(_concat(batches), count)
+        return _slice(batch, count) if _batch_length(batch) else None
+    return None
 
 
 def _batch_length(batch: Any) -> int:

@@ -297,8 +297,9 @@ def test_training_stays_bit_identical_with_dropout_batchnorm_and_shuffling(
     watched = train_state(tmp_path / "b", make_model, [logger], datamodule=datamodule_cls(batch_size=32), **kwargs)
 
     assert logger.fixed_batch_source == source and len(logger.steps) == 9  # steps 0, 2, ..., 16
-    x, y = val_examples(16)
-    if source == "val":  # the first 16 validation examples, whether indexed or streamed
+    # the first 16 validation examples, at most one batch of the loader: 16 indexed, the first batch of 5 streamed
+    x, y = val_examples(5 if datamodule_cls is StreamedValDigits else 16)
+    if source == "val":
         assert torch.equal(logger.fixed_batch[0], x) and torch.equal(logger.fixed_batch[1], y)
     assert_bit_identical(plain, watched)
 
@@ -464,3 +465,12 @@ def test_renderers_make_readable_uint8_images() -> None:
     assert strip[0].tolist() == [46, 160, 67] and strip[1].tolist() == [214, 39, 40]  # right / wrong
     trajectory = render_trajectory([[0.1, 0.5], [0.2, 0.9], [0.3, 1.0]], 0.0, 1.0)
     assert trajectory.shape[:2] == (2 * 16, 3 * 12)
+
+
+def test_the_fixed_batch_is_at_most_one_batch_of_its_loader(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(num_examples=16, every_n_steps=5)
+    trainer = tensorboard_trainer(tmp_path, [logger], max_steps=5, max_epochs=-1)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(batch_size=8))
+    x, y = val_examples(8)
+    assert torch.equal(logger.fixed_batch[0], x) and torch.equal(logger.fixed_batch[1], y)
