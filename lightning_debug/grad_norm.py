@@ -35,6 +35,7 @@ class _StepLog:
     unread: list[tuple[int, StepNorms, Tensor | None]] = field(default_factory=list)
     params: list[nn.Parameter] = field(default_factory=list)  # the optimizer's trainable parameters (cached)
     signature: tuple[int, ...] = ()  # the param groups' sizes the cache was built for
+    uniform: bool | None = None  # the gradients share one device, float dtype and dense layout (checked on refresh)
     optimizer_steps: int = 0
     restored: list[tuple[int, float]] = field(default_factory=list)  # unread norms carried by a checkpoint
     recent: deque[float] = field(default_factory=deque)  # the running reference window
@@ -214,7 +215,9 @@ class GradNormMonitor(DiagnosticCallback):
         if not params:
             return
         grads = [p.grad for p in params if p.grad is not None]
-        norms = shared_grad_norms(grads)
+        if measured or log.uniform is None:
+            log.uniform = _uniform(grads)
+        norms = shared_grad_norms(grads, log.uniform)
         inv_scale = _inverse_grad_scale(trainer, optimizer)
         # the per-step work is the fused norm shared with NaNGuard; this monitor only keeps a reference to it
         if len(log.unread) > self.measure_interval(trainer):
@@ -658,6 +661,14 @@ class GradNormMonitor(DiagnosticCallback):
         self._grad_seen = {str(k): bool(v) for k, v in state.get("grad_seen", {}).items()}
         self._vanishing_run = {str(k): int(v) for k, v in state.get("vanishing_run", {}).items()}
         self._reported = set(state.get("reported", []))
+
+
+def _uniform(tensors: list[Tensor]) -> bool:
+    """Whether the tensors share one device and dtype and are dense (the fused norm's fast path)."""
+    if not tensors:
+        return False
+    device, dtype = tensors[0].device, tensors[0].dtype
+    return all(t.device == device and t.dtype == dtype and t.layout == torch.strided for t in tensors)
 
 
 def _unscaled(log: _StepLog, squares: Tensor) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import statistics
 import types
 from collections import deque
@@ -245,11 +246,17 @@ class NaNGuard(DiagnosticCallback):
         self._last_loss_scale: float | None = None
         self._params_due = False  # check the parameters at the next optimizer step (a snapshot found them bad)
         self._has_scaler = False  # the run has an enabled GradScaler (read once per run: the plugin is fixed)
+        self._single_process = True
+        self._automatic = True
+        self._optimizer_params: dict[int, tuple[tuple[int, ...], list[Tensor]]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._loss_sum, self._loss_count, self._clean_steps, self._stepped_good = None, 0, 0, False
         self._has_scaler = _grad_scaler(trainer) is not None
+        self._single_process = trainer.world_size <= 1
+        self._automatic = pl_module.automatic_optimization
+        self._optimizer_params = {}
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
         self._refresh_checked(pl_module)
         for optimizer in trainer.optimizers:
@@ -303,12 +310,51 @@ class NaNGuard(DiagnosticCallback):
         optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch optimizer
         with_params = self.check_params and bool(self._checked) and (self._params_due or self.is_measured_step(trainer))
         self._params_due = False
+        if not with_params and self._good_step_fast(trainer, optimizer):
+            return
         measured = self._measure(trainer, pl_module, optimizer, with_params)
         if self.check_params and self._checked and not with_params and (measured["loss_bad"] or measured["grad_bad"]):
             # a bad step: were the weights themselves non-finite already? (a collective when the ranks agree it is bad)
             count, first = self._check_params(trainer)
             measured["param_bad"], measured["param_first"] = count > 0, first
         self._judge(trainer, pl_module, optimizer, measured)
+
+    def _good_step_fast(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
+        """The usual step, handled with the least work: True when it was a good step and is done.
+
+        One process, no GradScaler, no parameter check due, no spike detection: one stack of the loss and the
+        gradient norms (shared with GradNormMonitor), the step's one transfer, and when every value is finite the
+        good-step bookkeeping. Anything else (a non-finite value included) returns False for the general path,
+        which then makes its own transfer: a bad step costs one more.
+        """
+        loss = self._loss_sum
+        if loss is None or self._has_scaler or not self._single_process or self.spike_factor is not None:
+            return False
+        signature = tuple(len(group["params"]) for group in optimizer.param_groups)
+        cached = self._optimizer_params.get(id(optimizer))
+        if cached is None or cached[0] != signature:
+            cached = (signature, [p for group in optimizer.param_groups for p in group["params"]])
+            self._optimizer_params[id(optimizer)] = cached
+        grads = [g for g in map(_grad_of, cached[1]) if g is not None]
+        if not grads:
+            return False
+        norms = shared_grad_norms(grads)
+        try:
+            vector = torch.stack([loss if loss.ndim == 0 else loss.reshape(()), *norms])
+        except RuntimeError:  # several devices or dtypes: the general path
+            return False
+        values = vector.cpu().tolist()  # the step's single device->host transfer
+        if norms.stacked is None and norms.source is None:
+            norms.source = (vector, 1)  # GradNormMonitor reads the steps' norms from it: no stack
+        if not all(map(math.isfinite, values)):
+            return False
+        normalised = trainer.accumulate_grad_batches if self._automatic else 1
+        loss_value = values[0] * normalised / self._loss_count
+        self._loss_sum, self._loss_count = None, 0
+        self._consecutive_bad = 0
+        self._stepped_good = True
+        self._recent_losses.append(loss_value)
+        return True
 
     def _measure(
         self,
@@ -945,6 +991,9 @@ def _nonfinite_summary(tensors: Sequence[Tensor], device: torch.device) -> tuple
     first = torch.where(bad, index, torch.full_like(index, math.inf)).min()
     last = torch.where(bad, index, torch.full_like(index, -1.0)).max()
     return count, first, last, torch.linalg.vector_norm(norms)
+
+
+_grad_of = operator.attrgetter("grad")
 
 
 def _stack_on(device: torch.device, values: list[Tensor]) -> Tensor:

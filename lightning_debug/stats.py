@@ -18,6 +18,15 @@ def to_host(values: Sequence[Tensor]) -> list[float]:
     if not values:
         return []
     device = values[0].device
+    if all(v.ndim == 0 and v.device == device for v in values):  # many scalars (norms, sums): one stack
+        grad_mode = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        try:
+            return torch.stack(list(values)).double().cpu().tolist()
+        except RuntimeError:  # mixed dtypes on an older torch: the general path
+            pass
+        finally:
+            torch.set_grad_enabled(grad_mode)
     flat = [v.detach().reshape(-1).to(device=device, dtype=torch.float64) for v in values]
     return torch.cat(flat).cpu().tolist()
 
@@ -42,29 +51,38 @@ def foreach_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [n for n in norms if n is not None]
 
 
-def fused_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+def fused_norms(tensors: Sequence[Tensor], uniform: bool | None = None) -> list[Tensor]:
     """``foreach_norms(tensors)`` (the same float32 values) with no per-tensor Python work in the common case.
 
     One device, one float32/float64 dtype, dense tensors (the usual case): a single ``torch._foreach_norm`` under
     ``no_grad`` instead of one ``detach()`` and one ``float()`` per tensor. Other cases (several devices or dtypes,
     half precision, sparse gradients) fall back to ``foreach_norms``.
+
+    ``uniform=True`` says the caller knows the tensors share one device, dtype and dense layout (a per-tensor check
+    costs ~1 us per tensor); should they not, the fused kernel's error still falls back to ``foreach_norms``.
     """
     if not tensors:
         return []
     first = tensors[0]
     device, dtype = first.device, first.dtype
-    strided = torch.strided  # sparse gradients take the general path (foreach_norms handles them)
-    if dtype in (torch.float32, torch.float64) and all(
-        t.device == device and t.dtype == dtype and t.layout == strided for t in tensors
-    ):
-        grad_mode = torch.is_grad_enabled()  # like torch.no_grad(), without the context manager's cost
-        torch.set_grad_enabled(False)
-        try:
-            norms = list(torch._foreach_norm(list(tensors)))
-        finally:
-            torch.set_grad_enabled(grad_mode)
-        return [n.float() for n in norms] if dtype == torch.float64 else norms
-    return foreach_norms(tensors)
+    if dtype not in (torch.float32, torch.float64):
+        return foreach_norms(tensors)
+    if uniform is None:
+        strided = torch.strided  # sparse gradients take the general path (foreach_norms handles them)
+        uniform = all(t.device == device and t.dtype == dtype and t.layout == strided for t in tensors)
+    if not uniform:
+        return foreach_norms(tensors)
+    grad_mode = torch.is_grad_enabled()  # like torch.no_grad(), without the context manager's cost
+    torch.set_grad_enabled(False)
+    try:
+        norms = list(torch._foreach_norm(list(tensors)))
+    except RuntimeError:  # not uniform after all (e.g. a sparse gradient)
+        return foreach_norms(tensors)
+    finally:
+        torch.set_grad_enabled(grad_mode)
+    if any(n.dtype != torch.float32 for n in (norms[0], norms[-1])):
+        norms = [n.float() for n in norms]  # float64 tensors (or a dtype mix the check was told not to look for)
+    return norms
 
 
 class StepNorms(list):  # type: ignore[type-arg]
@@ -85,14 +103,14 @@ def stacked(norms: StepNorms) -> Tensor:
     return norms.stacked
 
 
-def shared_grad_norms(grads: Sequence[Tensor]) -> StepNorms:
+def shared_grad_norms(grads: Sequence[Tensor], uniform: bool | None = None) -> StepNorms:
     """``fused_norms(grads)``, computed once per step for all callers: the step's gradient norms are shared.
 
     GradNormMonitor, NaNGuard and UpdateRatioMonitor all need the norms of the same gradients in the same
     ``on_before_optimizer_step``: the first caller computes them (one fused norm), the others get the same
     object. It is reused only for the very same tensor objects (checked through weak references, so the memo keeps
     nothing alive) with the same ``_version`` (any in-place change since, e.g. clipping, recomputes). Callers must
-    not modify it.
+    not modify it. ``uniform`` is :func:`fused_norms`'s.
     """
     if not grads:
         return StepNorms()
@@ -100,7 +118,7 @@ def shared_grad_norms(grads: Sequence[Tensor]) -> StepNorms:
     memo = _NORM_MEMO
     if memo.key == key and all(ref() is t for ref, t in zip(memo.refs, grads)):
         return memo.norms
-    norms = StepNorms(fused_norms(grads))
+    norms = StepNorms(fused_norms(grads, uniform))
     memo.key, memo.refs, memo.norms = key, [weakref.ref(t) for t in grads], norms
     return norms
 
