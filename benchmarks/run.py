@@ -609,19 +609,26 @@ def run_blocks(spec: ModelSpec, config: str, pairs: int, warmup_pairs: int, ever
         trainer.fit(module, train_dataloaders=loader)
     step_ms = [1e3 * (b - a) for a, b in zip(clock.starts[:-1], clock.starts[1:])]
     means = [statistics.fmean(step_ms[b * every : (b + 1) * every]) for b in range(blocks)]
-    ratios, extra_us, base_ms = [], [], []
+    # inside a block: its first and last steps are the measured ones, the others unmeasured (medians: robust)
+    unmeasured = [statistics.median(step_ms[b * every + 1 : (b + 1) * every - 1]) for b in range(blocks)]
+    measured = [step_ms[b * every] + step_ms[(b + 1) * every - 1] for b in range(blocks)]
+    ratios, extra_us, base_ms, unmeasured_us, measured_ms = [], [], [], [], []
     for pair in range(warmup_pairs, pairs + warmup_pairs):
-        a, b = means[2 * pair], means[2 * pair + 1]
-        on, off = (a, b) if _Toggle.is_on(2 * pair) else (b, a)
+        on_block, off_block = (2 * pair, 2 * pair + 1) if _Toggle.is_on(2 * pair) else (2 * pair + 1, 2 * pair)
+        on, off = means[on_block], means[off_block]
         ratios.append(on / off)
         extra_us.append(1e3 * (on - off))
         base_ms.append(off)
+        unmeasured_us.append(1e3 * (unmeasured[on_block] - unmeasured[off_block]))
+        measured_ms.append(measured[on_block] - measured[off_block])
     del trainer, module, loader, measured
     gc.collect()
     return {
         "ratio": _ratio_stats(ratios),
         "extra_us_per_step": _ratio_stats(extra_us),
         "base_ms": statistics.median(base_ms),
+        "unmeasured_extra_us": _ratio_stats(unmeasured_us),  # median unmeasured step, with - without
+        "measured_extra_ms": _ratio_stats(measured_ms),  # the two measured steps of a block, together
         "pairs": len(ratios),
         "ratios": ratios,
     }
@@ -630,13 +637,15 @@ def run_blocks(spec: ModelSpec, config: str, pairs: int, warmup_pairs: int, ever
 def blocks_table(results: dict[str, dict[str, dict[str, Any]]], specs: dict[str, ModelSpec], every: int) -> str:
     lines = [
         f"| model | configuration | step time x without (median over pairs, min-max) | extra us per step | "
+        f"extra us per unmeasured step (median step) | extra ms per {every} steps on the 2 measured steps | "
         f"step without (ms) | pairs of {every}-step blocks |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model, rows in results.items():
         for config, r in rows.items():
             lines.append(
                 f"| {model} | {config} | {_fmt_ratio(r['ratio'])} | {_fmt_num(r['extra_us_per_step'], 0)} | "
+                f"{_fmt_num(r['unmeasured_extra_us'], 0)} | {_fmt_num(r['measured_extra_ms'], 1)} | "
                 f"{r['base_ms']:.2f} | {r['pairs']} |"
             )
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections import deque
@@ -39,6 +40,7 @@ class _StepLog:
     optimizer_steps: int = 0
     restored: list[tuple[int, float]] = field(default_factory=list)  # unread norms carried by a checkpoint
     recent: deque[float] = field(default_factory=deque)  # the running reference window
+    ordered: list[float] = field(default_factory=list)  # the same values sorted: the median without a sort per step
     history: deque[float] = field(default_factory=deque)  # every finite norm (bounded) for clip fractions
     finite_steps: int = 0
     nonfinite_steps: list[int] = field(default_factory=list)
@@ -359,14 +361,15 @@ class GradNormMonitor(DiagnosticCallback):
                 new_nonfinite.append(step)
                 continue
             if len(log.recent) >= self.min_history:
-                reference = statistics.median(log.recent)
+                reference = _sorted_median(log.ordered)
                 if reference > 0 and norm >= self.spike_factor * reference:
                     spike = {"step": step, "norm": norm, "reference": reference, "ratio": norm / reference}
                     log.spikes.append(spike)
                     new_spikes.append(spike)
             log.recent.append(norm)
+            bisect.insort(log.ordered, norm)
             while len(log.recent) > self.window:
-                log.recent.popleft()
+                del log.ordered[bisect.bisect_left(log.ordered, log.recent.popleft())]
             log.history.append(norm)
             while len(log.history) > self.history_size:
                 log.history.popleft()
@@ -651,6 +654,7 @@ class GradNormMonitor(DiagnosticCallback):
             log.restored = [(int(s), float(v)) for s, v in raw.get("pending", [])]
             log.optimizer_steps = int(raw.get("optimizer_steps", 0))
             log.recent = deque(float(v) for v in raw.get("recent", []))
+            log.ordered = sorted(log.recent)
             log.history = deque(float(v) for v in raw.get("history", []))
             log.finite_steps = int(raw.get("finite_steps", 0))
             log.nonfinite_steps = [int(s) for s in raw.get("nonfinite_steps", [])]
@@ -661,6 +665,12 @@ class GradNormMonitor(DiagnosticCallback):
         self._grad_seen = {str(k): bool(v) for k, v in state.get("grad_seen", {}).items()}
         self._vanishing_run = {str(k): int(v) for k, v in state.get("vanishing_run", {}).items()}
         self._reported = set(state.get("reported", []))
+
+
+def _sorted_median(ordered: list[float]) -> float:
+    """``statistics.median`` of an already sorted list."""
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def _uniform(tensors: list[Tensor]) -> bool:
