@@ -12,6 +12,8 @@ What it does
   documented), ``Trainer(detect_anomaly=True)`` (the peer of NaNGuard), ``wandb.watch(model, log="all",
   log_freq=50)`` in offline mode (when wandb is installed), and Cockpit's ``"economy"`` configuration tracked every
   50 steps (MLP only: BackPACK cannot extend BatchNorm in train mode or ``nn.Transformer``; when importable).
+- **Paired blocks** (``--blocks N``): one run per (model, configuration) whose callbacks are switched on and off
+  every ``--every`` steps, ``N`` on/off pairs (see ``_Toggle``): robust to a machine whose speed drifts between runs.
 - **A/B interleaved**: ``--rounds`` rounds; every round runs every (model, configuration) once, in a shuffled
   order, in this one process. Ratios are taken within a round against that round's baseline of the same model;
   the tables show the median over rounds and the min-max spread.
@@ -31,6 +33,7 @@ Usage::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/run.py                 # the full run (~10 min on 2 CPU cores)
     .venv/bin/python benchmarks/run.py --quick                           # a 1-2 minute smoke run
+    .venv/bin/python benchmarks/run.py --blocks 20 --configs suite       # paired on/off blocks (the headline)
     .venv/bin/python benchmarks/run.py --models mlp --configs none,suite,GradNormMonitor --rounds 3
 
 ``--markdown PATH`` writes the tables, ``--json PATH`` the raw numbers (per-round, per-step means).

@@ -92,9 +92,9 @@ class NaNGuard(DiagnosticCallback):
     reaches the gradients of all ranks through DDP's all-reduce and is skipped everywhere.
 
     **Cost.** Per optimizer step one fused pass over the gradients (shared with GradNormMonitor; none with a
-    GradScaler, whose ``found_inf`` is reused) and exactly one device→host transfer (the flags), plus one
-    all-reduce under DDP. The pass over the parameters runs on measured and bad steps only (see 1.). Snapshots
-    copy to host without a sync (pinned memory on CUDA).
+    GradScaler, whose ``found_inf`` is reused) and one device→host transfer (the flags; a step that turns out bad
+    makes a second), plus one all-reduce under DDP. The pass over the parameters runs on measured and bad steps
+    only (see 1.). Snapshots copy to host without a sync (pinned memory on CUDA).
 
     **Checkpoints.** ``on_save_checkpoint`` checks the weights being saved; non-finite weights are replaced by
     the last good snapshot (``nan_guard.checkpoint_replaced``), or saving raises :class:`NaNGuardError` when

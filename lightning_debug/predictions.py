@@ -101,9 +101,10 @@ class PredictionDynamicsLogger(DiagnosticCallback):
     ``predictions/outputs`` (histogram)         the raw output values (summary task)
     ==========================================  =================================================================
 
-    The scalars are logged at every evaluation; the images (PNG-encoded, the costly part) at the first one,
-    every ``images_every_n_logs``-th one and the last one of the run, since TensorBoard shows only a sample of an
-    image tag's steps anyway and the trajectory image holds the whole history.
+    The scalars are logged at every evaluation; the images and the summary histogram (PNG encoding and binning
+    are the costly part) at the first one, every ``images_every_n_logs``-th one and the last one of the run, since
+    TensorBoard shows only a sample of an image tag's steps anyway and the trajectory image holds the whole
+    history.
 
     Findings (judged on rank 0, each reported once per episode):
 
@@ -139,8 +140,10 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             Default: ``(batch[0], batch[-1])`` for a tuple/list of 2 or more, ``(batch, None)`` for a tensor.
         output_transform: maps the model's output to one tensor (e.g. ``lambda out: out["logits"]``); required
             when the output is not a tensor.
-        log_images: log the images (TensorBoard only); the scalars and findings do not depend on it.
-        images_every_n_logs: log the images at every this many evaluations (and the first and last); default 5.
+        log_images: log the images and the summary histogram (TensorBoard only); the scalars and findings do not
+            depend on it.
+        images_every_n_logs: log the images (summary task: the histogram) at every this many evaluations, and at
+            the first and the last; default 5.
         max_history: how many logs the trajectory image and ``history`` keep (the most recent ones); default 200.
         collapse_fraction: share of the batch predicted as one class that counts as collapse, in (0.5, 1]; 0.9.
         jitter_threshold: jitter (0..1 for classification) above which late training counts as unstable; 0.2.
@@ -276,18 +279,22 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             pending()
 
     def _images(self, trainer: pl.Trainer, step: int, images: dict[str, Callable[[], np.ndarray]]) -> None:
-        """Log ``images`` (tag -> renderer) now when this evaluation is due for images, else keep them pending.
-
-        Pending images are always the latest evaluation's: the next evaluation replaces them, and the state they
-        are rendered from (``self.trajectory``) does not change until then.
-        """
-        if not self.log_images or self.tensorboard(trainer) is None:
-            return
+        """Log ``images`` (tag -> renderer) at the images cadence (see :meth:`_visuals`)."""
 
         def log() -> None:
             for tag, render in images.items():
                 self.log_image(trainer, tag, render(), step=step)
 
+        self._visuals(trainer, step, log)
+
+    def _visuals(self, trainer: pl.Trainer, step: int, log: Callable[[], None]) -> None:
+        """Run ``log`` (images, a histogram) now when this evaluation is due for them, else keep it pending.
+
+        Pending visuals are always the latest evaluation's: the next evaluation replaces them, and the state they
+        are rendered from (``self.trajectory``, the evaluation's own tensors) does not change until then.
+        """
+        if not self.log_images or self.tensorboard(trainer) is None:
+            return
         due = (self._evaluations - 1) % self.images_every_n_logs == 0
         self._unlogged_images = None if due else log
         if due:
@@ -457,8 +464,8 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         metrics.update(self._changes(flat))
         self._record(step, flat, metrics, None)
         self.log_scalars(trainer, {f"predictions/{name}": value for name, value in metrics.items()}, step=step)
-        if self.log_images and finite.numel():
-            self.log_histogram(trainer, "predictions/outputs", finite, step=step)  # cheap: no image encoding
+        if finite.numel():  # a histogram of many values is as costly as an image: the same cadence
+            self._visuals(trainer, step, lambda: self.log_histogram(trainer, "predictions/outputs", finite, step=step))
         self._judge(trainer, step, metrics, None)
 
     def _distance(self, new: Tensor, old: Tensor) -> float:
