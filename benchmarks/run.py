@@ -637,6 +637,28 @@ def run_blocks(spec: ModelSpec, config: str, pairs: int, warmup_pairs: int, ever
     }
 
 
+def blocks_in_processes(args: argparse.Namespace, model: str, config: str, workdir: str) -> dict[str, Any]:
+    """``run_blocks`` in ``args.processes`` fresh interpreters; medians of their medians, min-max over processes."""
+    runs = []
+    for index in range(args.processes):
+        out = Path(workdir) / f"blocks-{model}-{config}-{index}.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--blocks", str(args.blocks), "--models", model,
+                   "--configs", config, "--warmup-pairs", str(args.warmup_pairs), "--every", str(args.every),
+                   "--json", str(out)]  # fmt: skip
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        subprocess.run(command, check=True, capture_output=True, text=True)
+        runs.append(json.loads(out.read_text())["blocks"][model][config])
+    merged: dict[str, Any] = {"processes": [run["ratio"]["median"] for run in runs]}
+    for key in ("ratio", "extra_us_per_step", "unmeasured_extra_us", "measured_extra_ms"):
+        medians = [run[key]["median"] for run in runs]
+        merged[key] = {"median": statistics.median(medians), "min": min(medians), "max": max(medians)}
+    merged["base_ms"] = statistics.median(run["base_ms"] for run in runs)
+    merged["pairs"] = sum(run["pairs"] for run in runs)
+    merged["ratios"] = [r for run in runs for r in run["ratios"]]
+    return merged
+
+
 def blocks_table(results: dict[str, dict[str, dict[str, Any]]], specs: dict[str, ModelSpec], every: int) -> str:
     lines = [
         f"| model | configuration | step time x without (median over pairs, min-max) | extra us per step | "
@@ -953,6 +975,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--every steps, this many timed on/off pairs (lightning_debug configurations only; see _Toggle)",
     )
     parser.add_argument("--warmup-pairs", type=int, default=1, help="with --blocks: untimed pairs at the start")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="with --blocks: repeat in this many fresh processes (memory layout and allocator state differ between "
+        "processes and shift a whole run; the table then gives the median of the processes' medians)",
+    )
     parser.add_argument("--profile", action="store_true", help="only print where the suite's time goes, per callback")
     parser.add_argument("--profile-hooks", action="store_true", help="with --profile: also one row per hook")
     parser.add_argument(
@@ -1039,7 +1068,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="lightning_debug_bench_") as workdir:
             for m in models:
                 for c in toggled:
-                    res = run_blocks(specs[m], c, args.blocks, args.warmup_pairs, args.every, workdir)
+                    if args.processes > 1:
+                        res = blocks_in_processes(args, m, c, workdir)
+                    else:
+                        res = run_blocks(specs[m], c, args.blocks, args.warmup_pairs, args.every, workdir)
                     block_results.setdefault(m, {})[c] = res
                     print(f"  {m:11s} {c:26s} x{res['ratio']['median']:.3f} ({res['ratio']['min']:.3f}-"
                           f"{res['ratio']['max']:.3f}), {res['extra_us_per_step']['median']:+.0f} us/step, "
