@@ -660,8 +660,10 @@ def blocks_in_processes(args: argparse.Namespace, model: str, config: str, workd
 
 
 def blocks_table(results: dict[str, dict[str, dict[str, Any]]], specs: dict[str, ModelSpec], every: int) -> str:
+    many = any("processes" in r for rows in results.values() for r in rows.values())
+    spread = "median of the processes' medians, min-max over processes" if many else "median over pairs, min-max"
     lines = [
-        f"| model | configuration | step time x without (median over pairs, min-max) | extra us per step | "
+        f"| model | configuration | step time x without ({spread}) | extra us per step | "
         f"extra us per unmeasured step (median step) | extra ms per {every} steps on the 2 measured steps | "
         f"step without (ms) | pairs of {every}-step blocks |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
