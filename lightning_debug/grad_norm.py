@@ -251,7 +251,7 @@ class GradNormMonitor(DiagnosticCallback):
             self._judge_no_grad(trainer)
 
     def flush_before_report(self, trainer: pl.Trainer) -> None:
-        # judge the norms still in the device ring buffer so that a spike before a crash reaches the report.
+        # judge the norms still unread on the device so that a spike before a crash reaches the report.
         # Single device only: under DDP the flush is a collective (the ranks' norms are averaged) and the report
         # is written on rank 0 alone.
         if trainer.world_size == 1:

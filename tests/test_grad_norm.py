@@ -309,7 +309,7 @@ class SpikeThenCrash(zoo.DigitsMLP):
 
 
 def test_exception_flushes_unread_norms_into_the_report(tmp_path: Path) -> None:
-    grad = GradNormMonitor()  # measured at step 0 only: the spike sits unread in the ring buffer at the crash
+    grad = GradNormMonitor()  # measured at step 0 only: the spike sits unread on the device at the crash
     first = LossCurveMonitor()  # another callback writes the report, before GradNormMonitor's own hooks run
     with pytest.raises(RuntimeError, match="user error"):
         _fit(
