@@ -208,7 +208,7 @@ class GradNormMonitor(DiagnosticCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        index = optimizer_index(trainer, optimizer) if len(trainer.optimizers) > 1 else 0
+        index = optimizer_index(trainer, optimizer)
         log = self._logs.get(index)
         if log is None:
             log = self._logs[index] = _StepLog()

@@ -8,8 +8,11 @@ from torch.optim import Optimizer
 
 
 def optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:
-    """Position of ``optimizer`` in ``trainer.optimizers`` (0 when it is not there)."""
-    for index, candidate in enumerate(trainer.optimizers):
+    """Position of ``optimizer`` in ``trainer.optimizers`` (0 when it is not there, or the only one)."""
+    optimizers = trainer.optimizers
+    if len(optimizers) <= 1:
+        return 0
+    for index, candidate in enumerate(optimizers):
         if candidate is optimizer or getattr(candidate, "_optimizer", None) is optimizer:
             return index
     return 0
