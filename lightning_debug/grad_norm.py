@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 import statistics
 from collections import deque
 from collections.abc import Sequence
@@ -216,7 +217,7 @@ class GradNormMonitor(DiagnosticCallback):
         params = self._params(log, optimizer, refresh=measured)
         if not params:
             return
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [g for g in map(_GRAD, params) if g is not None]  # one attribute read per parameter
         if measured or log.uniform is None:
             log.uniform = _uniform(grads)
         norms = shared_grad_norms(grads, log.uniform)
@@ -665,6 +666,9 @@ class GradNormMonitor(DiagnosticCallback):
         self._grad_seen = {str(k): bool(v) for k, v in state.get("grad_seen", {}).items()}
         self._vanishing_run = {str(k): int(v) for k, v in state.get("vanishing_run", {}).items()}
         self._reported = set(state.get("reported", []))
+
+
+_GRAD = operator.attrgetter("grad")
 
 
 def _sorted_median(ordered: list[float]) -> float:

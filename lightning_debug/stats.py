@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from collections.abc import Sequence
 
@@ -114,18 +115,21 @@ def shared_grad_norms(grads: Sequence[Tensor], uniform: bool | None = None) -> S
     """
     if not grads:
         return StepNorms()
-    key = tuple((id(t), t._version) for t in grads)
+    key = (*map(id, grads), *map(_VERSION, grads))  # C-level maps: this runs on every step
     memo = _NORM_MEMO
     if memo.key == key and all(ref() is t for ref, t in zip(memo.refs, grads)):
         return memo.norms
     norms = StepNorms(fused_norms(grads, uniform))
-    memo.key, memo.refs, memo.norms = key, [weakref.ref(t) for t in grads], norms
+    memo.key, memo.refs, memo.norms = key, list(map(weakref.ref, grads)), norms
     return norms
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 class _NormMemo:
     def __init__(self) -> None:
-        self.key: tuple[tuple[int, int], ...] | None = None
+        self.key: tuple[int, ...] | None = None
         self.refs: list[weakref.ref[Tensor]] = []
         self.norms = StepNorms()
 
