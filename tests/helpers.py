@@ -66,6 +66,18 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         )
 
 
+# Gloo's worker threads can still hold tensors when the interpreter finalizes without destroy_process_group(); freeing
+# them then needs the GIL and aborts the process ("terminate called without an active exception", exit -6) now and
+# then. Reached only when the script's own code ran through.
+_DDP_FOOTER = """
+
+import torch.distributed as _dist
+
+if _dist.is_available() and _dist.is_initialized():
+    _dist.destroy_process_group()
+"""
+
+
 def run_ddp_script(tmp_path: Path, body: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """Run ``body`` (a Python script using ``strategy="ddp", devices=2``) in a subprocess.
 
@@ -73,7 +85,7 @@ def run_ddp_script(tmp_path: Path, body: str, timeout: float = 240) -> subproces
     The script runs with ``cwd=tmp_path``; fails the test with the output when it exits non-zero.
     """
     script = tmp_path / "ddp_run.py"
-    script.write_text(textwrap.dedent(body))
+    script.write_text(textwrap.dedent(body) + _DDP_FOOTER)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
