@@ -732,6 +732,7 @@ class NaNGuard(DiagnosticCallback):
                 self._take_snapshot(trainer, pl_module)
         if self.is_measured_step(trainer):
             self._log_state(trainer)
+            self._optimizer_params.clear()  # the fast path's parameter lists are re-read once per interval
 
     def _log_state(self, trainer: pl.Trainer) -> None:
         scalars = {
