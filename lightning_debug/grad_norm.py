@@ -19,8 +19,8 @@ from torch.optim import Optimizer
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce_squares
-from lightning_debug.optimizers import optimizer_index, optimizer_params
-from lightning_debug.stats import StepNorms, round_significant, shared_grad_norms, stacked, to_host
+from lightning_debug.optimizers import OptimizerParams, optimizer_index
+from lightning_debug.stats import StepNorms, is_uniform, round_significant, shared_grad_norms, stacked, to_host
 from lightning_debug.validation import check_float, check_int
 
 GroupBy = Literal["parameter", "module"]
@@ -35,8 +35,6 @@ class _StepLog:
     # unscaled by or None). The norms are the ones shared with NaNGuard (stats.shared_grad_norms): keeping a
     # reference costs no device work; the global norms are summed up on the device when they are read.
     unread: list[tuple[int, StepNorms, Tensor | None]] = field(default_factory=list)
-    params: list[nn.Parameter] = field(default_factory=list)  # the optimizer's trainable parameters (cached)
-    signature: tuple[int, ...] = ()  # the param groups' sizes the cache was built for
     uniform: bool | None = None  # the gradients share one device, float dtype and dense layout (checked on refresh)
     optimizer_steps: int = 0
     restored: list[tuple[int, float]] = field(default_factory=list)  # unread norms carried by a checkpoint
@@ -188,6 +186,7 @@ class GradNormMonitor(DiagnosticCallback):
         self.log_every_step = log_every_step
         self._logs: dict[int, _StepLog] = {}
         self._names: dict[int, str] = {}
+        self._params = OptimizerParams()  # re-read on measured steps
         self._measured = 0
         self._finite_measured = 0  # measured steps whose per-parameter gradient norms were all finite
         self._grad_seen: dict[str, bool] = {}  # name -> ever a non-zero gradient
@@ -205,6 +204,7 @@ class GradNormMonitor(DiagnosticCallback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._params.clear()  # a new fit: new optimizers
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -214,12 +214,12 @@ class GradNormMonitor(DiagnosticCallback):
         if log is None:
             log = self._logs[index] = _StepLog()
         measured = self.is_measured_optimizer_step(trainer, log.optimizer_steps)
-        params = self._params(log, optimizer, refresh=measured)
+        params = self._params.get(optimizer, refresh=measured)
         if not params:
             return
         grads = [g for g in map(_GRAD, params) if g is not None]  # one attribute read per parameter
         if measured or log.uniform is None:
-            log.uniform = _uniform(grads)
+            log.uniform = is_uniform(grads)
         norms = shared_grad_norms(grads, log.uniform)
         inv_scale = _inverse_grad_scale(trainer, optimizer)
         # the per-step work is the fused norm shared with NaNGuard; this monitor only keeps a reference to it
@@ -234,14 +234,6 @@ class GradNormMonitor(DiagnosticCallback):
         log.optimizer_steps += 1
         if measured:
             self._measure(trainer, index, log, params, norms, inv_scale)
-
-    @staticmethod
-    def _params(log: _StepLog, optimizer: Optimizer, refresh: bool) -> list[nn.Parameter]:
-        """The optimizer's trainable parameters, re-read on measured steps and when the param groups change size."""
-        signature = tuple(len(group["params"]) for group in optimizer.param_groups)
-        if refresh or signature != log.signature:
-            log.params, log.signature = optimizer_params(optimizer), signature
-        return log.params
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer)
@@ -675,14 +667,6 @@ def _sorted_median(ordered: list[float]) -> float:
     """``statistics.median`` of an already sorted list."""
     middle = len(ordered) // 2
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
-def _uniform(tensors: list[Tensor]) -> bool:
-    """Whether the tensors share one device and dtype and are dense (the fused norm's fast path)."""
-    if not tensors:
-        return False
-    device, dtype = tensors[0].device, tensors[0].dtype
-    return all(t.device == device and t.dtype == dtype and t.layout == torch.strided for t in tensors)
 
 
 def _unscaled(log: _StepLog, squares: Tensor) -> Tensor:

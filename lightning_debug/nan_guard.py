@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce
+from lightning_debug.optimizers import OptimizerParams
 from lightning_debug.stats import StepNorms, foreach_norms, fused_norms, shared_grad_norms, to_host
 
 OnHalt = Literal["stop", "raise"]
@@ -248,7 +249,7 @@ class NaNGuard(DiagnosticCallback):
         self._has_scaler = False  # the run has an enabled GradScaler (read once per run: the plugin is fixed)
         self._single_process = True
         self._automatic = True
-        self._optimizer_params: dict[int, tuple[tuple[int, ...], list[Tensor]]] = {}
+        self._optimizer_params = OptimizerParams()  # the fast path's, re-read once per measurement interval
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -256,7 +257,7 @@ class NaNGuard(DiagnosticCallback):
         self._has_scaler = _grad_scaler(trainer) is not None
         self._single_process = trainer.world_size <= 1
         self._automatic = pl_module.automatic_optimization
-        self._optimizer_params = {}
+        self._optimizer_params.clear()
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
         self._refresh_checked(pl_module)
         for optimizer in trainer.optimizers:
@@ -330,12 +331,7 @@ class NaNGuard(DiagnosticCallback):
         loss = self._loss_sum
         if loss is None or self._has_scaler or not self._single_process or self.spike_factor is not None:
             return False
-        signature = tuple(len(group["params"]) for group in optimizer.param_groups)
-        cached = self._optimizer_params.get(id(optimizer))
-        if cached is None or cached[0] != signature:
-            cached = (signature, [p for group in optimizer.param_groups for p in group["params"]])
-            self._optimizer_params[id(optimizer)] = cached
-        grads = [g for g in map(_grad_of, cached[1]) if g is not None]
+        grads = [g for g in map(_grad_of, self._optimizer_params.get(optimizer)) if g is not None]
         if not grads:
             return False
         norms = shared_grad_norms(grads)
@@ -732,7 +728,7 @@ class NaNGuard(DiagnosticCallback):
                 self._take_snapshot(trainer, pl_module)
         if self.is_measured_step(trainer):
             self._log_state(trainer)
-            self._optimizer_params.clear()  # the fast path's parameter lists are re-read once per interval
+            self._optimizer_params.clear()
 
     def _log_state(self, trainer: pl.Trainer) -> None:
         scalars = {

@@ -18,6 +18,24 @@ def optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:
     return 0
 
 
+class OptimizerParams:
+    """:func:`optimizer_params` per optimizer, kept between steps: re-read when the optimizer's param groups change
+    size, or when asked to (``refresh=True``, e.g. once per measurement interval)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[tuple[int, ...], list[nn.Parameter]]] = {}
+
+    def get(self, optimizer: Optimizer, refresh: bool = False) -> list[nn.Parameter]:
+        signature = tuple(len(group["params"]) for group in optimizer.param_groups)
+        cached = self._cache.get(id(optimizer))
+        if refresh or cached is None or cached[0] != signature:
+            cached = self._cache[id(optimizer)] = (signature, optimizer_params(optimizer))
+        return cached[1]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
 def optimizer_params(optimizer: Optimizer) -> list[nn.Parameter]:
     """The trainable parameters an optimizer updates, in param-group order, each once."""
     seen: set[int] = set()

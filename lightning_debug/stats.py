@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import weakref
@@ -20,14 +21,8 @@ def to_host(values: Sequence[Tensor]) -> list[float]:
         return []
     device = values[0].device
     if all(v.ndim == 0 and v.device == device for v in values):  # many scalars (norms, sums): one stack
-        grad_mode = torch.is_grad_enabled()
-        torch.set_grad_enabled(False)
-        try:
+        with torch.no_grad(), contextlib.suppress(RuntimeError):  # mixed dtypes on an older torch: general path
             return torch.stack(list(values)).double().cpu().tolist()
-        except RuntimeError:  # mixed dtypes on an older torch: the general path
-            pass
-        finally:
-            torch.set_grad_enabled(grad_mode)
     flat = [v.detach().reshape(-1).to(device=device, dtype=torch.float64) for v in values]
     return torch.cat(flat).cpu().tolist()
 
@@ -52,6 +47,14 @@ def foreach_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [n for n in norms if n is not None]
 
 
+def is_uniform(tensors: Sequence[Tensor]) -> bool:
+    """Whether the tensors share one device and dtype and are dense (sparse ones take ``foreach_norms``' path)."""
+    if not tensors:
+        return False
+    device, dtype = tensors[0].device, tensors[0].dtype
+    return all(t.device == device and t.dtype == dtype and t.layout == torch.strided for t in tensors)
+
+
 def fused_norms(tensors: Sequence[Tensor], uniform: bool | None = None) -> list[Tensor]:
     """``foreach_norms(tensors)`` (the same float32 values) with no per-tensor Python work in the common case.
 
@@ -64,14 +67,10 @@ def fused_norms(tensors: Sequence[Tensor], uniform: bool | None = None) -> list[
     """
     if not tensors:
         return []
-    first = tensors[0]
-    device, dtype = first.device, first.dtype
+    dtype = tensors[0].dtype
     if dtype not in (torch.float32, torch.float64):
         return foreach_norms(tensors)
-    if uniform is None:
-        strided = torch.strided  # sparse gradients take the general path (foreach_norms handles them)
-        uniform = all(t.device == device and t.dtype == dtype and t.layout == strided for t in tensors)
-    if not uniform:
+    if not (is_uniform(tensors) if uniform is None else uniform):
         return foreach_norms(tensors)
     grad_mode = torch.is_grad_enabled()  # like torch.no_grad(), without the context manager's cost
     torch.set_grad_enabled(False)
