@@ -129,3 +129,48 @@ def test_state_key_names_the_passed_arguments_so_two_configurations_share_a_chec
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed_default.measured_steps == [0, 5]  # step 0 restored, step 5 measured after the resume
     assert resumed_other.measured_steps == [0, 3]  # both restored; steps 4-5 are not multiples of 3
+
+
+class OnlyBeforeOptimizerStep(DiagnosticCallback):
+    """Uses one per-batch hook; records which hooks ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.calls.append("on_before_optimizer_step")
+
+
+def test_lightning_skips_the_per_batch_hooks_a_callback_does_not_use(tmp_path):
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    callback = OnlyBeforeOptimizerStep()
+    assert callback.on_train_batch_end is None and callback.on_before_zero_grad is None
+    assert callable(callback.on_train_start)  # once-per-fit hooks are left alone
+    profiler = SimpleProfiler()
+    trainer = quiet_trainer(tmp_path, [callback], max_steps=3, profiler=profiler)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
+    assert callback.calls == ["on_before_optimizer_step"] * 3
+    actions = {action for action in profiler.recorded_durations if action.startswith("[Callback]OnlyBefore")}
+    assert any(a.endswith(".on_before_optimizer_step") for a in actions)
+    unused = (".on_train_batch_end", ".on_before_zero_grad", ".on_train_batch_start")
+    assert not any(a.endswith(unused) for a in actions)
+
+
+def test_a_subclass_hook_can_call_super_on_a_hook_its_parent_does_not_use(tmp_path):
+    class Parent(OnlyBeforeOptimizerStep):
+        pass
+
+    assert Parent.on_train_batch_end is None
+
+    class Child(Parent):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self.calls.append("on_train_batch_end")
+
+    assert callable(Parent.on_train_batch_end)  # the no-op is back, for Child's super() call
+    child = Child()
+    trainer = quiet_trainer(tmp_path, [child], max_steps=2)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
+    assert child.calls == ["on_before_optimizer_step", "on_train_batch_end"] * 2
