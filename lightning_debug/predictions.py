@@ -60,6 +60,9 @@ class PredictionDynamicsLogger(DiagnosticCallback):
     ==================  ======================================================  ================================
     ``classification``  output ``(N, C)``, C >= 2, integer targets ``(N,)``;    logits (softmax); a single logit
                         or output ``(N,)``/``(N, 1)`` with 0/1 integer targets  is binary (sigmoid)
+                        or per position (sequences, dense prediction):          each position is an example
+                        integer targets ``(N, T, ...)`` with output ``(N * T,   (labels < 0, e.g. -100 padding,
+                        C)``, ``(N, C, T, ...)`` or ``(N, T, ..., C)``          are left out; at most 512)
     ``regression``      floating targets with as many elements as the output    predictions vs targets
     ``summary``         anything else (or no target)                            summary statistics of the output
     ==================  ======================================================  ================================
@@ -220,6 +223,8 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         self._late_step: int | None = None
         self._evaluations = 0  # evaluations so far, including before a resume (images cadence)
         self._unlogged_images: Callable[[], None] | None = None  # the last evaluation's images, if not logged
+        self._layout: str | None = None  # sequence/dense outputs: how classes sit in the output (_dense_layout)
+        self._positions: Tensor | None = None  # ... and which flattened positions are measured
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -367,6 +372,8 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             return
         output = output.detach().float().cpu()  # the one host transfer
         target = None if target is None else target.detach()
+        if self.task in ("auto", "classification") and self.resolved_task in (None, "classification"):
+            output, target = self._per_position(output, target)
         if self.resolved_task is None:
             self.resolved_task = self._resolve_task(trainer, output, target)
             if self.resolved_task == "regression" and target is not None:
@@ -379,6 +386,28 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             self._measure_regression(trainer, step, output, target)
         else:
             self._measure_summary(trainer, step, output)
+
+    def _per_position(self, output: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Sequence and dense outputs as ``(positions, C)`` logits with ``(positions,)`` labels; others unchanged.
+
+        Integer targets with more than one dimension, ``(N, T, ...)``, and logits that hold a class score for each
+        of their positions: ``(N * T, C)`` (flattened, as a language model's loss reads them), ``(N, C, T, ...)``
+        (``F.cross_entropy``'s layout, preferred when both fit) or ``(N, T, ..., C)``. Positions whose label is
+        negative (``ignore_index``, e.g. -100 padding) are left out, and at most ``MAX_POSITIONS`` evenly spaced
+        positions are kept; the choice depends on the fixed batch's targets only, so it is the same at every
+        evaluation (and after a resume).
+        """
+        if self._positions is None:
+            self._layout, self._positions = _dense_layout(output, target)
+        if self._layout is None or target is None or self._positions is None:
+            return output, target
+        if self._layout == "flat":
+            rows = output
+        elif self._layout == "channels_first":
+            rows = output.movedim(1, -1).reshape(-1, output.shape[1])
+        else:
+            rows = output.reshape(-1, output.shape[-1])
+        return rows[self._positions], target.reshape(-1)[self._positions]
 
     def _resolve_task(self, trainer: pl.Trainer, output: Tensor, target: Tensor | None) -> str:
         looks_like = _infer_task(output, target)
@@ -714,6 +743,38 @@ def _describe(output: Any) -> str:
     if isinstance(output, Mapping):
         return f"dict with keys {sorted(map(str, output))}"
     return type(output).__name__
+
+
+MAX_POSITIONS = 512  # sequence/dense outputs: positions measured per evaluation (evenly spaced)
+
+
+def _dense_layout(output: Tensor, target: Tensor | None) -> tuple[str | None, Tensor | None]:
+    """Where the class scores of a per-position output sit, and which flattened positions to measure.
+
+    ``(None, None)`` unless the target is an integer tensor of 2 or more dimensions whose every position gets a
+    class score from ``output`` (see :meth:`PredictionDynamicsLogger._per_position`) and whose labels are below the
+    number of classes; negative labels are ignored positions.
+    """
+    if target is None or target.ndim < 2 or target.is_floating_point() or target.is_complex() or output.ndim < 2:
+        return None, None
+    size = target.shape
+    if output.ndim == 2 and output.shape[0] == target.numel():
+        layout, classes = "flat", output.shape[1]
+    elif output.ndim == target.ndim + 1 and output.shape[0] == size[0] and output.shape[2:] == size[1:]:
+        layout, classes = "channels_first", output.shape[1]
+    elif output.ndim == target.ndim + 1 and output.shape[:-1] == size:
+        layout, classes = "channels_last", output.shape[-1]
+    else:
+        return None, None
+    labels = target.reshape(-1).long()
+    if classes < 2 or bool((labels >= classes).any()):
+        return None, None
+    kept = torch.nonzero(labels >= 0).reshape(-1)
+    if kept.numel() == 0:
+        return None, None
+    if kept.numel() > MAX_POSITIONS:
+        kept = kept[torch.linspace(0, kept.numel() - 1, MAX_POSITIONS).round().long()]
+    return layout, kept
 
 
 def _is_class_output(output: Tensor, target: Tensor | None) -> bool:

@@ -474,3 +474,88 @@ def test_the_fixed_batch_is_at_most_one_batch_of_its_loader(tmp_path: Path) -> N
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(batch_size=8))
     x, y = val_examples(8)
     assert torch.equal(logger.fixed_batch[0], x) and torch.equal(logger.fixed_batch[1], y)
+
+
+# ---------------------------------------------------------------------- sequences: a class per position
+VOCAB = 6
+
+
+class TokenTagger(pl.LightningModule):
+    """Tags every token with its own class (a copy task); ``blind`` sees no tokens and can only learn the prior."""
+
+    def __init__(self, layout: str = "flat", blind: bool = False) -> None:
+        super().__init__()
+        self.layout, self.blind = layout, blind
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        logits = self.head(self.embed(torch.zeros_like(tokens) if self.blind else tokens))  # (N, T, C)
+        if self.layout == "flat":
+            return logits.reshape(-1, VOCAB)  # as a language model hands it to its loss
+        return logits.transpose(1, 2) if self.layout == "channels_first" else logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        tokens, labels = batch
+        logits = self(tokens)
+        if self.layout == "channels_first":
+            return F.cross_entropy(logits, labels, ignore_index=-100)
+        return F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+def token_loader() -> DataLoader:
+    """256 sequences of 12 tokens, token 0 four times as frequent as each other one; 1 label in 6 is padding."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.tensor([4.0] + [1.0] * (VOCAB - 1))
+    tokens = torch.multinomial(weights, 256 * 12, replacement=True, generator=generator).reshape(256, 12)
+    labels = tokens.clone()
+    labels[torch.rand(labels.shape, generator=generator) < 1 / 6] = -100
+    return DataLoader(TensorDataset(tokens, labels), batch_size=16)
+
+
+@pytest.mark.parametrize("layout", ["flat", "channels_first", "channels_last"])
+def test_sequence_outputs_are_measured_per_position_without_the_padding(tmp_path: Path, layout: str) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5)
+    trainer = quiet_trainer(tmp_path, [logger], max_steps=40, max_epochs=5)
+    loader = token_loader()
+    trainer.fit(TokenTagger(layout), train_dataloaders=loader)
+
+    assert logger.resolved_task == "classification" and logger.findings == []
+    _, labels = logger.fixed_batch
+    assert labels.shape == (16, 12) and logger._positions is not None
+    assert logger._positions.numel() == int((labels >= 0).sum()) < labels.numel()  # the padding is left out
+    accuracy = logger.history["accuracy"]
+    assert accuracy[0] < 0.6 and accuracy[-1] == 1.0  # the copy task is learnt, position by position
+    assert len(logger.trajectory[-1]) == logger._positions.numel()
+
+
+def test_a_sequence_model_blind_to_its_tokens_collapses_to_the_frequent_one(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5, warmup_steps=10)
+    trainer = quiet_trainer(tmp_path, [logger], max_steps=60, max_epochs=5)
+    trainer.fit(TokenTagger("channels_last", blind=True), train_dataloaders=token_loader())
+
+    collapsed = [f for f in logger.findings if f.check == "predictions.collapsed"]
+    assert len(collapsed) == 1 and collapsed[0].severity == "warning"
+    assert collapsed[0].data["predicted_share"] == 1.0 and collapsed[0].data["label_share"] < 0.5
+
+
+def test_a_resumed_sequence_run_measures_the_same_positions(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    first = PredictionDynamicsLogger(every_n_steps=5)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = quiet_trainer(tmp_path, [first, checkpoint], max_steps=10, max_epochs=5, enable_checkpointing=True)
+    trainer.fit(TokenTagger(), train_dataloaders=token_loader())
+
+    resumed = PredictionDynamicsLogger(every_n_steps=5)
+    trainer = quiet_trainer(tmp_path, [resumed], max_steps=20, max_epochs=5)
+    trainer.fit(TokenTagger(), train_dataloaders=token_loader(), ckpt_path=tmp_path / "ckpt/last.ckpt")
+
+    assert resumed.steps == [0, 5, 10, 15, 20] and resumed.resolved_task == "classification"
+    assert first._positions is not None and resumed._positions is not None
+    assert torch.equal(resumed._positions, first._positions)
+    assert {len(row) for row in resumed.trajectory} == {first._positions.numel()}
