@@ -295,23 +295,27 @@ PER_BATCH_HOOKS = (
 
 
 def _skip_unused_batch_hooks(cls: type) -> None:
-    """Set the per-batch hooks ``cls`` leaves at ``Callback``'s no-op to None: Lightning skips a hook that is not
-    callable, so a callback costs nothing on the hooks it does not use.
+    """Set the per-batch hooks that nothing in ``cls``'s MRO implements (only ``Callback``'s no-op) to None on
+    ``cls``: Lightning skips a hook that is not callable, so a callback costs nothing on the hooks it does not use.
 
-    A class that implements such a hook gets a callable no-op back in every ancestor that had it set to None, so
-    its ``super().<hook>(...)`` still works (those ancestors are then dispatched again: correct, a little slower).
+    When some class in the MRO does implement the hook (``cls`` itself, or a mixin after one of ours), the None
+    markers this function set on the classes of that MRO are removed again, so the implementation is found and its
+    ``super().<hook>(...)`` reaches a callable (those classes are then dispatched again: correct, a little slower).
+    A None the user set explicitly is left alone.
     """
     for name in PER_BATCH_HOOKS:
-        own = cls.__dict__.get(name, _MISSING)
-        if own is not _MISSING and own is not None:
-            for base in cls.__mro__[1:]:
-                if base.__dict__.get(name, _MISSING) is None:
-                    delattr(base, name)
-        elif own is _MISSING and getattr(cls, name, None) is getattr(Callback, name):
+        defined = [k for k in cls.__mro__ if name in k.__dict__]
+        if any(k is not Callback and k.__dict__[name] is not None for k in defined):
+            for k in defined:
+                if (k, name) in _MARKED:
+                    delattr(k, name)
+                    _MARKED.discard((k, name))
+        elif getattr(cls, name, None) is not None:
             setattr(cls, name, None)
+            _MARKED.add((cls, name))
 
 
-_MISSING = object()
+_MARKED: set[tuple[type, str]] = set()  # (class, hook) set to None by _skip_unused_batch_hooks
 
 
 def _diagnostic_callbacks(trainer: pl.Trainer) -> list[DiagnosticCallback]:

@@ -131,35 +131,38 @@ def test_state_key_names_the_passed_arguments_so_two_configurations_share_a_chec
     assert resumed_other.measured_steps == [0, 3]  # both restored; steps 4-5 are not multiples of 3
 
 
-class OnlyBeforeOptimizerStep(DiagnosticCallback):
-    """Uses one per-batch hook; records which hooks ran."""
+def only_before_optimizer_step() -> type:
+    """A fresh DiagnosticCallback class (the tests below change classes) that uses one per-batch hook."""
 
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
+    class OnlyBeforeOptimizerStep(DiagnosticCallback):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[str] = []
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.calls.append("on_before_optimizer_step")
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.calls.append("on_before_optimizer_step")
+
+    return OnlyBeforeOptimizerStep
 
 
 def test_lightning_skips_the_per_batch_hooks_a_callback_does_not_use(tmp_path):
     from lightning.pytorch.profilers import SimpleProfiler
 
-    callback = OnlyBeforeOptimizerStep()
+    callback = only_before_optimizer_step()()
     assert callback.on_train_batch_end is None and callback.on_before_zero_grad is None
     assert callable(callback.on_train_start)  # once-per-fit hooks are left alone
     profiler = SimpleProfiler()
     trainer = quiet_trainer(tmp_path, [callback], max_steps=3, profiler=profiler)
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
     assert callback.calls == ["on_before_optimizer_step"] * 3
-    actions = {action for action in profiler.recorded_durations if action.startswith("[Callback]OnlyBefore")}
+    actions = {action for action in profiler.recorded_durations if "OnlyBeforeOptimizerStep" in action}
     assert any(a.endswith(".on_before_optimizer_step") for a in actions)
     unused = (".on_train_batch_end", ".on_before_zero_grad", ".on_train_batch_start")
     assert not any(a.endswith(unused) for a in actions)
 
 
 def test_a_subclass_hook_can_call_super_on_a_hook_its_parent_does_not_use(tmp_path):
-    class Parent(OnlyBeforeOptimizerStep):
+    class Parent(only_before_optimizer_step()):
         pass
 
     assert Parent.on_train_batch_end is None
@@ -174,3 +177,17 @@ def test_a_subclass_hook_can_call_super_on_a_hook_its_parent_does_not_use(tmp_pa
     trainer = quiet_trainer(tmp_path, [child], max_steps=2)
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
     assert child.calls == ["on_before_optimizer_step", "on_train_batch_end"] * 2
+
+
+def test_a_callback_mixin_after_a_lightning_debug_class_keeps_its_hooks(tmp_path):
+    class CountingMixin(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.calls.append("on_train_batch_end")
+
+    class Mixed(only_before_optimizer_step(), CountingMixin):
+        pass
+
+    mixed = Mixed()
+    trainer = quiet_trainer(tmp_path, [mixed], max_steps=2)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
+    assert mixed.calls == ["on_before_optimizer_step", "on_train_batch_end"] * 2
