@@ -47,6 +47,8 @@ class DiagnosticCallback(Callback):
     - **resume**: findings and the subclass's :meth:`extra_state` travel in the checkpoint.
 
     Subclasses that override :meth:`setup`, :meth:`on_fit_end` or :meth:`on_exception` call ``super()``.
+    Per-batch hooks (``PER_BATCH_HOOKS``) that nothing in a subclass implements are None on that class, so
+    Lightning skips them instead of dispatching a no-op for every batch.
 
     Args:
         every_n_steps: measure every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
