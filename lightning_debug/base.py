@@ -46,9 +46,11 @@ class DiagnosticCallback(Callback):
       is halted, or raises;
     - **resume**: findings and the subclass's :meth:`extra_state` travel in the checkpoint.
 
-    Subclasses that override :meth:`setup`, :meth:`on_fit_end` or :meth:`on_exception` call ``super()``.
-    Per-batch hooks (``PER_BATCH_HOOKS``) that nothing in a subclass implements are None on that class, so
-    Lightning skips them instead of dispatching a no-op for every batch.
+    Subclasses that override :meth:`setup`, :meth:`teardown`, :meth:`on_fit_end` or :meth:`on_exception` call
+    ``super()``.
+    While a Trainer runs it, an instance's per-batch hooks (``PER_BATCH_HOOKS``) that its class does not implement
+    are None on the instance, so Lightning skips them instead of dispatching a no-op for every batch (set in
+    :meth:`setup`, removed in :meth:`teardown`; subclasses that override either call ``super()``).
 
     Args:
         every_n_steps: measure every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
@@ -78,8 +80,28 @@ class DiagnosticCallback(Callback):
         self._output_dir = Path(log_dir) / OUTPUT_SUBDIR
         self._report_written = False
         writer = self.tensorboard(trainer)
-        if writer is not None and _diagnostic_callbacks(trainer)[0] is self:
+        callbacks = _diagnostic_callbacks(trainer)
+        if writer is not None and callbacks and callbacks[0] is self:
             write_layout(writer)  # one dashboard per run, written by the callback that writes the report
+        if any(callback is self for callback in callbacks):
+            self._skip_unused_hooks()  # not when another callback forwards hooks to this one
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for name in self.__dict__.pop("_skipped_hooks", ()):
+            if self.__dict__.get(name, _KEEP) is None:
+                del self.__dict__[name]
+
+    def _skip_unused_hooks(self) -> None:
+        """Lightning calls every callback's hook on every batch through a profiler context (an f-string and a context
+        manager each), whether the callback uses the hook or not, and skips an attribute that is not callable. The
+        per-batch hooks this instance's class leaves at ``Callback``'s no-op are set to None on the instance, for the
+        run: ``super()`` calls and other instances are unaffected."""
+        skipped = list(self.__dict__.get("_skipped_hooks", ()))
+        for name in PER_BATCH_HOOKS:
+            if name not in self.__dict__ and getattr(type(self), name, None) is getattr(Callback, name):
+                self.__dict__[name] = None
+                skipped.append(name)
+        self.__dict__["_skipped_hooks"] = skipped
 
     @property
     def output_dir(self) -> Path | None:
@@ -218,7 +240,6 @@ class DiagnosticCallback(Callback):
     # ------------------------------------------------------------------ resume
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _skip_unused_batch_hooks(cls)
         init = cls.__dict__.get("__init__")
         if init is None:
             return
@@ -278,6 +299,8 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
+_KEEP = object()
+
 #: Hooks Lightning calls on every callback for every batch, each through a profiler context, whether the callback
 #: uses the hook or not (~1-2 us per callback and hook: ten callbacks x six hooks per training step).
 PER_BATCH_HOOKS = (
@@ -294,30 +317,6 @@ PER_BATCH_HOOKS = (
     "on_predict_batch_start",
     "on_predict_batch_end",
 )
-
-
-def _skip_unused_batch_hooks(cls: type) -> None:
-    """Set the per-batch hooks that nothing in ``cls``'s MRO implements (only ``Callback``'s no-op) to None on
-    ``cls``: Lightning skips a hook that is not callable, so a callback costs nothing on the hooks it does not use.
-
-    When some class in the MRO does implement the hook (``cls`` itself, or a mixin after one of ours), the None
-    markers this function set on the classes of that MRO are removed again, so the implementation is found and its
-    ``super().<hook>(...)`` reaches a callable (those classes are then dispatched again: correct, a little slower).
-    A None the user set explicitly is left alone.
-    """
-    for name in PER_BATCH_HOOKS:
-        defined = [k for k in cls.__mro__ if name in k.__dict__]
-        if any(k is not Callback and k.__dict__[name] is not None for k in defined):
-            for k in defined:
-                if (k, name) in _MARKED:
-                    delattr(k, name)
-                    _MARKED.discard((k, name))
-        elif getattr(cls, name, None) is not None:
-            setattr(cls, name, None)
-            _MARKED.add((cls, name))
-
-
-_MARKED: set[tuple[type, str]] = set()  # (class, hook) set to None by _skip_unused_batch_hooks
 
 
 def _diagnostic_callbacks(trainer: pl.Trainer) -> list[DiagnosticCallback]:

@@ -291,6 +291,7 @@ class NaNGuard(DiagnosticCallback):
         self._remove_gates()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._remove_gates()
         self._snapshot = None
         self._batch = None

@@ -132,15 +132,17 @@ def test_state_key_names_the_passed_arguments_so_two_configurations_share_a_chec
 
 
 def only_before_optimizer_step() -> type:
-    """A fresh DiagnosticCallback class (the tests below change classes) that uses one per-batch hook."""
+    """A DiagnosticCallback class that uses one per-batch hook and records what it sees."""
 
     class OnlyBeforeOptimizerStep(DiagnosticCallback):
         def __init__(self):
             super().__init__()
             self.calls: list[str] = []
+            self.skipped_in_run: list[bool] = []
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             self.calls.append("on_before_optimizer_step")
+            self.skipped_in_run.append(self.on_train_batch_end is None and self.on_before_zero_grad is None)
 
     return OnlyBeforeOptimizerStep
 
@@ -149,34 +151,42 @@ def test_lightning_skips_the_per_batch_hooks_a_callback_does_not_use(tmp_path):
     from lightning.pytorch.profilers import SimpleProfiler
 
     callback = only_before_optimizer_step()()
-    assert callback.on_train_batch_end is None and callback.on_before_zero_grad is None
-    assert callable(callback.on_train_start)  # once-per-fit hooks are left alone
     profiler = SimpleProfiler()
     trainer = quiet_trainer(tmp_path, [callback], max_steps=3, profiler=profiler)
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
-    assert callback.calls == ["on_before_optimizer_step"] * 3
+    assert callback.calls == ["on_before_optimizer_step"] * 3 and callback.skipped_in_run == [True] * 3
     actions = {action for action in profiler.recorded_durations if "OnlyBeforeOptimizerStep" in action}
     assert any(a.endswith(".on_before_optimizer_step") for a in actions)
     unused = (".on_train_batch_end", ".on_before_zero_grad", ".on_train_batch_start")
     assert not any(a.endswith(unused) for a in actions)
+    # outside a run (teardown) the instance is as constructed: every hook callable, the class untouched
+    assert callable(callback.on_train_batch_end) and "on_train_batch_end" not in vars(callback)
+    assert "on_train_batch_end" not in vars(type(callback))
 
 
 def test_a_subclass_hook_can_call_super_on_a_hook_its_parent_does_not_use(tmp_path):
     class Parent(only_before_optimizer_step()):
         pass
 
-    assert Parent.on_train_batch_end is None
-
     class Child(Parent):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             self.calls.append("on_train_batch_end")
 
-    assert callable(Parent.on_train_batch_end)  # the no-op is back, for Child's super() call
-    child = Child()
-    trainer = quiet_trainer(tmp_path, [child], max_steps=2)
+    def late_hook(self, trainer, pl_module, optimizer):  # attached after the class exists (as cloudpickle does)
+        super(Late, self).on_before_zero_grad(trainer, pl_module, optimizer)
+        self.calls.append("on_before_zero_grad")
+
+    class Late(Parent):
+        pass
+
+    Late.on_before_zero_grad = late_hook
+    child, late, parent = Child(), Late(), Parent()
+    trainer = quiet_trainer(tmp_path, [child, late, parent], max_steps=2)
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
     assert child.calls == ["on_before_optimizer_step", "on_train_batch_end"] * 2
+    assert late.calls == ["on_before_zero_grad", "on_before_optimizer_step"] * 2  # zero_grad comes first
+    assert parent.calls == ["on_before_optimizer_step"] * 2 and parent.skipped_in_run == [True] * 2
 
 
 def test_a_callback_mixin_after_a_lightning_debug_class_keeps_its_hooks(tmp_path):
@@ -191,3 +201,25 @@ def test_a_callback_mixin_after_a_lightning_debug_class_keeps_its_hooks(tmp_path
     trainer = quiet_trainer(tmp_path, [mixed], max_steps=2)
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
     assert mixed.calls == ["on_before_optimizer_step", "on_train_batch_end"] * 2
+
+
+class Forwarding(pl.Callback):
+    """A composite callback that hands every hook it gets to callbacks Lightning does not know about."""
+
+    def __init__(self, children):
+        self.children = children
+
+    def setup(self, trainer, pl_module, stage):
+        for child in self.children:
+            child.setup(trainer, pl_module, stage)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for child in self.children:
+            child.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # its no-op: must not be None
+
+
+def test_a_callback_forwarded_by_another_keeps_its_hooks_callable(tmp_path):
+    child = only_before_optimizer_step()()
+    trainer = quiet_trainer(tmp_path, [Forwarding([child])], max_steps=2)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
+    assert callable(child.on_train_batch_end)
