@@ -62,7 +62,8 @@ class PredictionDynamicsLogger(DiagnosticCallback):
                         or output ``(N,)``/``(N, 1)`` with 0/1 integer targets  is binary (sigmoid)
                         or per position (sequences, dense prediction):          each position is an example
                         integer targets ``(N, T, ...)`` with output ``(N * T,   (labels < 0, e.g. -100 padding,
-                        C)``, ``(N, C, T, ...)`` or ``(N, T, ..., C)``          are left out; at most 512)
+                        C)``, ``(N, C, T, ...)`` or ``(N, T, ..., C)``          and ``ignore_index`` are left
+                                                                                out; at most 512 positions)
     ``regression``      floating targets with as many elements as the output    predictions vs targets
     ``summary``         anything else (or no target)                            summary statistics of the output
     ==================  ======================================================  ================================
@@ -154,6 +155,8 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         patience: consecutive logs a condition must hold before it is reported; default 3.
         warmup_steps: optimizer steps before collapse and stuck are judged; ``None``: 10% of the run, at least 50.
         late_fraction: fraction of the run's optimizer steps after which jitter is judged, in [0, 1); 0.5.
+        ignore_index: sequence/dense outputs: a label to leave out besides the negative ones (e.g. 255, the
+            "void" label of segmentation datasets); None: only negative labels are left out.
 
     Raises:
         ValueError: for an argument out of range; the message names it and the accepted values.
@@ -185,8 +188,11 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         patience: int = 3,
         warmup_steps: int | None = None,
         late_fraction: float = 0.5,
+        ignore_index: int | None = None,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps)
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise ValueError(f"`ignore_index` must be an integer label or None, got {ignore_index!r}")
         _validate(
             num_examples, task, source, batch_fn, output_transform, max_history, collapse_fraction,
             jitter_threshold, stuck_threshold, patience, warmup_steps, late_fraction, images_every_n_logs,
@@ -205,6 +211,7 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         self.patience = patience
         self.warmup_steps = warmup_steps
         self.late_fraction = late_fraction
+        self.ignore_index = ignore_index
 
         self.fixed_batch: Any = fixed_batch
         self.fixed_batch_source: str | None = "argument" if fixed_batch is not None else None
@@ -224,7 +231,8 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         self._evaluations = 0  # evaluations so far, including before a resume (images cadence)
         self._unlogged_images: Callable[[], None] | None = None  # the last evaluation's images, if not logged
         self._layout: str | None = None  # sequence/dense outputs: how classes sit in the output (_dense_layout)
-        self._positions: Tensor | None = None  # ... and which flattened positions are measured
+        self._positions: Tensor | None = None  # ... and which flattened positions are measured (host)
+        self._device_positions: Tensor | None = None  # the same on the output's device
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -370,10 +378,10 @@ class PredictionDynamicsLogger(DiagnosticCallback):
                 "Pass output_transform=... that returns the prediction tensor (e.g. lambda out: out['logits']).",
             )  # fmt: skip
             return
-        output = output.detach().float().cpu()  # the one host transfer
         target = None if target is None else target.detach()
         if self.task in ("auto", "classification") and self.resolved_task in (None, "classification"):
-            output, target = self._per_position(output, target)
+            output, target = self._per_position(trainer, output, target)  # on the device: transfer the positions only
+        output = output.detach().float().cpu()  # the one host transfer
         if self.resolved_task is None:
             self.resolved_task = self._resolve_task(trainer, output, target)
             if self.resolved_task == "regression" and target is not None:
@@ -387,19 +395,30 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         else:
             self._measure_summary(trainer, step, output)
 
-    def _per_position(self, output: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _per_position(self, trainer: pl.Trainer, output: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Sequence and dense outputs as ``(positions, C)`` logits with ``(positions,)`` labels; others unchanged.
 
-        Integer targets with more than one dimension, ``(N, T, ...)``, and logits that hold a class score for each
-        of their positions: ``(N * T, C)`` (flattened, as a language model's loss reads them), ``(N, C, T, ...)``
-        (``F.cross_entropy``'s layout, preferred when both fit) or ``(N, T, ..., C)``. Positions whose label is
-        negative (``ignore_index``, e.g. -100 padding) are left out, and at most ``MAX_POSITIONS`` evenly spaced
-        positions are kept; the choice depends on the fixed batch's targets only, so it is the same at every
-        evaluation (and after a resume).
+        Integer targets with more than one dimension, ``(N, T, ...)`` (``(N, 1)`` too), and logits that hold a
+        class score for each of their positions: ``(N * T, C)`` (flattened, as a language model's loss reads them),
+        ``(N, C, T, ...)`` (``F.cross_entropy``'s layout) or ``(N, T, ..., C)``; when the last two cannot be told
+        apart (T == C) an info finding asks for a flattened output. Positions whose label is negative (-100
+        padding) or ``ignore_index`` are left out, and at most ``MAX_POSITIONS`` evenly spaced positions are kept
+        (fewer with many classes: each kept position is a row of C probabilities); the choice depends on the fixed
+        batch's targets only, so it is the same at every evaluation and after a resume. The positions are picked
+        on the output's device, before the transfer.
         """
-        if self._positions is None:
-            self._layout, self._positions = _dense_layout(output, target)
-        if self._layout is None or target is None or self._positions is None:
+        if self._layout is None:
+            self._layout, self._positions = _dense_layout(output, target, self.ignore_index)
+            if self._layout == "ambiguous" and target is not None:
+                self.report(
+                    trainer, "predictions.fallback", "info",
+                    f"The output {tuple(output.shape)} could hold its classes in dimension 1 or in the last one for "
+                    f"the targets {tuple(target.shape)}; logging summary statistics of the output instead.",
+                    "Pass output_transform=lambda out: out.reshape(-1, out.shape[-1]) (classes last) or "
+                    "lambda out: out.movedim(1, -1).reshape(-1, out.shape[1]) (classes in dimension 1).",
+                    {"output_shape": list(output.shape), "target_shape": list(target.shape)},
+                )  # fmt: skip
+        if self._positions is None or target is None:
             return output, target
         if self._layout == "flat":
             rows = output
@@ -407,7 +426,9 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             rows = output.movedim(1, -1).reshape(-1, output.shape[1])
         else:
             rows = output.reshape(-1, output.shape[-1])
-        return rows[self._positions], target.reshape(-1)[self._positions]
+        if self._device_positions is None or self._device_positions.device != rows.device:
+            self._device_positions = self._positions.to(rows.device)
+        return rows[self._device_positions], target.reshape(-1)[self._positions]
 
     def _resolve_task(self, trainer: pl.Trainer, output: Tensor, target: Tensor | None) -> str:
         looks_like = _infer_task(output, target)
@@ -746,34 +767,44 @@ def _describe(output: Any) -> str:
 
 
 MAX_POSITIONS = 512  # sequence/dense outputs: positions measured per evaluation (evenly spaced)
+_POSITION_VALUES = 2**21  # ... and at most this many class scores kept per evaluation (but at least 64 positions)
 
 
-def _dense_layout(output: Tensor, target: Tensor | None) -> tuple[str | None, Tensor | None]:
+def _dense_layout(output: Tensor, target: Tensor | None, ignore_index: int | None = None) -> tuple[str, Tensor | None]:
     """Where the class scores of a per-position output sit, and which flattened positions to measure.
 
-    ``(None, None)`` unless the target is an integer tensor of 2 or more dimensions whose every position gets a
-    class score from ``output`` (see :meth:`PredictionDynamicsLogger._per_position`) and whose labels are below the
-    number of classes; negative labels are ignored positions.
+    ``("none", None)`` unless the target is an integer tensor of 2 or more dimensions whose every position gets a
+    class score from ``output`` (see :meth:`PredictionDynamicsLogger._per_position`) and whose labels, apart from
+    the negative ones and ``ignore_index``, are below the number of classes; ``("ambiguous", None)`` when the
+    classes could sit in dimension 1 or in the last one.
     """
     if target is None or target.ndim < 2 or target.is_floating_point() or target.is_complex() or output.ndim < 2:
-        return None, None
+        return "none", None
     size = target.shape
+    first = output.ndim == target.ndim + 1 and output.shape[0] == size[0] and output.shape[2:] == size[1:]
+    last = output.ndim == target.ndim + 1 and output.shape[:-1] == size
     if output.ndim == 2 and output.shape[0] == target.numel():
         layout, classes = "flat", output.shape[1]
-    elif output.ndim == target.ndim + 1 and output.shape[0] == size[0] and output.shape[2:] == size[1:]:
+    elif first and last:  # (N, T, T) logits for (N, T) targets: T classes in dimension 1 or in the last
+        return "ambiguous", None
+    elif first:
         layout, classes = "channels_first", output.shape[1]
-    elif output.ndim == target.ndim + 1 and output.shape[:-1] == size:
+    elif last:
         layout, classes = "channels_last", output.shape[-1]
     else:
-        return None, None
+        return "none", None
     labels = target.reshape(-1).long()
-    if classes < 2 or bool((labels >= classes).any()):
-        return None, None
-    kept = torch.nonzero(labels >= 0).reshape(-1)
+    measured = labels >= 0
+    if ignore_index is not None:
+        measured &= labels != ignore_index
+    if classes < 2 or bool((labels[measured] >= classes).any()):
+        return "none", None
+    kept = torch.nonzero(measured).reshape(-1)
     if kept.numel() == 0:
-        return None, None
-    if kept.numel() > MAX_POSITIONS:
-        kept = kept[torch.linspace(0, kept.numel() - 1, MAX_POSITIONS).round().long()]
+        return "none", None
+    limit = max(64, min(MAX_POSITIONS, _POSITION_VALUES // classes))
+    if kept.numel() > limit:
+        kept = kept[torch.linspace(0, kept.numel() - 1, limit).round().long()]
     return layout, kept
 
 

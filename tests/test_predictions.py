@@ -412,6 +412,7 @@ def test_mixed_precision_runs_log_finite_predictions(tmp_path: Path, precision: 
         ({"images_every_n_logs": 0}, "images_every_n_logs"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"late_fraction": -0.1}, "late_fraction"),
+        ({"ignore_index": 255.0}, "ignore_index"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs: dict[str, Any], name: str) -> None:
@@ -559,3 +560,40 @@ def test_a_resumed_sequence_run_measures_the_same_positions(tmp_path: Path) -> N
     assert first._positions is not None and resumed._positions is not None
     assert torch.equal(resumed._positions, first._positions)
     assert {len(row) for row in resumed.trajectory} == {first._positions.numel()}
+
+
+def test_dense_layouts_pick_positions_from_the_targets_alone() -> None:
+    from lightning_debug.predictions import MAX_POSITIONS, _dense_layout
+
+    labels = torch.randint(0, 5, (16, 100))
+    labels[:, :10] = -100
+    layout, positions = _dense_layout(torch.randn(16, 5, 100), labels)  # F.cross_entropy's (N, C, T)
+    assert layout == "channels_first" and positions is not None and positions.numel() == MAX_POSITIONS
+    assert bool((labels.reshape(-1)[positions] >= 0).all()) and positions.unique().numel() == MAX_POSITIONS
+    assert int(positions[0]) == 10 and int(positions[-1]) == labels.numel() - 1  # evenly spread, ends included
+    # many classes: fewer positions, at most 2**21 class scores kept
+    assert _dense_layout(torch.randn(16 * 100, 50_000), torch.randint(0, 50_000, (16, 100)))[1].numel() == 64
+    assert _dense_layout(torch.randn(16, 100, 5), labels)[0] == "channels_last"
+    assert _dense_layout(torch.randn(16, 5), torch.randint(0, 5, (16, 1)))[0] == "flat"  # (N, 1) targets
+    # labels the output has no class for: not a per-position classification (summary, as before)
+    assert _dense_layout(torch.randn(16, 5, 100), labels.clamp(min=0) + 1) == ("none", None)
+    # segmentation's "void" label 255 is left out only when named
+    masks = torch.randint(0, 3, (2, 8, 8))
+    masks[:, 0] = 255
+    assert _dense_layout(torch.randn(2, 3, 8, 8), masks) == ("none", None)
+    layout, positions = _dense_layout(torch.randn(2, 3, 8, 8), masks, ignore_index=255)
+    assert layout == "channels_first" and positions is not None and positions.numel() == 2 * 7 * 8
+    # (N, T, T) logits for (N, T) targets: the classes could sit in either dimension
+    assert _dense_layout(torch.randn(4, 6, 6), torch.randint(0, 6, (4, 6))) == ("ambiguous", None)
+
+
+def test_an_ambiguous_sequence_layout_falls_back_to_summary_with_an_info(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5)
+    tokens = torch.randint(0, VOCAB, (64, VOCAB))  # sequences as long as the vocabulary: (N, T, C) with T == C
+    loader = DataLoader(TensorDataset(tokens, tokens.clone()), batch_size=16)
+    trainer = quiet_trainer(tmp_path, [logger], max_steps=10, max_epochs=5)
+    trainer.fit(TokenTagger("channels_last"), train_dataloaders=loader)
+    assert logger.resolved_task == "summary"
+    assert [(f.check, f.severity) for f in logger.findings] == [("predictions.fallback", "info")]
+    assert "out.reshape(-1, out.shape[-1])" in logger.findings[0].hint
