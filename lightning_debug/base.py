@@ -50,7 +50,7 @@ class DiagnosticCallback(Callback):
     ``super()``.
     While a Trainer runs it, an instance's per-batch hooks (``PER_BATCH_HOOKS``) that its class does not implement
     are None on the instance, so Lightning skips them instead of dispatching a no-op for every batch (set in
-    :meth:`setup`, removed in :meth:`teardown`; subclasses that override either call ``super()``).
+    :meth:`setup`, removed in :meth:`teardown`).
 
     Args:
         every_n_steps: measure every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
@@ -72,6 +72,7 @@ class DiagnosticCallback(Callback):
         self._output_dir: Path | None = None
         self._report_written = False
         self.halted_reason: str | None = None
+        self._skipped_hooks: list[str] = []  # per-batch hooks set to None for the current run (_skip_unused_hooks)
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -87,21 +88,22 @@ class DiagnosticCallback(Callback):
             self._skip_unused_hooks()  # not when another callback forwards hooks to this one
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for name in self.__dict__.pop("_skipped_hooks", ()):
-            if self.__dict__.get(name, _KEEP) is None:
-                del self.__dict__[name]
+        for name in getattr(self, "_skipped_hooks", ()):  # (an instance unpickled from an older version has none)
+            if name in vars(self) and vars(self)[name] is None:
+                delattr(self, name)  # the class's no-op again
+        self._skipped_hooks = []
 
     def _skip_unused_hooks(self) -> None:
         """Lightning calls every callback's hook on every batch through a profiler context (an f-string and a context
         manager each), whether the callback uses the hook or not, and skips an attribute that is not callable. The
         per-batch hooks this instance's class leaves at ``Callback``'s no-op are set to None on the instance, for the
         run: ``super()`` calls and other instances are unaffected."""
-        skipped = list(self.__dict__.get("_skipped_hooks", ()))
+        skipped = getattr(self, "_skipped_hooks", [])
         for name in PER_BATCH_HOOKS:
-            if name not in self.__dict__ and getattr(type(self), name, None) is getattr(Callback, name):
-                self.__dict__[name] = None
+            if name not in vars(self) and getattr(type(self), name, None) is getattr(Callback, name):
+                setattr(self, name, None)
                 skipped.append(name)
-        self.__dict__["_skipped_hooks"] = skipped
+        self._skipped_hooks = skipped
 
     @property
     def output_dir(self) -> Path | None:
@@ -298,8 +300,6 @@ def _plain(value: Any) -> bool:
         return all(_plain(v) for v in value)
     return value is None or isinstance(value, (bool, int, float, str))
 
-
-_KEEP = object()
 
 #: Hooks Lightning calls on every callback for every batch, each through a profiler context, whether the callback
 #: uses the hook or not (~1-2 us per callback and hook: ten callbacks x six hooks per training step).
