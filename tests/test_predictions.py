@@ -597,3 +597,20 @@ def test_an_ambiguous_sequence_layout_falls_back_to_summary_with_an_info(tmp_pat
     assert logger.resolved_task == "summary"
     assert [(f.check, f.severity) for f in logger.findings] == [("predictions.fallback", "info")]
     assert "out.reshape(-1, out.shape[-1])" in logger.findings[0].hint
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed"])
+def test_per_position_measuring_leaves_training_bit_identical(tmp_path: Path, precision: str) -> None:
+    def train(callbacks: list[Any], root: Path) -> tuple[dict[str, Tensor], list[Any]]:
+        pl.seed_everything(0)
+        model = TokenTagger("channels_first")
+        amp: dict[str, Any] = {"plugins": [fp16_cpu_plugin()]} if precision == "16-mixed" else {"precision": precision}
+        trainer = quiet_trainer(root, callbacks, max_steps=20, max_epochs=5, **amp)
+        trainer.fit(model, train_dataloaders=token_loader())
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, callbacks
+
+    plain, _ = train([], tmp_path / "a")
+    watched, (logger,) = train([PredictionDynamicsLogger(every_n_steps=5)], tmp_path / "b")
+    assert logger.resolved_task == "classification" and logger.steps == [0, 5, 10, 15, 20]
+    assert all(np.isfinite(v) for values in logger.history.values() for v in values)
+    assert_bit_identical(plain, watched)
