@@ -50,7 +50,7 @@ class DiagnosticCallback(Callback):
     ``super()``.
     While a Trainer runs it, an instance's per-batch hooks (``PER_BATCH_HOOKS``) that its class does not implement
     are None on the instance, so Lightning skips them instead of dispatching a no-op for every batch (set in
-    :meth:`setup`, removed in :meth:`teardown`).
+    :meth:`setup`, removed in :meth:`teardown` or :meth:`on_exception`).
 
     Args:
         every_n_steps: measure every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
@@ -88,6 +88,11 @@ class DiagnosticCallback(Callback):
             self._skip_unused_hooks()  # not when another callback forwards hooks to this one
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_hooks()
+
+    def _restore_hooks(self) -> None:
+        """Undo :meth:`_skip_unused_hooks` (after the run: teardown, or on_exception, which Lightning calls instead
+        of teardown when training raises)."""
         for name in getattr(self, "_skipped_hooks", ()):  # (an instance unpickled from an older version has none)
             if name in vars(self) and vars(self)[name] is None:
                 delattr(self, name)  # the class's no-op again
@@ -218,6 +223,7 @@ class DiagnosticCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._write_run_report(trainer, f"failed: {type(exception).__name__}: {exception}")
+        self._restore_hooks()
 
     def _write_run_report(self, trainer: pl.Trainer, status: str) -> None:
         callbacks = _diagnostic_callbacks(trainer)

@@ -223,3 +223,19 @@ def test_a_callback_forwarded_by_another_keeps_its_hooks_callable(tmp_path):
     trainer = quiet_trainer(tmp_path, [Forwarding([child])], max_steps=2)
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())
     assert callable(child.on_train_batch_end)
+
+
+class RaisesAtStep2(DigitsMLP):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 2:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_hooks_are_callable_again_after_a_run_that_raised(tmp_path):
+    callback = only_before_optimizer_step()()
+    trainer = quiet_trainer(tmp_path, [callback], max_steps=5)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(RaisesAtStep2(), datamodule=DigitsDataModule())
+    assert callback.skipped_in_run == [True, True]  # skipped while it ran
+    assert callable(callback.on_train_batch_end) and "on_train_batch_end" not in vars(callback)
