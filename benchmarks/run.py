@@ -277,7 +277,7 @@ def instrument(callbacks: list[Callback], clock: StepClock, sink: dict[tuple[str
     for cb in callbacks:
         name = type(cb).__name__
         for hook in HOOKS:
-            if getattr(type(cb), hook) in (getattr(Callback, hook), None):  # None: a hook the callback does not use
+            if getattr(type(cb), hook) is getattr(Callback, hook):
                 continue
             original = getattr(cb, hook)
 

@@ -192,11 +192,10 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         ignore_index: int | None = None,
     ) -> None:
         super().__init__(every_n_steps=every_n_steps)
-        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-            raise ValueError(f"`ignore_index` must be an integer label or None, got {ignore_index!r}")
         _validate(
             num_examples, task, source, batch_fn, output_transform, max_history, collapse_fraction,
             jitter_threshold, stuck_threshold, patience, warmup_steps, late_fraction, images_every_n_logs,
+            ignore_index,
         )  # fmt: skip
         self.num_examples = num_examples
         self.task = task
@@ -1016,6 +1015,7 @@ def _validate(
     warmup_steps: int | None,
     late_fraction: float,
     images_every_n_logs: int,
+    ignore_index: int | None,
 ) -> None:
     positive = (
         ("num_examples", num_examples),
@@ -1048,3 +1048,5 @@ def _validate(
         raise ValueError(f"`warmup_steps` must be a non-negative integer or None, got {warmup_steps!r}")
     if not isinstance(late_fraction, (int, float)) or not 0 <= late_fraction < 1:
         raise ValueError(f"`late_fraction` must be in [0, 1), got {late_fraction!r}")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise ValueError(f"`ignore_index` must be an integer label or None, got {ignore_index!r}")

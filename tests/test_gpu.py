@@ -29,8 +29,6 @@ def fail_on_sync_between_measured_steps(callback: DiagnosticCallback, interval: 
     one_off = {callback.num_batches - 1} if isinstance(callback, DataInspector) else set()
     for name in STEP_HOOKS:
         hook = getattr(callback, name)
-        if hook is None:  # a per-batch hook the callback does not use (Lightning skips it)
-            continue
 
         @functools.wraps(hook)
         def guarded(trainer, *args, _hook=hook, **kwargs):
