@@ -445,6 +445,9 @@ class DeadActivationMonitor(DiagnosticCallback):
         self._inconsistent_reported = False
 
     # ------------------------------------------------------------------ hooks
+    def doze_hooks(self) -> tuple[str, ...]:
+        return ("on_train_batch_start", "on_before_backward", "on_train_batch_end")
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:

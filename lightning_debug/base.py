@@ -60,6 +60,9 @@ class DiagnosticCallback(Callback):
     """
 
     _init_arguments: dict[str, Any]  # what the user passed to the constructor, recorded by __init_subclass__
+    _interval: int | None = None  # measure_interval() of the current run, set in setup
+    _dozing = False  # doze_hooks() are None on the instance now (see _Conductor)
+    _doze_names: tuple[str, ...] = ()
 
     def __init__(self, every_n_steps: int | None = None) -> None:
         if every_n_steps is not None and (
@@ -72,7 +75,7 @@ class DiagnosticCallback(Callback):
         self._output_dir: Path | None = None
         self._report_written = False
         self.halted_reason: str | None = None
-        self._skipped_hooks: list[str] = []  # per-batch hooks set to None for the current run (_skip_unused_hooks)
+        self._skipped_hooks: list[str] = []  # per-batch hooks set on the instance for the current run
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -80,22 +83,31 @@ class DiagnosticCallback(Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir
         self._output_dir = Path(log_dir) / OUTPUT_SUBDIR
         self._report_written = False
+        self._interval = self.measure_interval(trainer)  # fixed for the run: read on every step
         writer = self.tensorboard(trainer)
         callbacks = _diagnostic_callbacks(trainer)
         if writer is not None and callbacks and callbacks[0] is self:
             write_layout(writer)  # one dashboard per run, written by the callback that writes the report
         if any(callback is self for callback in callbacks):
             self._skip_unused_hooks()  # not when another callback forwards hooks to this one
+            may_doze = any(type(cb).doze_hooks is not DiagnosticCallback.doze_hooks for cb in callbacks)
+            if may_doze and callbacks[0] is self and stage == "fit" and vars(self).get("on_train_batch_start") is None:
+                self._conduct(callbacks)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore_hooks()
 
     def _restore_hooks(self) -> None:
-        """Undo :meth:`_skip_unused_hooks` (after the run: teardown, or on_exception, which Lightning calls instead
-        of teardown when training raises)."""
+        """Undo :meth:`_skip_unused_hooks` and the dozing (after the run: teardown, or on_exception, which Lightning
+        calls instead of teardown when training raises)."""
+        conductor = self.__dict__.pop("_conductor", None)
+        if conductor is not None:
+            for callback in conductor.callbacks:
+                callback._wake()
+        self._wake()
         for name in getattr(self, "_skipped_hooks", ()):  # (an instance unpickled from an older version has none)
-            if name in vars(self) and vars(self)[name] is None:
-                delattr(self, name)  # the class's no-op again
+            if name in vars(self) and (vars(self)[name] is None or vars(self)[name] is conductor):
+                delattr(self, name)  # the class's method again
         self._skipped_hooks = []
 
     def _skip_unused_hooks(self) -> None:
@@ -110,6 +122,63 @@ class DiagnosticCallback(Callback):
                 skipped.append(name)
         self._skipped_hooks = skipped
 
+    # ------------------------------------------------------------------ dozing between busy steps
+    def doze_hooks(self) -> tuple[str, ...]:
+        """Per-batch training hooks this callback needs only on its :meth:`busy` steps (override; default none).
+
+        Asked once per run, at its first batch (after every ``on_train_start``). Between busy steps these hooks are
+        None on the instance, so Lightning does not dispatch them at all (see :class:`_Conductor`).
+        """
+        return ()
+
+    def busy(self, step: int) -> bool:
+        """Whether the batches that start at optimizer step ``step`` need :meth:`doze_hooks`.
+
+        Default: the measured steps and the step before each (hooks that run after the optimizer step, such as
+        ``on_train_batch_end``, see ``global_step`` already advanced to the measured one).
+        """
+        interval = self._interval or 1
+        return step % interval == 0 or (step + 1) % interval == 0
+
+    def next_change(self, step: int) -> int | None:
+        """The first step after ``step`` at which :meth:`busy` may change (None: never). Must match :meth:`busy`."""
+        interval = self._interval or 1
+        if interval <= 2:
+            return None  # every step is busy
+        position = step % interval
+        if position == interval - 1:
+            return step + 2  # this step and the measured one are busy
+        if position == 0:
+            return step + 1
+        return step + (interval - 1 - position)  # asleep until the step before the next measured one
+
+    def _conduct(self, callbacks: list[DiagnosticCallback]) -> None:
+        """Make this (the trainer's first lightning_debug) callback's ``on_train_batch_start`` put the others'
+        :meth:`doze_hooks` to sleep and wake them, before any of them sees the batch."""
+        conductor = _Conductor(self, callbacks)
+        self.__dict__["_conductor"] = conductor
+        if "on_train_batch_start" not in self._skipped_hooks:
+            self._skipped_hooks.append("on_train_batch_start")
+        self.on_train_batch_start = conductor  # type: ignore[method-assign]
+
+    def _doze(self) -> None:
+        if self._dozing:
+            return
+        for name in self._doze_names:
+            if name == "on_train_batch_start" and "_conductor" in self.__dict__:
+                continue  # the conductor itself: it skips this callback's own hook while it dozes
+            if name not in vars(self):
+                setattr(self, name, None)
+        self._dozing = True
+
+    def _wake(self) -> None:
+        if not self._dozing:
+            return
+        for name in self._doze_names:
+            if name in vars(self) and vars(self)[name] is None and name not in self._skipped_hooks:
+                delattr(self, name)
+        self._dozing = False
+
     @property
     def output_dir(self) -> Path | None:
         """``<log_dir>/lightning_debug`` once the trainer is set up."""
@@ -120,13 +189,13 @@ class DiagnosticCallback(Callback):
 
     def is_measured_step(self, trainer: pl.Trainer) -> bool:
         """Whether the optimizer step about to happen (``trainer.global_step``) is a measured one."""
-        return trainer.global_step % self.measure_interval(trainer) == 0
+        return trainer.global_step % (self._interval or self.measure_interval(trainer)) == 0
 
     def is_measured_optimizer_step(self, trainer: pl.Trainer, optimizer_steps: int) -> bool:
         """:meth:`is_measured_step` for one optimizer; with several, each optimizer counts its own steps."""
         if len(trainer.optimizers) <= 1:
             return self.is_measured_step(trainer)
-        return optimizer_steps % self.measure_interval(trainer) == 0
+        return optimizer_steps % (self._interval or self.measure_interval(trainer)) == 0
 
     # ------------------------------------------------------------------ findings
     def report(
@@ -323,6 +392,62 @@ PER_BATCH_HOOKS = (
     "on_predict_batch_start",
     "on_predict_batch_end",
 )
+
+
+class _Conductor:
+    """The ``on_train_batch_start`` of a trainer's first lightning_debug callback: puts the others' per-batch hooks to
+    sleep between their busy steps and wakes them before they are due.
+
+    Most monitors work on one step in ``every_n_steps``, yet Lightning dispatches their per-batch hooks on every
+    batch (a profiler context each, plus the monitor's own check that this is not its step). While a callback dozes,
+    its :meth:`~DiagnosticCallback.doze_hooks` are None on the instance and Lightning skips them. Runs only with one
+    optimizer and automatic optimization (there the busy steps follow ``global_step`` alone); the states are worked
+    out again only when a callback's busy state may change (:meth:`~DiagnosticCallback.next_change`) or the step
+    moved backwards. Being the first callback's hook, it runs before any other lightning_debug hook of the batch.
+    """
+
+    def __init__(self, owner: DiagnosticCallback, callbacks: list[DiagnosticCallback]) -> None:
+        self.owner = owner
+        self.callbacks = callbacks
+        self.own = None if "on_train_batch_start" in owner._skipped_hooks else type(owner).on_train_batch_start
+        self.dozers: list[DiagnosticCallback] | None = None  # decided at the first batch
+        self.last = -1
+        self.recheck: int | None = None
+
+    def __call__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not (self.last <= step and (self.recheck is None or step < self.recheck)):
+            self._schedule(trainer, pl_module, step)
+        own = self.own
+        if own is not None and not (self.owner._dozing and "on_train_batch_start" in self.owner._doze_names):
+            own(self.owner, trainer, pl_module, batch, batch_idx)
+
+    def _schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        if self.dozers is None:
+            self.dozers = []
+            if len(trainer.optimizers) == 1 and pl_module.automatic_optimization:
+                for callback in self.callbacks:
+                    callback._doze_names = tuple(callback.doze_hooks())
+                    if callback._doze_names:
+                        self.dozers.append(callback)
+            if not self.dozers:  # nothing to conduct: the owner's hook as it was (None when its class has none)
+                if self.own is None:
+                    self.owner.on_train_batch_start = None  # type: ignore[assignment]
+                else:
+                    del self.owner.on_train_batch_start
+                    self.owner._skipped_hooks.remove("on_train_batch_start")
+                return
+        self.last = step
+        changes: list[int] = []
+        for callback in self.dozers:
+            if callback.busy(step):
+                callback._wake()
+            else:
+                callback._doze()
+            change = callback.next_change(step)
+            if change is not None:
+                changes.append(change)
+        self.recheck = min(changes) if changes else None
 
 
 def _diagnostic_callbacks(trainer: pl.Trainer) -> list[DiagnosticCallback]:

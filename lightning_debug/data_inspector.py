@@ -162,6 +162,15 @@ class DataInspector(DiagnosticCallback):
         self._projection: Tensor | None = None
 
     # ------------------------------------------------------------------ hooks
+    def doze_hooks(self) -> tuple[str, ...]:
+        return ("on_train_batch_start",)
+
+    def busy(self, step: int) -> bool:
+        return self.result is None and self._batches < self.num_batches  # the first batches only
+
+    def next_change(self, step: int) -> int | None:
+        return step + 1 if self.busy(step) else None
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:

@@ -235,6 +235,9 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         self._device_positions: Tensor | None = None  # the same on the output's device
 
     # ------------------------------------------------------------------ hooks
+    def doze_hooks(self) -> tuple[str, ...]:
+        return ("on_train_batch_end",)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Computed on every rank (outside any rank-0 branch): the property may touch the data connector.
         total = float(trainer.estimated_stepping_batches)

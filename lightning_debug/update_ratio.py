@@ -136,6 +136,9 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self.last_ratios: dict[str, float] = {}
 
     # ------------------------------------------------------------------ hooks
+    def doze_hooks(self) -> tuple[str, ...]:
+        return ("on_before_optimizer_step", "on_train_batch_end")
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         self._remove_hooks()

@@ -112,6 +112,15 @@ class WeightStatsMonitor(DiagnosticCallback):
         self._norm_probe: _BiasBeforeNormProbe | None = None
 
     # ------------------------------------------------------------------ hooks
+    def doze_hooks(self) -> tuple[str, ...]:
+        return ("on_train_batch_end",)
+
+    def busy(self, step: int) -> bool:
+        return self._norm_probe is not None or super().busy(step)  # the probe closes at the first batch's end
+
+    def next_change(self, step: int) -> int | None:
+        return step + 1 if self._norm_probe is not None else super().next_change(step)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._norm_probe is not None:
             self._norm_probe.close()
