@@ -412,7 +412,7 @@ class _Conductor:
         self.own = None if "on_train_batch_start" in owner._skipped_hooks else type(owner).on_train_batch_start
         self.dozers: list[DiagnosticCallback] | None = None  # decided at the first batch
         self.last = -1
-        self.recheck: int | None = None
+        self.recheck: int | None = -1  # the step at which to work the states out again (None: never)
 
     def __call__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

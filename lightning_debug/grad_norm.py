@@ -44,6 +44,7 @@ class _StepLog:
     finite_steps: int = 0
     nonfinite_steps: list[int] = field(default_factory=list)
     spikes: list[dict[str, float]] = field(default_factory=list)
+    judged_through: int = -1  # the latest step judged: NaNGuard's feed sends the steps after it
 
 
 class GradNormMonitor(DiagnosticCallback):
@@ -193,6 +194,7 @@ class GradNormMonitor(DiagnosticCallback):
         self._vanishing_run: dict[str, int] = {}  # name -> consecutive measured steps below vanishing_ratio
         self._reported: set[str] = set()  # "check:name" reported once
         self._last_rms_ratio: dict[str, float] = {}
+        self._feed: list[tuple[int, list[float], int]] | None = None  # NaNGuard's per-step norms (on_train_start)
 
     # ------------------------------------------------------------------ public
     @property
@@ -205,6 +207,30 @@ class GradNormMonitor(DiagnosticCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         self._params.clear()  # a new fit: new optimizers
+        self._feed = None
+        guard = next((cb for cb in trainer.callbacks if callable(getattr(cb, "grad_norm_feed", None))), None)
+        if (
+            guard is not None
+            and not self.autoclip
+            and trainer.world_size == 1
+            and len(trainer.optimizers) == 1
+            and pl_module.automatic_optimization
+            and getattr(trainer.precision_plugin, "scaler", None) is None
+        ):  # NaNGuard brings every step's gradient norms to the host: between measured steps this hook can doze
+            self._feed = guard.grad_norm_feed()
+
+    def doze_hooks(self) -> tuple[str, ...]:
+        return ("on_before_optimizer_step",) if self._feed is not None else ()
+
+    def busy(self, step: int) -> bool:
+        return step % (self._interval or 1) == 0  # the measured steps: the others' norms come from the feed
+
+    def next_change(self, step: int) -> int | None:
+        interval = self._interval or 1
+        if interval == 1:
+            return None
+        position = step % interval
+        return step + 1 if position == 0 else step + interval - position
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -226,6 +252,8 @@ class GradNormMonitor(DiagnosticCallback):
         if len(log.unread) > self.measure_interval(trainer):
             self._flush_log(trainer, index, log)  # cannot happen with one read per interval: read, lose nothing
         log.unread.append((int(trainer.global_step), norms, inv_scale))
+        if self._feed:
+            self._drain(log)  # the steps this hook dozed through (after the append: not this step twice)
         if self.autoclip and grads:
             global_sq = stacked(norms).double().square().sum()
             if inv_scale is not None:
@@ -326,10 +354,28 @@ class GradNormMonitor(DiagnosticCallback):
         self._log_clip(trainer, index, log)
 
     def _flush(self, trainer: pl.Trainer) -> None:
+        if self._feed and 0 not in self._logs:  # dozed since the run started: the feed holds every step
+            self._logs[0] = _StepLog()
         for index, log in sorted(self._logs.items()):
             self._flush_log(trainer, index, log)
 
+    def _drain(self, log: _StepLog) -> None:
+        """Take the steps NaNGuard's feed sent since the last judged step (not the ones this hook saw itself)."""
+        feed = self._feed
+        if not feed:
+            return
+        seen = {step for step, _, _ in log.unread}
+        after = max(log.judged_through, max((step for step, _ in log.restored), default=-1))
+        for step, values, offset in feed:
+            if step > after and step not in seen:
+                square = math.fsum(v * v for v in values[offset:])
+                log.restored.append((step, math.sqrt(square) if square >= 0 else float("nan")))
+                after = step
+        feed.clear()
+
     def _flush_log(self, trainer: pl.Trainer, index: int, log: _StepLog) -> None:
+        if index == 0 and self._feed:
+            self._drain(log)
         unread = self._unread(log)
         if unread is None and not log.restored:
             return
@@ -344,6 +390,8 @@ class GradNormMonitor(DiagnosticCallback):
         log.restored = []
         entries += [(step, math.sqrt(sq) if sq >= 0 else float("nan")) for (step, _, _), sq in zip(log.unread, squares)]
         log.unread = []
+        if entries:
+            log.judged_through = max(log.judged_through, max(step for step, _ in entries))
         tag = "grad_norm/global" if index == 0 else f"grad_norm/global_opt{index}"
         new_spikes: list[dict[str, float]] = []
         new_nonfinite: list[int] = []
@@ -615,7 +663,11 @@ class GradNormMonitor(DiagnosticCallback):
 
     def extra_state(self) -> dict[str, Any]:
         logs = {}
+        if self._feed and 0 not in self._logs:
+            self._logs[0] = _StepLog()
         for index, log in self._logs.items():
+            if index == 0:
+                self._drain(log)
             unread = self._unread(log)
             pending = list(log.restored)
             if unread is not None:  # the device vectors do not travel; their norms do (a sync only on save)

@@ -250,6 +250,7 @@ class NaNGuard(DiagnosticCallback):
         self._single_process = True
         self._automatic = True
         self._optimizer_params = OptimizerParams()  # the fast path's, re-read once per measurement interval
+        self._norm_feeds: list[list[tuple[int, list[float], int]]] = []  # grad_norm_feed()'s subscribers
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -293,9 +294,22 @@ class NaNGuard(DiagnosticCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._remove_gates()
+        self._norm_feeds = []
         self._snapshot = None
         self._batch = None
         self._checked = []
+
+    def grad_norm_feed(self) -> list[tuple[int, list[float], int]]:
+        """Subscribe to the gradient norms this guard brings to the host on every optimizer step (for the run).
+
+        The returned list receives ``(global_step, values, offset)`` per checked step: ``values[offset:]`` are the
+        float32 L2 norms of the stepping optimizer's gradients (GradNormMonitor takes its per-step global norm from
+        them instead of reading the gradients again). Steps checked without gradient norms (a GradScaler's
+        overflow check stands in for them) are not sent. The subscriber empties the list; it is dropped at teardown.
+        """
+        feed: list[tuple[int, list[float], int]] = []
+        self._norm_feeds.append(feed)
+        return feed
 
     # ------------------------------------------------------------------ measure
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -344,7 +358,11 @@ class NaNGuard(DiagnosticCallback):
         if norms.stacked is None and norms.source is None:
             norms.source = (vector, 1)  # GradNormMonitor reads the steps' norms from it: no stack
         if not all(map(math.isfinite, values)):
-            return False
+            return False  # the general path checks (and sends) the step
+        if self._norm_feeds:
+            entry = (trainer.global_step, values, 1)
+            for feed in self._norm_feeds:
+                feed.append(entry)
         normalised = trainer.accumulate_grad_batches if self._automatic else 1
         loss_value = values[0] * normalised / self._loss_count
         self._loss_sum, self._loss_count = None, 0
@@ -434,6 +452,10 @@ class NaNGuard(DiagnosticCallback):
         loss_scale = take(1)[0] if scale is not None else math.nan
         params_host = take(len(param_norms)) if param_norms else None
         grads_host = take(grad_count) if grad_count else None
+        if self._norm_feeds and grads_host is not None:
+            entry = (trainer.global_step, grads_host, 0)
+            for feed in self._norm_feeds:
+                feed.append(entry)
         grad_bad_indices = [i for i, v in enumerate(grads_host) if not math.isfinite(v)] if grads_host else []
         param_bad_indices = [i for i, v in enumerate(params_host) if not math.isfinite(v)] if params_host else []
         local_loss_bad = not math.isfinite(local_loss_value)
