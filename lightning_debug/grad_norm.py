@@ -208,7 +208,7 @@ class GradNormMonitor(DiagnosticCallback):
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         self._params.clear()  # a new fit: new optimizers
         self._feed = None
-        guard = next((cb for cb in trainer.callbacks if callable(getattr(cb, "grad_norm_feed", None))), None)
+        guard = next((cb for cb in trainer.callbacks if callable(getattr(cb, "grad_norm_feed", None))), None)  # type: ignore[attr-defined]
         if (
             guard is not None
             and not self.autoclip
