@@ -269,19 +269,24 @@ HOOKS = (
 )  # fmt: skip
 
 
-def instrument(callbacks: list[Callback], clock: StepClock, sink: dict[tuple[str, int], float]) -> None:
-    """Wrap every hook a callback overrides to add its time to ``sink[(class name, step)]`` (step -1: before step 0).
+def instrument(callbacks: list[Callback], clock: StepClock, sink: dict[tuple[str, int], float]) -> Callable[[], None]:
+    """Wrap every hook a callback's class overrides to add its time to ``sink[(class name, step)]`` (step -1: before
+    step 0); returns the function that unwraps them.
 
-    Time spent in an optimizer step post-hook (UpdateRatioMonitor) or NaNGuard's step gate is not seen here.
+    The wrappers go on the classes, not the instances: lightning_debug puts a monitor's hooks to sleep between its
+    busy steps through instance attributes, and that must work as in any other run. Time spent in an optimizer step
+    post-hook (UpdateRatioMonitor) or NaNGuard's step gate is not seen here.
     """
-    for cb in callbacks:
-        name = type(cb).__name__
+    undo: list[tuple[type, str, Any]] = []
+    for cls in {type(cb) for cb in callbacks}:
+        name = cls.__name__
         for hook in HOOKS:
-            if getattr(type(cb), hook) is getattr(Callback, hook):
+            original = getattr(cls, hook)
+            if original is getattr(Callback, hook):
                 continue
-            original = getattr(cb, hook)
 
             def wrapper(
+                self: Callback,
                 *args: Any,
                 _original: Callable[..., Any] = original,
                 _name: str = name,
@@ -290,14 +295,27 @@ def instrument(callbacks: list[Callback], clock: StepClock, sink: dict[tuple[str
             ) -> Any:
                 start = clock.hook_now()
                 try:
-                    return _original(*args, **kwargs)
+                    return _original(self, *args, **kwargs)
                 finally:
                     elapsed = clock.hook_now() - start
                     step = clock.steps[-1] if clock.steps else -1
                     sink[(_name, step)] = sink.get((_name, step), 0.0) + elapsed
                     sink[(f"{_name}.{_hook}", step)] = sink.get((f"{_name}.{_hook}", step), 0.0) + elapsed
 
-            setattr(cb, hook, wrapper)
+            undo.append((cls, hook, cls.__dict__.get(hook, _MISSING)))
+            setattr(cls, hook, wrapper)
+
+    def unwrap() -> None:
+        for cls, hook, previous in reversed(undo):
+            if previous is _MISSING:
+                delattr(cls, hook)
+            else:
+                setattr(cls, hook, previous)
+
+    return unwrap
+
+
+_MISSING = object()
 
 
 class _TimerEnd(Callback):
@@ -496,8 +514,7 @@ def run_one(
     if config == "wandb.watch(all)":
         wandb_dir = tempfile.mkdtemp(dir=workdir)
         callbacks = [_WandbWatch(wandb_dir, every)]
-    if hook_times is not None:
-        instrument(callbacks, clock, hook_times)
+    unwrap = instrument(callbacks, clock, hook_times) if hook_times is not None else None
     syncs = _SyncCounter(clock) if sync_debug and cuda else None
     logger = TensorBoardLogger(workdir, name=f"{spec.name}-{config}".replace(" ", "_").replace("()", ""))
     trainer = pl.Trainer(
@@ -518,8 +535,12 @@ def run_one(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     begin = time.perf_counter()
-    with contextlib.redirect_stdout(open(os.devnull, "w")):  # the end-of-run report
-        trainer.fit(module, train_dataloaders=loader)
+    try:
+        with contextlib.redirect_stdout(open(os.devnull, "w")):  # the end-of-run report
+            trainer.fit(module, train_dataloaders=loader)
+    finally:
+        if unwrap is not None:
+            unwrap()
     if len(clock.starts) < total:
         raise RuntimeError(f"{spec.name}/{config}: only {len(clock.starts)} of {total} steps ran")
     step_ms = [1e3 * (b - a) for a, b in zip(clock.starts[warmup:-1], clock.starts[warmup + 1 :])]

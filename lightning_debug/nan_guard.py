@@ -18,7 +18,7 @@ from torch import Tensor
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce
 from lightning_debug.optimizers import OptimizerParams
-from lightning_debug.stats import StepNorms, foreach_norms, fused_norms, shared_grad_norms, to_host
+from lightning_debug.stats import StepNorms, foreach_norms, fused_norms, is_uniform, shared_grad_norms, to_host
 
 OnHalt = Literal["stop", "raise"]
 ON_HALT: tuple[str, ...] = ("stop", "raise")
@@ -250,6 +250,7 @@ class NaNGuard(DiagnosticCallback):
         self._single_process = True
         self._automatic = True
         self._optimizer_params = OptimizerParams()  # the fast path's, re-read once per measurement interval
+        self._uniform: dict[int, bool] = {}  # per optimizer: its gradients share a device, dtype and layout (same)
         self._norm_feeds: list[list[tuple[int, list[float], int]]] = []  # grad_norm_feed()'s subscribers
 
     # ------------------------------------------------------------------ lifecycle
@@ -259,6 +260,7 @@ class NaNGuard(DiagnosticCallback):
         self._single_process = trainer.world_size <= 1
         self._automatic = pl_module.automatic_optimization
         self._optimizer_params.clear()
+        self._uniform.clear()
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
         self._refresh_checked(pl_module)
         for optimizer in trainer.optimizers:
@@ -349,7 +351,10 @@ class NaNGuard(DiagnosticCallback):
         grads = [g for g in map(_grad_of, self._optimizer_params.get(optimizer)) if g is not None]
         if not grads:
             return False
-        norms = shared_grad_norms(grads)
+        uniform = self._uniform.get(id(optimizer))
+        if uniform is None:  # a check per gradient (~1 us each): once per measurement interval, not per step
+            uniform = self._uniform[id(optimizer)] = is_uniform(grads)
+        norms = shared_grad_norms(grads, uniform)
         try:
             vector = torch.stack([loss if loss.ndim == 0 else loss.reshape(()), *norms])
         except RuntimeError:  # several devices or dtypes: the general path
@@ -399,7 +404,11 @@ class NaNGuard(DiagnosticCallback):
             head.append(found_inf.clamp(max=1).reshape(()))
         if scale is not None:
             head.append(scale.reshape(()))
-        grad_norms = shared_grad_norms([p.grad for p in grad_params]) if found_inf is None else StepNorms()  # type: ignore[misc]
+        grads = [p.grad for p in grad_params]
+        uniform = self._uniform.get(id(optimizer))
+        if uniform is None and found_inf is None:
+            uniform = self._uniform[id(optimizer)] = is_uniform(grads)  # type: ignore[arg-type]
+        grad_norms = shared_grad_norms(grads, uniform) if found_inf is None else StepNorms()  # type: ignore[arg-type]
         param_norms = fused_norms([t for _, t in self._checked]) if with_params else []
         if head or param_norms:  # the loss and flags may live elsewhere or in another dtype: rare, cheap
             head = [t if t.device == device else t.to(device) for t in (*head, *param_norms)]
@@ -752,6 +761,7 @@ class NaNGuard(DiagnosticCallback):
         if self.is_measured_step(trainer):
             self._log_state(trainer)
             self._optimizer_params.clear()
+            self._uniform.clear()
 
     def _log_state(self, trainer: pl.Trainer) -> None:
         scalars = {
