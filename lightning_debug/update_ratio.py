@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce_squares
 from lightning_debug.optimizers import optimizer_index, optimizer_params
-from lightning_debug.stats import foreach_norms, round_significant, shared_grad_norms, stacked, to_host
+from lightning_debug.stats import fused_norms, round_significant, shared_grad_norms, stacked, to_host
 from lightning_debug.validation import check_float, check_int
 
 
@@ -158,16 +158,18 @@ class UpdateRatioMonitor(DiagnosticCallback):
         params = optimizer_params(optimizer)
         if not params:
             return
-        weights = [p.detach() for p in params]
         grads = [p.grad for p in params if p.grad is not None]
         grad_sq = stacked(shared_grad_norms(grads)).double().square().sum() if grads else None
+        with torch.no_grad():  # fused over the tensors: one copy call and one norm pass, no per-tensor Python
+            copies = list(torch._foreach_mul(params, 1.0))  # x * 1.0 is x, bit for bit (-0.0 and NaN included)
+            weight_sq = torch.stack(fused_norms(params)).double().square()
         self._pending[index] = _Snapshot(
             step=int(trainer.global_step),
             names=[self._names.get(id(p), f"opt{index}.param{i}") for i, p in enumerate(params)],
             ndims=[p.ndim for p in params],
             params=params,
-            copies=[w.clone() for w in weights],
-            weight_sq=torch.stack(foreach_norms(weights)).double().square(),
+            copies=copies,
+            weight_sq=weight_sq,
             grads_finite=torch.isfinite(grad_sq) if grad_sq is not None else torch.ones((), dtype=torch.bool),
             lrs=_param_lrs(optimizer, params),
         )
@@ -178,8 +180,9 @@ class UpdateRatioMonitor(DiagnosticCallback):
             if snapshot is None or snapshot.copies is None:
                 return
             # before - after, in place in the copy: no second copy of the parameters
-            torch._foreach_sub_(snapshot.copies, [p.detach() for p in snapshot.params])
-            snapshot.delta_sq = torch.stack(foreach_norms(snapshot.copies)).double().square()
+            with torch.no_grad():
+                torch._foreach_sub_(snapshot.copies, snapshot.params)
+                snapshot.delta_sq = torch.stack(fused_norms(snapshot.copies)).double().square()
             snapshot.copies = None
 
         return hook

@@ -6,10 +6,11 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 
 from lightning_debug.base import DiagnosticCallback
-from lightning_debug.stats import foreach_norms, to_host
+from lightning_debug.stats import foreach_norms, fused_norms, to_host
 from lightning_debug.validation import check_float
 
 
@@ -238,8 +239,10 @@ class WeightStatsMonitor(DiagnosticCallback):
         named = [(name, p) for name, p in pl_module.named_parameters() if p.numel() > 0]
         if not named:
             return
-        norms = foreach_norms([p for _, p in named])
-        sums = [p.detach().float().sum() for _, p in named]
+        tensors = [p for _, p in named]
+        with torch.no_grad():  # one fused norm pass; one sum kernel per tensor, accumulated in float32
+            norms = fused_norms(tensors)
+            sums = [p.sum(dtype=torch.float32) for p in tensors]
         host = to_host([*norms, *sums])  # one transfer per measured step
         count = len(named)
         scalars = {}
