@@ -161,7 +161,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         grads = [p.grad for p in params if p.grad is not None]
         grad_sq = stacked(shared_grad_norms(grads)).double().square().sum() if grads else None
         with torch.no_grad():  # fused over the tensors: one copy call and one norm pass, no per-tensor Python
-            copies = list(torch._foreach_mul(params, 1.0))  # x * 1.0 is x, bit for bit (-0.0 and NaN included)
+            copies = list(torch._foreach_mul(list[Tensor](params), 1.0))  # x * 1.0: x bit for bit
             weight_sq = torch.stack(fused_norms(params)).double().square()
         self._pending[index] = _Snapshot(
             step=int(trainer.global_step),
@@ -181,7 +181,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
                 return
             # before - after, in place in the copy: no second copy of the parameters
             with torch.no_grad():
-                torch._foreach_sub_(snapshot.copies, snapshot.params)
+                torch._foreach_sub_(snapshot.copies, list[Tensor](snapshot.params))
                 snapshot.delta_sq = torch.stack(fused_norms(snapshot.copies)).double().square()
             snapshot.copies = None
 
