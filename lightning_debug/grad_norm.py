@@ -57,6 +57,9 @@ class GradNormMonitor(DiagnosticCallback):
       monitor keeps a reference, at most ``every_n_steps + 1`` of them): no host sync, no extra kernel. On measured
       steps the unread steps' global norms are summed on the device and read in one batched transfer together with
       the per-parameter norms, so every step is judged and a spike between two measured steps is found.
+      With NaNGuard in the same run (one process, one optimizer, automatic optimization, no GradScaler, no
+      ``autoclip``), NaNGuard already brings every step's gradient norms to the host for its own check; this
+      monitor takes them from it (``NaNGuard.grad_norm_feed``) and its hook runs on measured steps only.
     - **Spikes**: a step whose norm is at least ``spike_factor`` times the running median of the previous
       ``window`` finite norms (judged once ``min_history`` steps were seen). Healthy runs' norms drift 10-100x as
       the loss falls; the running median follows that, and a single step ~10x above it is normal. Measured on

@@ -78,11 +78,15 @@ def _outcome(callbacks: list[DiagnosticCallback], log_dir: str) -> dict[str, Any
     return {"scalars": scalars, "findings": findings, "summaries": summaries}
 
 
-def _run(tmp_path: Path, name: str, model: type[pl.LightningModule]) -> tuple[dict[str, Any], pl.Trainer]:
+def _run(
+    tmp_path: Path, name: str, model: type[pl.LightningModule], accumulate: int = 1
+) -> tuple[dict[str, Any], pl.Trainer]:
     callbacks = lightning_debug.suite(num_classes=10)
     logger = TensorBoardLogger(tmp_path, name=name)
     pl.seed_everything(0)
-    trainer = _fit(tmp_path, callbacks, model=model(), max_steps=STEPS, logger=logger)
+    trainer = _fit(
+        tmp_path, callbacks, model=model(), max_steps=STEPS, logger=logger, accumulate_grad_batches=accumulate
+    )
     logger.experiment.flush()
     return _outcome(callbacks, logger.log_dir), trainer
 
@@ -95,13 +99,16 @@ class _SpikeAt(zoo.DigitsMLP):
         return loss * 1000.0 if self.global_step == 33 else loss
 
 
-@pytest.mark.parametrize("model", [zoo.DigitsMLP, _SpikeAt])
-def test_dozing_changes_no_finding_scalar_or_summary(tmp_path: Path, model: Any, monkeypatch: Any) -> None:
-    dozing, trainer = _run(tmp_path, "dozing", model)
+@pytest.mark.parametrize(("model", "accumulate"), [(zoo.DigitsMLP, 1), (_SpikeAt, 1), (zoo.DigitsMLP, 3)])
+def test_dozing_changes_no_finding_scalar_or_summary(
+    tmp_path: Path, model: Any, accumulate: int, monkeypatch: Any
+) -> None:
+    # with gradient accumulation several batches share one optimizer step: all of a busy step's batches are awake
+    dozing, trainer = _run(tmp_path, "dozing", model, accumulate)
     assert trainer.callbacks[0].__dict__.get("_conductor") is None  # gone after the run
     for cls in {type(cb) for cb in lightning_debug.suite(num_classes=10)}:
         monkeypatch.setattr(cls, "doze_hooks", lambda self: ())  # every hook on every batch, as before dozing
-    awake, _ = _run(tmp_path, "awake", model)
+    awake, _ = _run(tmp_path, "awake", model, accumulate)
     assert dozing["findings"] == awake["findings"]
     assert dozing["summaries"] == awake["summaries"]
     assert dozing["scalars"] == awake["scalars"]
