@@ -61,6 +61,7 @@ class DiagnosticCallback(Callback):
 
     _init_arguments: dict[str, Any]  # what the user passed to the constructor, recorded by __init_subclass__
     _interval: int | None = None  # measure_interval() of the current run, set in setup
+    _step_counter: Any = None  # Lightning's optimizer-step counter behind trainer.global_step (see global_step)
     _dozing = False  # doze_hooks() are None on the instance now (see _Conductor)
     _doze_names: tuple[str, ...] = ()
 
@@ -84,6 +85,7 @@ class DiagnosticCallback(Callback):
         self._output_dir = Path(log_dir) / OUTPUT_SUBDIR
         self._report_written = False
         self._interval = self.measure_interval(trainer)  # fixed for the run: read on every step
+        self._step_counter = _step_counter(trainer, pl_module)
         writer = self.tensorboard(trainer)
         callbacks = _diagnostic_callbacks(trainer)
         if writer is not None and callbacks and callbacks[0] is self:
@@ -187,9 +189,15 @@ class DiagnosticCallback(Callback):
     def measure_interval(self, trainer: pl.Trainer) -> int:
         return self.every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
 
+    def global_step(self, trainer: pl.Trainer) -> int:
+        """``trainer.global_step``, read from the counter behind it (the property walks the trainer, the strategy
+        and the module on every read: 5-20 us with the caches cold after a training step's kernels)."""
+        counter = self._step_counter
+        return trainer.global_step if counter is None else counter.completed
+
     def is_measured_step(self, trainer: pl.Trainer) -> bool:
         """Whether the optimizer step about to happen (``trainer.global_step``) is a measured one."""
-        return trainer.global_step % (self._interval or self.measure_interval(trainer)) == 0
+        return self.global_step(trainer) % (self._interval or self.measure_interval(trainer)) == 0
 
     def is_measured_optimizer_step(self, trainer: pl.Trainer, optimizer_steps: int) -> bool:
         """:meth:`is_measured_step` for one optimizer; with several, each optimizer counts its own steps."""
@@ -415,7 +423,7 @@ class _Conductor:
         self.recheck: int | None = -1  # the step at which to work the states out again (None: never)
 
     def __call__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
+        step = self.owner.global_step(trainer)
         if not (self.last <= step and (self.recheck is None or step < self.recheck)):
             self._schedule(trainer, pl_module, step)
         own = self.own
@@ -448,6 +456,23 @@ class _Conductor:
             if change is not None:
                 changes.append(change)
         self.recheck = min(changes) if changes else None
+
+
+def _step_counter(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    """The progress record whose ``completed`` count ``trainer.global_step`` returns, or None if not found.
+
+    Lightning restores it in place on resume (``load_state_dict`` updates its ``__dict__``), so a reference taken at
+    setup stays right; it is checked against the property now, and None makes :meth:`global_step` use the property.
+    """
+    try:
+        loop = trainer.fit_loop.epoch_loop
+        if pl_module.automatic_optimization:
+            counter = loop.automatic_optimization.optim_progress.optimizer.step.total
+        else:
+            counter = loop.manual_optimization.optim_step_progress.total
+        return counter if counter.completed == trainer.global_step else None
+    except AttributeError:
+        return None
 
 
 def _diagnostic_callbacks(trainer: pl.Trainer) -> list[DiagnosticCallback]:

@@ -165,13 +165,13 @@ class LossCurveMonitor(DiagnosticCallback):
                 "are off.",
                 "Return the loss (or a dict with a 'loss' key) from training_step, also under manual optimization.",
             )
-        step = int(trainer.global_step)
+        step = self.global_step(trainer)
         if step == self._last_step:
             return  # gradient accumulation: no optimizer step since the last batch
         self._last_step = step
         if self.hockey is None and self.hockey_steps and step >= 5 * self.hockey_steps:
             self._judge_hockey(trainer)
-        if self.is_measured_step(trainer):
+        if step % (self._interval or self.measure_interval(trainer)) == 0:
             self._measure(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

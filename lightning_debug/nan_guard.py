@@ -365,7 +365,7 @@ class NaNGuard(DiagnosticCallback):
         if not all(map(math.isfinite, values)):
             return False  # the general path checks (and sends) the step
         if self._norm_feeds:
-            entry = (trainer.global_step, values, 1)
+            entry = (self.global_step(trainer), values, 1)
             for feed in self._norm_feeds:
                 feed.append(entry)
         normalised = trainer.accumulate_grad_batches if self._automatic else 1
@@ -462,7 +462,7 @@ class NaNGuard(DiagnosticCallback):
         params_host = take(len(param_norms)) if param_norms else None
         grads_host = take(grad_count) if grad_count else None
         if self._norm_feeds and grads_host is not None:
-            entry = (trainer.global_step, grads_host, 0)
+            entry = (self.global_step(trainer), grads_host, 0)
             for feed in self._norm_feeds:
                 feed.append(entry)
         grad_bad_indices = [i for i, v in enumerate(grads_host) if not math.isfinite(v)] if grads_host else []

@@ -159,3 +159,49 @@ def test_hooks_are_restored_and_fed_norms_judged_when_training_raises(tmp_path: 
     assert steps == [33, 34, 35, 36]  # the unread steps were judged before the report was written
     hooks = {"on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_before_optimizer_step"}
     assert all(not hooks & set(vars(cb)) and not cb._dozing for cb in callbacks)
+
+
+class _StepWitness(DiagnosticCallback):
+    """Records the fast ``global_step`` read next to Lightning's property, before and after each optimizer step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.seen.append((self.global_step(trainer), trainer.global_step))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.seen.append((self.global_step(trainer), trainer.global_step))
+
+
+class _ManualTwoSteps(zoo.DigitsMLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        optimizer = self.optimizers()
+        for _ in range(2):  # two optimizer steps per batch: global_step counts both
+            loss = torch.nn.functional.cross_entropy(self(x), y)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        return loss
+
+
+@pytest.mark.parametrize("model", [zoo.DigitsMLP, _ManualTwoSteps])
+def test_fast_global_step_matches_lightnings_also_after_resume(tmp_path: Path, model: Any) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    first = _StepWitness()
+    _fit(tmp_path, [first, checkpoint], model=model(), max_steps=6, enable_checkpointing=True)
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+    second = _StepWitness()
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [second], max_steps=12)
+    trainer.fit(model(), datamodule=DigitsDataModule(batch_size=32), ckpt_path=str(ckpt))
+    assert second._step_counter is not None  # the counter was found: the fast read is in use
+    for witness in (first, second):
+        assert witness.seen and all(fast == slow for fast, slow in witness.seen)
+    assert second.seen[0][1] == 6 and second.seen[-1][1] == 12
