@@ -251,6 +251,7 @@ class NaNGuard(DiagnosticCallback):
         self._automatic = True
         self._optimizer_params = OptimizerParams()  # the fast path's, re-read once per measurement interval
         self._uniform: dict[int, bool] = {}  # per optimizer: its gradients share a device, dtype and layout (same)
+        self._norms_read_after = True  # a monitor after this guard reads the step's gradient norms (on_train_start)
         self._norm_feeds: list[list[tuple[int, list[float], int]]] = []  # grad_norm_feed()'s subscribers
 
     # ------------------------------------------------------------------ lifecycle
@@ -261,6 +262,12 @@ class NaNGuard(DiagnosticCallback):
         self._automatic = pl_module.automatic_optimization
         self._optimizer_params.clear()
         self._uniform.clear()
+        from lightning_debug.grad_norm import GradNormMonitor
+        from lightning_debug.update_ratio import UpdateRatioMonitor
+
+        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+        after = callbacks[callbacks.index(self) + 1 :] if self in callbacks else callbacks
+        self._norms_read_after = any(isinstance(cb, (GradNormMonitor, UpdateRatioMonitor)) for cb in after)
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
         self._refresh_checked(pl_module)
         for optimizer in trainer.optimizers:
@@ -354,7 +361,7 @@ class NaNGuard(DiagnosticCallback):
         uniform = self._uniform.get(id(optimizer))
         if uniform is None:  # a check per gradient (~1 us each): once per measurement interval, not per step
             uniform = self._uniform[id(optimizer)] = is_uniform(grads)
-        norms = shared_grad_norms(grads, uniform)
+        norms = shared_grad_norms(grads, uniform, share=self._norms_read_after)
         try:
             vector = torch.stack([loss if loss.ndim == 0 else loss.reshape(()), *norms])
         except RuntimeError:  # several devices or dtypes: the general path
@@ -408,7 +415,9 @@ class NaNGuard(DiagnosticCallback):
         uniform = self._uniform.get(id(optimizer))
         if uniform is None and found_inf is None:
             uniform = self._uniform[id(optimizer)] = is_uniform(grads)  # type: ignore[arg-type]
-        grad_norms = shared_grad_norms(grads, uniform) if found_inf is None else StepNorms()  # type: ignore[arg-type]
+        grad_norms = (
+            shared_grad_norms(grads, uniform, share=self._norms_read_after) if found_inf is None else StepNorms()  # type: ignore[arg-type]
+        )
         param_norms = fused_norms([t for _, t in self._checked]) if with_params else []
         if head or param_norms:  # the loss and flags may live elsewhere or in another dtype: rare, cheap
             head = [t if t.device == device else t.to(device) for t in (*head, *param_norms)]

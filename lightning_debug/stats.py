@@ -103,23 +103,28 @@ def stacked(norms: StepNorms) -> Tensor:
     return norms.stacked
 
 
-def shared_grad_norms(grads: Sequence[Tensor], uniform: bool | None = None) -> StepNorms:
+def shared_grad_norms(grads: Sequence[Tensor], uniform: bool | None = None, share: bool = True) -> StepNorms:
     """``fused_norms(grads)``, computed once per step for all callers: the step's gradient norms are shared.
 
     GradNormMonitor, NaNGuard and UpdateRatioMonitor all need the norms of the same gradients in the same
     ``on_before_optimizer_step``: the first caller computes them (one fused norm), the others get the same
     object. It is reused only for the very same tensor objects (checked through weak references, so the memo keeps
     nothing alive) with the same ``_version`` (any in-place change since, e.g. clipping, recomputes). Callers must
-    not modify it. ``uniform`` is :func:`fused_norms`'s.
+    not modify it. ``uniform`` is :func:`fused_norms`'s. ``share=False``: the caller knows no one reads these
+    gradients after it this step; it still takes the memo's norms when they are the same, but stores none (the key and
+    the weak references cost ~1 us per gradient, with the caches cold after the backward).
     """
     if not grads:
         return StepNorms()
-    key = (*map(id, grads), *map(_VERSION, grads))  # C-level maps: this runs on every step
     memo = _NORM_MEMO
-    if memo.key == key and all(ref() is t for ref, t in zip(memo.refs, grads)):
-        return memo.norms
+    first = memo.refs[0]() if memo.refs else None
+    if first is grads[0]:  # else a miss for sure, without building the key (the usual case on a new step)
+        key = (*map(id, grads), *map(_VERSION, grads))  # C-level maps
+        if memo.key == key and all(ref() is t for ref, t in zip(memo.refs, grads)):
+            return memo.norms
     norms = StepNorms(fused_norms(grads, uniform))
-    memo.key, memo.refs, memo.norms = key, list(map(weakref.ref, grads)), norms
+    if share:
+        memo.key, memo.refs, memo.norms = (*map(id, grads), *map(_VERSION, grads)), list(map(weakref.ref, grads)), norms
     return norms
 
 

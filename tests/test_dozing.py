@@ -205,3 +205,30 @@ def test_fast_global_step_matches_lightnings_also_after_resume(tmp_path: Path, m
     for witness in (first, second):
         assert witness.seen and all(fast == slow for fast, slow in witness.seen)
     assert second.seen[0][1] == 6 and second.seen[-1][1] == 12
+
+
+def test_the_step_norms_are_shared_only_with_monitors_that_read_them_after_the_guard(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    from lightning_debug import stats
+
+    passes: list[int] = []
+    original = stats.fused_norms
+
+    def counting(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+        passes.append(len(tensors))
+        return original(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(stats, "fused_norms", counting)  # the gradient passes of shared_grad_norms
+    guard, reader = NaNGuard(), lightning_debug.UpdateRatioMonitor()
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [guard, reader], max_steps=12, log_every_n_steps=5)
+    trainer.fit(zoo.DigitsMLP(), datamodule=DigitsDataModule(batch_size=32))
+    # UpdateRatioMonitor reads the gradient norms after NaNGuard on steps 0, 5 and 10: NaNGuard's pass is shared
+    assert guard._norms_read_after and len(passes) == 12
+
+    monkeypatch.setattr(stats, "_NORM_MEMO", stats._NormMemo())
+    alone = NaNGuard()
+    trainer = quiet_trainer(tmp_path, [alone, lightning_debug.LossCurveMonitor()], max_steps=3)
+    trainer.fit(zoo.DigitsMLP(), datamodule=DigitsDataModule(batch_size=32))
+    assert not alone._norms_read_after and stats._NORM_MEMO.refs == []  # no reader after it: nothing kept

@@ -304,9 +304,9 @@ def test_between_measured_steps_only_the_gradients_are_read(tmp_path: Path, monk
         read.append((trainer_step[0], "params"))
         return original_params(tensors)
 
-    def grads_read(tensors: Any, uniform: bool | None = None) -> Any:
+    def grads_read(tensors: Any, *args: Any, **kwargs: Any) -> Any:
         read.append((trainer_step[0], "grads"))
-        return original_grads(tensors, uniform)
+        return original_grads(tensors, *args, **kwargs)
 
     class Step(Callback):
         def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
