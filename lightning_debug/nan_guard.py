@@ -284,6 +284,12 @@ class NaNGuard(DiagnosticCallback):
             self._snapshot = _Snapshot()
             self._take_snapshot(trainer, pl_module)
 
+    def doze_hooks(self) -> tuple[str, ...]:
+        # Dozing runs with one optimizer and automatic optimization, where the gate consumes every skip decision
+        # within its optimizer step; the gate is (re)installed on the busy steps. The batch is kept every step when
+        # it is to be saved.
+        return () if self.save_batch else ("on_train_batch_start",)
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:

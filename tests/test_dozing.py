@@ -59,6 +59,7 @@ def test_hooks_are_dispatched_on_busy_steps_only(tmp_path: Path) -> None:
     assert _calls(profiler, "GradNormMonitor.on_before_optimizer_step") == measured
     # the ones that need every step never doze
     assert _calls(profiler, "NaNGuard.on_before_optimizer_step") == STEPS
+    assert _calls(profiler, "NaNGuard.on_train_batch_start") == busy  # installs the gate: on busy steps
     assert _calls(profiler, "LossCurveMonitor.on_train_batch_end") == STEPS
     # after the run every instance is as constructed: no hook left on an instance
     hooks = {"on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_before_optimizer_step"}
