@@ -50,7 +50,9 @@ class DiagnosticCallback(Callback):
     ``super()``.
     While a Trainer runs it, an instance's per-batch hooks (``PER_BATCH_HOOKS``) that its class does not implement
     are None on the instance, so Lightning skips them instead of dispatching a no-op for every batch (set in
-    :meth:`setup`, removed in :meth:`teardown` or :meth:`on_exception`).
+    :meth:`setup`, removed in :meth:`teardown` or :meth:`on_exception`). The hooks a subclass needs only around its
+    measured steps (:meth:`doze_hooks`) are None between its :meth:`busy` steps too, with one optimizer and automatic
+    optimization: the trainer's first lightning_debug callback puts them to sleep and wakes them (``_Conductor``).
 
     Args:
         every_n_steps: measure every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
@@ -435,7 +437,7 @@ class _Conductor:
             self.dozers = []
             if len(trainer.optimizers) == 1 and pl_module.automatic_optimization:
                 for callback in self.callbacks:
-                    callback._doze_names = tuple(callback.doze_hooks())
+                    callback._doze_names = _dozeable(callback)
                     if callback._doze_names:
                         self.dozers.append(callback)
             if not self.dozers:  # nothing to conduct: the owner's hook as it was (None when its class has none)
@@ -456,6 +458,22 @@ class _Conductor:
             if change is not None:
                 changes.append(change)
         self.recheck = min(changes) if changes else None
+
+
+def _dozeable(callback: DiagnosticCallback) -> tuple[str, ...]:
+    """:meth:`~DiagnosticCallback.doze_hooks` less the ones a subclass overrides without overriding ``doze_hooks``
+    itself (a user's subclass that adds per-batch work to a hook keeps it awake on every batch)."""
+    cls = type(callback)
+    declared_by = _defined_in(cls, "doze_hooks")
+    return tuple(
+        name
+        for name in callback.doze_hooks()
+        if declared_by is not None and issubclass(declared_by, _defined_in(cls, name) or object)
+    )
+
+
+def _defined_in(cls: type, name: str) -> type | None:
+    return next((klass for klass in cls.__mro__ if name in vars(klass)), None)
 
 
 def _step_counter(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:

@@ -233,3 +233,21 @@ def test_the_step_norms_are_shared_only_with_monitors_that_read_them_after_the_g
     trainer = quiet_trainer(tmp_path, [alone, lightning_debug.LossCurveMonitor()], max_steps=3)
     trainer.fit(zoo.DigitsMLP(), datamodule=DigitsDataModule(batch_size=32))
     assert not alone._norms_read_after and stats._NORM_MEMO.refs == []  # no reader after it: nothing kept
+
+
+def test_a_subclass_that_overrides_a_dozing_hook_keeps_it_awake(tmp_path: Path) -> None:
+    class EveryBatch(lightning_debug.PredictionDynamicsLogger):
+        """Adds its own per-batch work to a hook the parent needs only on measured steps."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.batches = 0
+
+        def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+            self.batches += 1
+            super().on_train_batch_end(*args, **kwargs)
+
+    callback = EveryBatch()
+    _fit(tmp_path, [lightning_debug.GradNormMonitor(), callback, NaNGuard()], max_steps=STEPS)
+    assert callback.batches == STEPS
+    assert callback.steps == list(range(0, STEPS + 1, EVERY))  # its own evaluations unchanged
