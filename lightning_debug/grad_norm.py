@@ -357,10 +357,14 @@ class GradNormMonitor(DiagnosticCallback):
         self._log_clip(trainer, index, log)
 
     def _flush(self, trainer: pl.Trainer) -> None:
-        if self._feed and 0 not in self._logs:  # dozed since the run started: the feed holds every step
-            self._logs[0] = _StepLog()
+        self._fed_log()
         for index, log in sorted(self._logs.items()):
             self._flush_log(trainer, index, log)
+
+    def _fed_log(self) -> None:
+        """The first optimizer's log when the feed may hold steps this hook never saw (it dozed since the start)."""
+        if self._feed and 0 not in self._logs:
+            self._logs[0] = _StepLog()
 
     def _drain(self, log: _StepLog) -> None:
         """Take the steps NaNGuard's feed sent since the last judged step (not the ones this hook saw itself)."""
@@ -667,8 +671,7 @@ class GradNormMonitor(DiagnosticCallback):
 
     def extra_state(self) -> dict[str, Any]:
         logs = {}
-        if self._feed and 0 not in self._logs:
-            self._logs[0] = _StepLog()
+        self._fed_log()
         for index, log in self._logs.items():
             if index == 0:
                 self._drain(log)

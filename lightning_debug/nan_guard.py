@@ -326,6 +326,21 @@ class NaNGuard(DiagnosticCallback):
         self._norm_feeds.append(feed)
         return feed
 
+    def _send_norms(self, trainer: pl.Trainer, values: list[float], offset: int) -> None:
+        """Hand the step's host gradient norms (``values[offset:]``) to the :meth:`grad_norm_feed` subscribers."""
+        if self._norm_feeds:
+            entry = (self.global_step(trainer), values, offset)
+            for feed in self._norm_feeds:
+                feed.append(entry)
+
+    def _is_uniform(self, optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> bool:
+        """Whether ``grads`` share one device, dtype and dense layout: checked once per measurement interval (a check
+        per gradient, ~1 us each), not per step; ``_uniform`` is cleared with the parameter lists."""
+        uniform = self._uniform.get(id(optimizer))
+        if uniform is None:
+            uniform = self._uniform[id(optimizer)] = is_uniform(grads)
+        return uniform
+
     # ------------------------------------------------------------------ measure
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         value = loss.detach().float()
@@ -364,10 +379,7 @@ class NaNGuard(DiagnosticCallback):
         grads = [g for g in map(_grad_of, self._optimizer_params.get(optimizer)) if g is not None]
         if not grads:
             return False
-        uniform = self._uniform.get(id(optimizer))
-        if uniform is None:  # a check per gradient (~1 us each): once per measurement interval, not per step
-            uniform = self._uniform[id(optimizer)] = is_uniform(grads)
-        norms = shared_grad_norms(grads, uniform, share=self._norms_read_after)
+        norms = shared_grad_norms(grads, self._is_uniform(optimizer, grads), share=self._norms_read_after)
         try:
             vector = torch.stack([loss if loss.ndim == 0 else loss.reshape(()), *norms])
         except RuntimeError:  # several devices or dtypes: the general path
@@ -377,10 +389,7 @@ class NaNGuard(DiagnosticCallback):
             norms.source = (vector, 1)  # GradNormMonitor reads the steps' norms from it: no stack
         if not all(map(math.isfinite, values)):
             return False  # the general path checks (and sends) the step
-        if self._norm_feeds:
-            entry = (self.global_step(trainer), values, 1)
-            for feed in self._norm_feeds:
-                feed.append(entry)
+        self._send_norms(trainer, values, 1)
         normalised = trainer.accumulate_grad_batches if self._automatic else 1
         loss_value = values[0] * normalised / self._loss_count
         self._loss_sum, self._loss_count = None, 0
@@ -417,12 +426,11 @@ class NaNGuard(DiagnosticCallback):
             head.append(found_inf.clamp(max=1).reshape(()))
         if scale is not None:
             head.append(scale.reshape(()))
-        grads = [p.grad for p in grad_params]
-        uniform = self._uniform.get(id(optimizer))
-        if uniform is None and found_inf is None:
-            uniform = self._uniform[id(optimizer)] = is_uniform(grads)  # type: ignore[arg-type]
+        grads: list[Tensor] = [p.grad for p in grad_params]  # type: ignore[misc]
         grad_norms = (
-            shared_grad_norms(grads, uniform, share=self._norms_read_after) if found_inf is None else StepNorms()  # type: ignore[arg-type]
+            shared_grad_norms(grads, self._is_uniform(optimizer, grads), share=self._norms_read_after)
+            if found_inf is None
+            else StepNorms()
         )
         param_norms = fused_norms([t for _, t in self._checked]) if with_params else []
         if head or param_norms:  # the loss and flags may live elsewhere or in another dtype: rare, cheap
@@ -476,10 +484,8 @@ class NaNGuard(DiagnosticCallback):
         loss_scale = take(1)[0] if scale is not None else math.nan
         params_host = take(len(param_norms)) if param_norms else None
         grads_host = take(grad_count) if grad_count else None
-        if self._norm_feeds and grads_host is not None:
-            entry = (self.global_step(trainer), grads_host, 0)
-            for feed in self._norm_feeds:
-                feed.append(entry)
+        if grads_host is not None:
+            self._send_norms(trainer, grads_host, 0)
         grad_bad_indices = [i for i, v in enumerate(grads_host) if not math.isfinite(v)] if grads_host else []
         param_bad_indices = [i for i, v in enumerate(params_host) if not math.isfinite(v)] if params_host else []
         local_loss_bad = not math.isfinite(local_loss_value)
