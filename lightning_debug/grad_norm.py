@@ -198,6 +198,7 @@ class GradNormMonitor(DiagnosticCallback):
         self._reported: set[str] = set()  # "check:name" reported once
         self._last_rms_ratio: dict[str, float] = {}
         self._feed: list[tuple[int, list[float], int]] | None = None  # NaNGuard's per-step norms (on_train_start)
+        self._guarded = False  # a NaNGuard is in the run (on_train_start)
 
     # ------------------------------------------------------------------ public
     @property
@@ -212,6 +213,7 @@ class GradNormMonitor(DiagnosticCallback):
         self._params.clear()  # a new fit: new optimizers
         self._feed = None
         guard = next((cb for cb in trainer.callbacks if callable(getattr(cb, "grad_norm_feed", None))), None)  # type: ignore[attr-defined]
+        self._guarded = guard is not None  # NaNGuard skips the non-finite steps (the finding says so)
         if (
             guard is not None
             and not self.autoclip
@@ -556,14 +558,18 @@ class GradNormMonitor(DiagnosticCallback):
                 step=steps[0],
             )
         else:
+            guarded = self._guarded
             self.report(
                 trainer,
                 "grad_norm.non_finite",
                 "warning",
                 f"Non-finite gradients (NaN/Inf) at step {steps[0]} ({len(log.nonfinite_steps)} of {total} steps "
-                "so far; expected 0 without a GradScaler). The optimizer applied them; they are kept out of the "
-                "gradient statistics.",
-                "Add NaNGuard to skip such steps and back off the learning rate (by 3x), or lower the learning "
+                "so far; expected 0 without a GradScaler). "
+                + ("NaNGuard skipped these steps" if guarded else "The optimizer applied them")
+                + "; they are kept out of the gradient statistics.",
+                "Lower the learning rate (NaNGuard's findings give the rate it backed off to) and clip gradients."
+                if guarded
+                else "Add NaNGuard to skip such steps and back off the learning rate (by 3x), or lower the learning "
                 "rate and clip gradients.",
                 {"steps": steps[:20], "nonfinite_steps": len(log.nonfinite_steps), "total_steps": total},
                 step=steps[0],

@@ -60,6 +60,7 @@ def test_hooks_are_dispatched_on_busy_steps_only(tmp_path: Path) -> None:
     # the ones that need every step never doze
     assert _calls(profiler, "NaNGuard.on_before_optimizer_step") == STEPS
     assert _calls(profiler, "NaNGuard.on_train_batch_start") == busy  # installs the gate: on busy steps
+    assert _calls(profiler, "NaNGuard.on_train_batch_end") == busy  # no snapshot due in 43 steps (every 100)
     assert _calls(profiler, "LossCurveMonitor.on_train_batch_end") == STEPS
     # after the run every instance is as constructed: no hook left on an instance
     hooks = {"on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_before_optimizer_step"}
@@ -251,3 +252,38 @@ def test_a_subclass_that_overrides_a_dozing_hook_keeps_it_awake(tmp_path: Path) 
     _fit(tmp_path, [lightning_debug.GradNormMonitor(), callback, NaNGuard()], max_steps=STEPS)
     assert callback.batches == STEPS
     assert callback.steps == list(range(0, STEPS + 1, EVERY))  # its own evaluations unchanged
+
+
+class _NaNLossAt(zoo.DigitsMLP):
+    """A non-finite loss at two steps: NaNGuard skips them and counts its good steps again from zero."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.global_step in (12, 13) else loss
+
+
+@pytest.mark.parametrize("model", [zoo.DigitsMLP, _NaNLossAt])
+def test_snapshots_are_taken_at_the_same_steps_while_the_guard_dozes(
+    tmp_path: Path, model: Any, monkeypatch: Any
+) -> None:
+    from lightning_debug import nan_guard
+
+    taken: list[int] = []
+    capture = nan_guard._Snapshot.capture
+
+    def recording(self: Any, step: int, *args: Any) -> None:
+        taken.append(step)
+        capture(self, step, *args)
+
+    monkeypatch.setattr(nan_guard._Snapshot, "capture", recording)
+    profiler = SimpleProfiler()
+    guard = NaNGuard(snapshot_every_n_steps=7)
+    _fit(tmp_path, [guard, GradNormMonitor()], model=model(), max_steps=STEPS, profiler=profiler)
+    dozing = list(taken)
+    assert _calls(profiler, "NaNGuard.on_train_batch_end") < STEPS  # it did doze
+    taken.clear()
+    monkeypatch.setattr(NaNGuard, "doze_hooks", lambda self: ())
+    _fit(tmp_path, [NaNGuard(snapshot_every_n_steps=7), GradNormMonitor()], model=model(), max_steps=STEPS)
+    assert dozing == taken
+    # at the start, then after every 7 good steps (the two skipped steps start the count again)
+    assert taken == ([0, 7, 14, 21, 28, 35, 42] if model is zoo.DigitsMLP else [0, 7, 21, 28, 35, 42])

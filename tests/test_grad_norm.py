@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from lightning_debug import zoo
 from lightning_debug.data import DigitsDataModule
 from lightning_debug.grad_norm import GradNormMonitor
 from lightning_debug.loss_curve import LossCurveMonitor
+from lightning_debug.nan_guard import NaNGuard
 from lightning_debug.stats import fused_norms
 from lightning_debug.update_ratio import UpdateRatioMonitor
 
@@ -382,3 +384,22 @@ def test_norms_read_from_nan_guards_transfer_vector_are_the_applied_ones(tmp_pat
     monitor, applied = GradNormMonitor(every_n_steps=5), _AppliedNorms()
     _fit(tmp_path, model(), DigitsDataModule(batch_size=32), [monitor, NaNGuard(), applied], max_steps=12)
     assert [n for _, n in _recorded(monitor)] == pytest.approx(applied.norms, rel=1e-5)
+
+
+class _NaNLossAt7(zoo.DigitsMLP):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.global_step == 7 else loss
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_the_non_finite_finding_says_whether_the_step_was_applied(tmp_path: Path, guarded: bool) -> None:
+    grad = GradNormMonitor(every_n_steps=5)
+    callbacks = [grad, NaNGuard()] if guarded else [grad]
+    _fit(tmp_path, _NaNLossAt7(), DigitsDataModule(batch_size=32), callbacks, max_steps=15)
+    (finding,) = [f for f in grad.findings if f.check == "grad_norm.non_finite"]
+    assert finding.severity == "warning" and finding.step == 7
+    if guarded:
+        assert "NaNGuard skipped these steps" in finding.message and "NaNGuard" not in finding.hint.split("(")[0]
+    else:
+        assert "The optimizer applied them" in finding.message and finding.hint.startswith("Add NaNGuard")
