@@ -23,9 +23,11 @@ class LossCurveMonitor(DiagnosticCallback):
     It reads the loss ``training_step`` returns (``on_train_batch_end``'s ``outputs``: a tensor or a dict with a
     ``"loss"`` key): per step it only keeps a float64 copy of it on the device (one kernel, no host sync); on
     measured steps the kept losses are summed (non-finite ones left out) and the window's mean goes to the host
-    in one transfer (reduced across ranks under DDP). The validation metric ``val_metric`` is read from
-    ``trainer.callback_metrics`` at the end of each validation, next to the mean training loss since the
-    previous validation. Judged:
+    in one transfer (reduced across ranks under DDP). With NaNGuard in the run (one process, one optimizer, automatic
+    optimization, no gradient accumulation) it takes the losses NaNGuard brings to the host on every step instead
+    (``NaNGuard.loss_feed``: the same values), and its hook runs only around measured steps. The validation metric
+    ``val_metric`` is read from ``trainer.callback_metrics`` at the end of each validation, next to the mean
+    training loss since the previous validation. Judged:
 
     - **not decreasing**: after ``window`` measurements, the mean of the latest ``window // 2`` is not below the
       mean of the first ``window // 2`` of the run by at least ``min_decrease`` (relative). Judged against the
@@ -137,15 +139,61 @@ class LossCurveMonitor(DiagnosticCallback):
         self._window_sum: Tensor | None = None  # folded losses since the last measured step
         self._epoch_sum: Tensor | None = None  # folded losses since the last validation
         self._early: list[Tensor] = []
+        self._early_host: list[float] = []  # the same, from NaNGuard's loss feed
         self._last_step = -1
         self._no_loss = False
+        self._loss_feed: list[tuple[int, float]] | None = None  # NaNGuard's per-step losses (on_train_start)
+
+    # ------------------------------------------------------------------ NaNGuard's losses
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loss_feed = None
+        guard = next((cb for cb in trainer.callbacks if callable(getattr(cb, "loss_feed", None))), None)  # type: ignore[attr-defined]
+        if (
+            guard is not None
+            and trainer.world_size == 1
+            and len(trainer.optimizers) == 1
+            and pl_module.automatic_optimization
+            and trainer.accumulate_grad_batches == 1
+        ):  # NaNGuard brings every step's loss to the host: between measured steps this hook can doze
+            self._loss_feed = guard.loss_feed()
+
+    def doze_hooks(self) -> tuple[str, ...]:
+        return ("on_train_batch_end",) if self._loss_feed is not None else ()
+
+    def busy(self, step: int) -> bool:
+        return super().busy(step) or self._hockey_due(step + 1)
+
+    def next_change(self, step: int) -> int | None:
+        change = super().next_change(step)
+        if self.hockey is None and self.hockey_steps:
+            due = max(step + 1, 5 * self.hockey_steps - 1)  # awake from the batch that ends at step 5 * hockey_steps
+            change = due if change is None else min(change, due)
+        return change
+
+    def _hockey_due(self, step: int) -> bool:
+        return self.hockey is None and bool(self.hockey_steps) and step >= 5 * self.hockey_steps
+
+    def _drain(self) -> None:
+        """Take the losses NaNGuard's feed sent since the last drain (kept like the ones read from ``outputs``)."""
+        feed = self._loss_feed
+        if not feed:
+            return
+        values = [loss for _, loss in feed]
+        feed.clear()
+        if self.hockey is None and self.hockey_steps and len(self._early_host) < 5 * self.hockey_steps:
+            self._early_host.extend(values[: 5 * self.hockey_steps - len(self._early_host)])
+        self._losses.append(torch.tensor(values, dtype=torch.float64))
+        if len(self._losses) >= _FOLD_EVERY:
+            self._fold()
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, Tensor) and loss.numel() == 1:
+        if self._loss_feed is not None and isinstance(loss, Tensor) and loss.numel() == 1:
+            self._drain()  # the losses come from NaNGuard (outputs only say whether there is one)
+        elif isinstance(loss, Tensor) and loss.numel() == 1:
             # Automatic optimization hands over a detached clone of the loss, fresh every step: keeping a reference
             # costs no kernel. Under manual optimization the returned tensor is the user's (it may be reused, e.g.
             # by CUDA graphs): then a copy, the only per-step kernel.
@@ -169,7 +217,7 @@ class LossCurveMonitor(DiagnosticCallback):
         if step == self._last_step:
             return  # gradient accumulation: no optimizer step since the last batch
         self._last_step = step
-        if self.hockey is None and self.hockey_steps and step >= 5 * self.hockey_steps:
+        if self._hockey_due(step):
             self._judge_hockey(trainer)
         if step % (self._interval or self.measure_interval(trainer)) == 0:
             self._measure(trainer)
@@ -181,6 +229,7 @@ class LossCurveMonitor(DiagnosticCallback):
         if not isinstance(val, Tensor):
             return
         device = trainer.strategy.root_device
+        self._drain()
         self._fold()
         epoch = self._epoch_sum if self._epoch_sum is not None else torch.zeros(2, dtype=torch.float64, device=device)
         self._epoch_sum = None
@@ -200,7 +249,7 @@ class LossCurveMonitor(DiagnosticCallback):
         """Add the kept losses' [finite sum, finite count] to the window and epoch accumulators (on the device)."""
         if not self._losses:
             return
-        values = torch.cat([v.reshape(1) for v in self._losses]).double()
+        values = torch.cat([v.reshape(-1) for v in self._losses]).double()
         self._losses = []
         finite = torch.isfinite(values)
         pair = torch.stack([torch.where(finite, values, torch.zeros_like(values)).sum(), finite.sum().double()])
@@ -274,8 +323,8 @@ class LossCurveMonitor(DiagnosticCallback):
 
     def _judge_hockey(self, trainer: pl.Trainer) -> None:
         k = self.hockey_steps
-        losses = to_host(self._early) if self._early else []  # once per run
-        self._early = []
+        losses = to_host(self._early) if self._early else list(self._early_host)  # once per run
+        self._early, self._early_host = [], []
         # every rank judges the same numbers: average the ranks' curves
         if trainer.world_size > 1:
             device = trainer.strategy.root_device

@@ -253,6 +253,7 @@ class NaNGuard(DiagnosticCallback):
         self._uniform: dict[int, bool] = {}  # per optimizer: its gradients share a device, dtype and layout (same)
         self._norms_read_after = True  # a monitor after this guard reads the step's gradient norms (on_train_start)
         self._norm_feeds: list[list[tuple[int, list[float], int]]] = []  # grad_norm_feed()'s subscribers
+        self._loss_feeds: list[list[tuple[int, float]]] = []  # loss_feed()'s subscribers
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -324,6 +325,7 @@ class NaNGuard(DiagnosticCallback):
         super().teardown(trainer, pl_module, stage)
         self._remove_gates()
         self._norm_feeds = []
+        self._loss_feeds = []
         self._snapshot = None
         self._batch = None
         self._checked = []
@@ -339,6 +341,23 @@ class NaNGuard(DiagnosticCallback):
         feed: list[tuple[int, list[float], int]] = []
         self._norm_feeds.append(feed)
         return feed
+
+    def loss_feed(self) -> list[tuple[int, float]]:
+        """Subscribe to the training loss this guard brings to the host on every optimizer step (for the run).
+
+        The returned list receives ``(global_step, loss)`` per checked step that had a loss: the mean of the step's
+        losses as ``training_step`` returned them (unscaled under a GradScaler; NaN or inf when non-finite).
+        LossCurveMonitor takes its per-step losses from it. The subscriber empties the list; it is dropped at
+        teardown.
+        """
+        feed: list[tuple[int, float]] = []
+        self._loss_feeds.append(feed)
+        return feed
+
+    def _send_loss(self, trainer: pl.Trainer, loss: float) -> None:
+        entry = (self.global_step(trainer), loss)
+        for feed in self._loss_feeds:
+            feed.append(entry)
 
     def _send_norms(self, trainer: pl.Trainer, values: list[float], offset: int) -> None:
         """Hand the step's host gradient norms (``values[offset:]``) to the :meth:`grad_norm_feed` subscribers."""
@@ -414,6 +433,8 @@ class NaNGuard(DiagnosticCallback):
         self._send_norms(trainer, values, 1)
         normalised = trainer.accumulate_grad_batches if self._automatic else 1
         loss_value = values[0] * normalised / self._loss_count
+        if self._loss_feeds:
+            self._send_loss(trainer, loss_value)
         self._loss_sum, self._loss_count = None, 0
         self._consecutive_bad = 0
         self._stepped_good = True
@@ -529,6 +550,8 @@ class NaNGuard(DiagnosticCallback):
         # automatic optimization hands us the loss already divided by accumulate_grad_batches
         normalised = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         loss = loss_total * normalised / (loss_count * world) if loss_count else math.nan
+        if self._loss_feeds and loss_count:
+            self._send_loss(trainer, loss)
         return {
             "loss": loss,
             "has_loss": loss_count > 0,

@@ -11,12 +11,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_debug.data import DigitsDataModule, load_digits_tensors
 from lightning_debug.loss_curve import LossCurveMonitor
+from lightning_debug.nan_guard import NaNGuard
 from lightning_debug.zoo import DigitsCNN, DigitsMLP
 
 
-def fit(tmp_path, model, callback, *loaders, datamodule=None, **kwargs):
+def fit(tmp_path, model, callback, *loaders, datamodule=None, guard=False, **kwargs):
+    """``guard``: NaNGuard in the run too (the monitor then takes its losses from NaNGuard's feed and dozes)."""
     kwargs.setdefault("max_epochs", 3)
-    trainer = quiet_trainer(tmp_path, [callback], **kwargs)
+    trainer = quiet_trainer(tmp_path, [callback, *([NaNGuard()] if guard else [])], **kwargs)
     if loaders:
         trainer.fit(model, *loaders)
     else:
@@ -61,11 +63,13 @@ def test_healthy_digits_runs_get_no_findings(tmp_path, image_shape):
     assert callback.hockey["status"] == "ok" and callback.hockey["speedup"] < 3
 
 
-def test_the_measured_loss_is_the_mean_of_the_training_step_losses_since_the_last_measurement(tmp_path):
+@pytest.mark.parametrize("guard", [False, True])
+def test_the_measured_loss_is_the_mean_of_the_training_step_losses_since_the_last_measurement(tmp_path, guard):
     pl.seed_everything(0)
     model = RecordsLosses()
     callback = LossCurveMonitor(every_n_steps=4)
-    fit(tmp_path, model, callback, max_steps=12)
+    fit(tmp_path, model, callback, max_steps=12, guard=guard)
+    assert (callback._loss_feed is not None) == guard
     steps_and_means = list(callback.recent_losses)
     assert [s for s, _ in steps_and_means] == [4, 8, 12][-len(steps_and_means) :]
     assert callback.start_losses[0] == pytest.approx(sum(model.losses[:4]) / 4, rel=1e-9)
@@ -85,11 +89,12 @@ def test_a_learning_rate_far_too_small_is_not_decreasing(tmp_path):
 
 
 # ---------------------------------------------------------------- hockey stick
-def test_imbalanced_labels_with_a_default_bias_give_a_hockey_stick(tmp_path):
+@pytest.mark.parametrize("guard", [False, True])
+def test_imbalanced_labels_with_a_default_bias_give_a_hockey_stick(tmp_path, guard):
     pl.seed_everything(0)
     loader, _ = random_imbalanced_labels()
     callback = LossCurveMonitor()
-    fit(tmp_path, DigitsMLP(num_classes=2), callback, loader, max_epochs=1)
+    fit(tmp_path, DigitsMLP(num_classes=2), callback, loader, max_epochs=1, guard=guard)
     [finding] = callback.findings
     assert (finding.check, finding.step) == ("loss_curve.hockey_stick", 50)
     assert finding.data["early_drop"] > 0.5 and finding.data["speedup"] > 10
@@ -109,14 +114,15 @@ def test_the_same_run_with_the_bias_at_the_log_priors_is_no_hockey_stick(tmp_pat
 
 
 # ---------------------------------------------------------------- overfitting
-def test_a_big_model_on_100_examples_overfits_and_the_hint_names_the_best_step(tmp_path):
+@pytest.mark.parametrize("guard", [False, True])
+def test_a_big_model_on_100_examples_overfits_and_the_hint_names_the_best_step(tmp_path, guard):
     pl.seed_everything(0)
     images, labels = load_digits_tensors()
     train = DataLoader(TensorDataset(images[:100], labels[:100]), batch_size=50, shuffle=True)
     val = DataLoader(TensorDataset(images[1000:1400], labels[1000:1400]), batch_size=200)
     callback = LossCurveMonitor()
     model = DigitsMLP(hidden=(256, 256), optimizer="adam", lr=1e-2)
-    fit(tmp_path, model, callback, train, val, max_epochs=12)
+    fit(tmp_path, model, callback, train, val, max_epochs=12, guard=guard)
     [finding] = [f for f in callback.findings if f.check == "loss_curve.overfitting"]
     best = min(callback.validations, key=lambda p: p["val"])
     assert finding.data["best_step"] == best["step"]
@@ -300,3 +306,35 @@ def test_unmeasured_steps_do_one_tensor_op(tmp_path):
     assert len(monitor.per_step) > 20
     assert max(len(calls) for calls in monitor.per_step) <= 2, monitor.per_step[:3]  # detach + one float64 copy
     assert monitor.measurements == 4
+
+
+class _Unfed(LossCurveMonitor):
+    """Reads the losses from ``outputs`` on every batch, as without NaNGuard, in the same run as a fed monitor."""
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        feeds = trainer.callbacks[0]._loss_feeds
+        feeds[:] = [feed for feed in feeds if feed is not self._loss_feed]  # by identity: every new feed is []
+        self._loss_feed = None
+
+
+class _NaNLossAt(DigitsMLP):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.global_step in (23, 37) else loss
+
+
+def test_losses_from_nanguards_feed_give_what_the_outputs_give(tmp_path):
+    # one run (NaNGuard skips two non-finite steps), two monitors: one fed by NaNGuard and dozing, one reading outputs
+    pl.seed_everything(0)
+    fed, unfed = LossCurveMonitor(every_n_steps=7, hockey_steps=4), _Unfed(every_n_steps=7, hockey_steps=4)
+    datamodule = DigitsDataModule(batch_size=64)
+    trainer = quiet_trainer(tmp_path, [NaNGuard(), fed, unfed], max_epochs=4, val_check_interval=0.5)
+    trainer.fit(_NaNLossAt(), datamodule=datamodule)
+    assert fed._loss_feed is not None and unfed._loss_feed is None
+    assert fed.measurements == unfed.measurements > 5
+    assert fed.start_losses == unfed.start_losses and list(fed.recent_losses) == list(unfed.recent_losses)
+    assert fed.hockey == unfed.hockey and fed.hockey["status"] in ("ok", "hockey_stick")
+    assert fed.validations == unfed.validations and len(fed.validations) >= 6
+    seen = [[(f.check, f.step, f.message) for f in monitor.findings] for monitor in (fed, unfed)]
+    assert seen[0] == seen[1]
