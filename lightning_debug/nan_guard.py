@@ -416,7 +416,7 @@ class NaNGuard(DiagnosticCallback):
         uniform = self._is_uniform(optimizer, grads)
         read_after = self._norms_read_after
         norms = shared_grad_norms(grads, uniform, share=read_after)
-        if uniform and not read_after and loss.device.type == "cpu" and norms[0].device.type == "cpu":
+        if uniform and not read_after and loss.is_cpu and norms[0].is_cpu:  # (is_cpu: no device object, ~10x faster)
             # Host tensors: no transfer to batch, and reading each 0-d tensor costs half a stack and a tolist
             # (7 values ~20 vs ~40 us, 68 values ~47 vs ~87 us, with the caches cold after the backward).
             values = [loss.item(), *map(Tensor.item, norms)]
