@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from torch import Tensor
 
 from lightning_debug.base import DiagnosticCallback
@@ -24,8 +25,9 @@ class LossCurveMonitor(DiagnosticCallback):
     ``"loss"`` key): per step it only keeps a float64 copy of it on the device (one kernel, no host sync); on
     measured steps the kept losses are summed (non-finite ones left out) and the window's mean goes to the host
     in one transfer (reduced across ranks under DDP). With NaNGuard in the run (one process, one optimizer, automatic
-    optimization, no gradient accumulation) it takes the losses NaNGuard brings to the host on every step instead
-    (``NaNGuard.loss_feed``: the same values), and its hook runs only around measured steps. The validation metric
+    optimization, no gradient accumulation, not 64-bit precision) it takes the losses NaNGuard brings to the host on
+    every step instead (``NaNGuard.loss_feed``: the same float32 values; under a GradScaler whose scale is not a power
+    of two, within its rounding), and its hook runs only around measured steps. The validation metric
     ``val_metric`` is read from ``trainer.callback_metrics`` at the end of each validation, next to the mean
     training loss since the previous validation. Judged:
 
@@ -146,14 +148,19 @@ class LossCurveMonitor(DiagnosticCallback):
 
     # ------------------------------------------------------------------ NaNGuard's losses
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a new fit: the losses kept since the previous fit's last measurement are not this fit's
+        self._losses, self._window_sum, self._epoch_sum = [], None, None
         self._loss_feed = None
-        guard = next((cb for cb in trainer.callbacks if callable(getattr(cb, "loss_feed", None))), None)  # type: ignore[attr-defined]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        guard = next((cb for cb in callbacks if callable(getattr(cb, "loss_feed", None))), None)
         if (
             guard is not None
             and trainer.world_size == 1
             and len(trainer.optimizers) == 1
             and pl_module.automatic_optimization
             and trainer.accumulate_grad_batches == 1
+            and not any(isinstance(cb, GradientAccumulationScheduler) for cb in callbacks)
+            and not str(trainer.precision).startswith("64")  # NaNGuard keeps the loss in float32
         ):  # NaNGuard brings every step's loss to the host: between measured steps this hook can doze
             self._loss_feed = guard.loss_feed()
 
@@ -191,9 +198,10 @@ class LossCurveMonitor(DiagnosticCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if self._loss_feed is not None and isinstance(loss, Tensor) and loss.numel() == 1:
+        has_loss = isinstance(loss, Tensor) and loss.numel() == 1
+        if self._loss_feed is not None:
             self._drain()  # the losses come from NaNGuard (outputs only say whether there is one)
-        elif isinstance(loss, Tensor) and loss.numel() == 1:
+        elif isinstance(loss, Tensor) and has_loss:
             # Automatic optimization hands over a detached clone of the loss, fresh every step: keeping a reference
             # costs no kernel. Under manual optimization the returned tensor is the user's (it may be reused, e.g.
             # by CUDA graphs): then a copy, the only per-step kernel.
@@ -203,7 +211,7 @@ class LossCurveMonitor(DiagnosticCallback):
                 self._fold()
             if self.hockey is None and self.hockey_steps and len(self._early) < 5 * self.hockey_steps:
                 self._early.append(value)
-        elif not self._no_loss:
+        if not has_loss and not self._no_loss:
             self._no_loss = True
             self.report(
                 trainer,

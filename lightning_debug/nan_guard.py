@@ -320,6 +320,7 @@ class NaNGuard(DiagnosticCallback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         self._remove_gates()
+        self._norm_feeds, self._loss_feeds = [], []  # (Lightning calls no teardown after this)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
@@ -346,7 +347,8 @@ class NaNGuard(DiagnosticCallback):
         """Subscribe to the training loss this guard brings to the host on every optimizer step (for the run).
 
         The returned list receives ``(global_step, loss)`` per checked step that had a loss: the mean of the step's
-        losses as ``training_step`` returned them (unscaled under a GradScaler; NaN or inf when non-finite).
+        losses as ``training_step`` returned them, in float32 (unscaled under a GradScaler; NaN or inf when
+        non-finite).
         LossCurveMonitor takes its per-step losses from it. The subscriber empties the list; it is dropped at
         teardown.
         """

@@ -338,3 +338,45 @@ def test_losses_from_nanguards_feed_give_what_the_outputs_give(tmp_path):
     assert fed.validations == unfed.validations and len(fed.validations) >= 6
     seen = [[(f.check, f.step, f.message) for f in monitor.findings] for monitor in (fed, unfed)]
     assert seen[0] == seen[1]
+
+
+class _SkipsAt(DigitsMLP):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if self.global_step in (6, 20) else loss  # the batches that end at measured steps 7 and 21
+
+
+def test_a_measured_batch_without_a_loss_still_measures_what_the_feed_brought(tmp_path):
+    pl.seed_everything(0)
+    fed, unfed = LossCurveMonitor(every_n_steps=7, hockey_steps=4), _Unfed(every_n_steps=7, hockey_steps=4)
+    quiet_trainer(tmp_path, [NaNGuard(), fed, unfed], max_steps=30).fit(
+        _SkipsAt(), datamodule=DigitsDataModule(batch_size=64)
+    )
+    assert fed._loss_feed is not None and fed.measurements == unfed.measurements == 3
+    assert list(fed.recent_losses) == list(unfed.recent_losses) and fed.start_losses == unfed.start_losses
+
+
+class _RaisesAt(DigitsMLP):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 10:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_feeds_are_dropped_when_a_fit_raises_and_a_new_fit_starts_clean(tmp_path):
+    guard, curve = NaNGuard(), LossCurveMonitor(every_n_steps=5)
+    with pytest.raises(RuntimeError, match="boom"):
+        quiet_trainer(tmp_path / "a", [guard, curve], max_steps=30).fit(
+            _RaisesAt(), datamodule=DigitsDataModule(batch_size=64)
+        )
+    assert guard._loss_feeds == [] and guard._norm_feeds == []  # no list left filling up in a later fit
+    quiet_trainer(tmp_path / "b", [guard, curve], max_steps=12).fit(
+        DigitsMLP(), datamodule=DigitsDataModule(batch_size=64)
+    )
+    assert curve._loss_feed is not None and curve.recent_losses[-1][0] == 10  # fed again, measured
+
+
+def test_a_float64_model_reads_its_losses_itself(tmp_path):
+    curve = LossCurveMonitor(every_n_steps=4)
+    fit(tmp_path, DigitsMLP(), curve, max_steps=8, guard=True, precision="64-true")
+    assert curve._loss_feed is None and curve.measurements == 2  # NaNGuard's copy of the loss is float32

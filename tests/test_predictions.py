@@ -634,3 +634,20 @@ def test_images_are_written_as_the_same_png_that_add_image_writes(tmp_path: Path
         (event,) = events.Images("predictions/probabilities")
         written.append((event.step, event.height, event.width, event.encoded_image_string))
     assert written[0] == written[1] and written[0][:3] == (7, *image.shape[:2])
+
+
+def test_image_tensors_are_written_too_and_others_fall_back_to_add_image(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_debug.base import _tensorboard_png
+
+    image = render_probabilities(torch.softmax(torch.randn(4, 3), 1), torch.randint(0, 3, (4,)))
+    writer = SummaryWriter(str(tmp_path))
+    assert _tensorboard_png(writer, "a", torch.from_numpy(image)[:, ::2], 1)  # a uint8 tensor, not contiguous
+    floats = torch.rand(5, 4, 3, requires_grad=True)
+    assert not _tensorboard_png(writer, "b", floats, 1)  # add_image's job (no conversion attempted here)
+    writer.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    (event,) = events.Images("a")
+    assert (event.height, event.width) == (image.shape[0], (image.shape[1] + 1) // 2)
