@@ -84,7 +84,9 @@ LOG_EVERY = 50  # Trainer(log_every_n_steps) and therefore the monitors' default
 # every callback of the suite at its defaults, in the suite's order (follows lightning_debug.suite as it grows)
 CALLBACKS = tuple(type(cb).__name__ for cb in lightning_debug.suite(num_classes=10))
 PEERS = ("grad_norm() log_dict", "detect_anomaly", "wandb.watch(all)", "cockpit economy")
-ALL_CONFIGS = ("none", *CALLBACKS, "suite", *PEERS)
+# Not a product configuration: the least per-step work the suite's contracts allow (see _ContractFloor)
+FLOOR = "contract-floor"
+ALL_CONFIGS = ("none", *CALLBACKS, "suite", *PEERS, FLOOR)
 MODELS = ("mlp", "cnn", "transformer")
 
 
@@ -454,7 +456,29 @@ def make_callbacks(config: str, num_classes: int) -> list[Callback]:
         return [cb for cb in lightning_debug.suite(num_classes=num_classes) if type(cb).__name__ != left_out]
     if config in CALLBACKS:
         return [cb for cb in lightning_debug.suite(num_classes=num_classes) if type(cb).__name__ == config]
+    if config == FLOOR:
+        return [_ContractFloor()]
     return []
+
+
+class _ContractFloor(Callback):
+    """The per-step work GradNormMonitor's and NaNGuard's contracts require, and nothing else: a lower bound.
+
+    Every optimizer step, before the optimizer applies it: every gradient read once (one fused norm), the global
+    norm brought to the host (NaNGuard decides on it before the step; GradNormMonitor judges every step's norm for
+    spikes), and a finiteness check. No measured steps, no logging, no judging: what any implementation of those
+    contracts pays per step on this model, which the suite's cost can be compared with.
+    """
+
+    def __init__(self) -> None:
+        self.bad_steps = 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        with torch.no_grad():
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item() if grads else 0.0
+        if not math.isfinite(total):
+            self.bad_steps += 1
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -1085,7 +1109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.blocks:
         toggled = [c for c in configs if c != "none"]
         for c in toggled:
-            if c != "suite" and c not in CALLBACKS and c.removeprefix("suite-") not in CALLBACKS:
+            if c not in ("suite", FLOOR) and c not in CALLBACKS and c.removeprefix("suite-") not in CALLBACKS:
                 raise SystemExit(f"--blocks switches lightning_debug callbacks on and off; {c!r} is not one")
         block_results: dict[str, dict[str, dict[str, Any]]] = {}
         with tempfile.TemporaryDirectory(prefix="lightning_debug_bench_") as workdir:
