@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import io
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
@@ -27,6 +28,7 @@ from lightning_debug.report import (
     build_report,
     format_markdown,
     format_report,
+    read_findings,
     write_report,
 )
 
@@ -46,7 +48,11 @@ class DiagnosticCallback(Callback):
     - **report**: the first lightning_debug callback in ``Trainer(callbacks=...)`` writes the
       end-of-run report of all of them (console table, TensorBoard text, ``report.json``) when fit ends,
       is halted, or raises;
-    - **resume**: findings and the subclass's :meth:`extra_state` travel in the checkpoint.
+    - **resume**: findings and the subclass's :meth:`extra_state` travel in the checkpoint; restored findings are
+      written to the new log directory's ``findings.jsonl`` too, so it holds the whole run's;
+    - **one run per Trainer**: an instance given to a new Trainer starts that Trainer's first fit as freshly
+      constructed (same constructor arguments), then takes a checkpoint's state if the fit resumes one; calling
+      ``fit`` again on the same Trainer continues the run.
 
     Subclasses that override :meth:`setup`, :meth:`teardown`, :meth:`on_fit_end` or :meth:`on_exception` call
     ``super()``.
@@ -84,6 +90,11 @@ class DiagnosticCallback(Callback):
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            previous = self.__dict__.get("_fit_trainer")
+            if previous is not None and previous() is not trainer:
+                self._start_new_run()  # the last run's history must not be judged as this one's
+            self.__dict__["_fit_trainer"] = weakref.ref(trainer)
         # trainer.log_dir broadcasts from rank 0, so every rank agrees on where findings go.
         log_dir = trainer.log_dir or trainer.default_root_dir
         self._output_dir = Path(log_dir) / OUTPUT_SUBDIR
@@ -102,6 +113,15 @@ class DiagnosticCallback(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore_hooks()
+
+    def _start_new_run(self) -> None:
+        """Become the instance the constructor made: the same arguments, none of a previous Trainer's state."""
+        call = self.__dict__.get("_init_call")
+        if call is None:  # (built without the recording constructor, e.g. unpickled from an older version)
+            return
+        args, kwargs = call
+        self.__dict__.clear()
+        type(self).__init__(self, *args, **kwargs)
 
     def _restore_hooks(self) -> None:
         """Undo :meth:`_skip_unused_hooks` and the dozing (after the run: teardown, or on_exception, which Lightning
@@ -337,6 +357,7 @@ class DiagnosticCallback(Callback):
         @functools.wraps(init)
         def recording_init(self: DiagnosticCallback, *args: Any, **kw: Any) -> None:
             if "_init_arguments" not in self.__dict__:  # the outermost __init__ sees what the user passed
+                self.__dict__["_init_call"] = (args, dict(kw))  # to start a new Trainer's run afresh
                 signature = inspect.signature(init)
                 bound = signature.bind(self, *args, **kw)
                 self._init_arguments = {
@@ -380,6 +401,19 @@ class DiagnosticCallback(Callback):
         self.findings = [Finding.from_dict(raw) for raw in state_dict.get("findings", [])]
         self._warned_checks = set(state_dict.get("warned_checks", []))
         self.load_extra_state(dict(state_dict.get("extra", {})))
+        self._write_restored_findings()
+
+    def _write_restored_findings(self) -> None:
+        """Append the findings a checkpoint brought back to this run's ``findings.jsonl`` (rank 0), those not in it
+        already: a resumed run usually logs into a new directory, whose file would otherwise start at the resume
+        (and ``lightning-debug report`` on it would miss the errors found before)."""
+        if not self.findings or self._output_dir is None or getattr(rank_zero_only, "rank", 0) != 0:
+            return
+        path = self._output_dir / FINDINGS_FILE
+        written = {finding.to_json() for finding in read_findings(path)} if path.exists() else set()
+        for finding in self.findings:
+            if finding.to_json() not in written:
+                append_finding(path, finding)
 
 
 def _plain(value: Any) -> bool:

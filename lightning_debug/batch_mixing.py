@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.batches import default_input
 from lightning_debug.distributed import reduce
-from lightning_debug.isolation import isolated, probe_loader
+from lightning_debug.isolation import isolated, training_batches
 from lightning_debug.stats import to_host
 
 InputFn = Callable[[Any], Tensor]
@@ -137,12 +137,13 @@ class BatchMixingCheck(DiagnosticCallback):
 
     # ------------------------------------------------------------------ measure (local, no collectives)
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        loader = trainer.train_dataloader
-        if loader is None:
+        probe = training_batches(trainer)
+        if probe is None:
             return {"problem": "there is no training dataloader"}
+        batches, loaders = probe
         try:
-            with isolated(pl_module, train_mode=False, loaders=[loader]), torch.enable_grad():
-                batch = next(iter(probe_loader(loader)))
+            with isolated(pl_module, train_mode=False, loaders=loaders), torch.enable_grad():
+                batch = next(iter(batches))
                 batch = trainer.strategy.batch_to_device(batch)
                 return self._probe(trainer, pl_module, batch)
         except StopIteration:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_debug.findings import Finding
 from lightning_debug.report import FINDINGS_FILE, REPORT_FILE, build_report, find_run_dirs, format_report, read_findings
 
 
@@ -17,11 +18,20 @@ def report_command(paths: Sequence[str], as_json: bool) -> int:
     run_dirs = find_run_dirs(paths)
     runs: list[dict[str, Any]] = []
     for directory in run_dirs:
-        saved = directory / REPORT_FILE
-        status = (
-            json.loads(saved.read_text())["status"] if saved.exists() else "unknown (no report.json: still running?)"
-        )
+        saved = _read_saved_report(directory / REPORT_FILE)
+        status = str(saved.get("status", "unknown (no report.json: still running?)"))
         findings = read_findings(directory / FINDINGS_FILE) if (directory / FINDINGS_FILE).exists() else []
+        # report.json lists the whole run's findings when it ended; findings.jsonl those written as they happened
+        # (all of them, or those up to a crash): the union, each once
+        seen = {finding.to_json() for finding in findings}
+        for raw in saved.get("findings", []):
+            try:
+                finding = Finding.from_dict(raw)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+            if finding.to_json() not in seen:
+                seen.add(finding.to_json())
+                findings.append(finding)
         run = build_report(findings, status)
         run["run"] = str(directory.parent)
         runs.append(run)
@@ -37,6 +47,18 @@ def report_command(paths: Sequence[str], as_json: bool) -> int:
     if not run_dirs:
         return 2
     return 1 if has_errors else 0
+
+
+def _read_saved_report(path: Path) -> dict[str, Any]:
+    """``report.json`` as a dict; empty when missing, and a status saying so when unreadable (a run killed while
+    writing it)."""
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return {"status": f"unknown (report.json unreadable: {type(err).__name__})"}
+    return saved if isinstance(saved, dict) else {"status": "unknown (report.json is not a JSON object)"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

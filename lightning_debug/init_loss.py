@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import all_ranks, any_rank, reduce
-from lightning_debug.isolation import isolated, probe_loader
+from lightning_debug.isolation import isolated, training_batches
 
 Task = Literal["multiclass", "binary", "regression"]
 TASKS: tuple[str, ...] = ("multiclass", "binary", "regression")
@@ -146,9 +146,10 @@ class InitLossCallback(DiagnosticCallback):
 
     # ------------------------------------------------------------------ measure
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
-        loader = trainer.train_dataloader
-        if loader is None:
+        probe = training_batches(trainer)
+        if probe is None:
             return None
+        batches_in, loaders = probe
         loss_total = torch.zeros((), dtype=torch.float64, device=pl_module.device)
         out_moments = torch.zeros(3, dtype=torch.float64, device=pl_module.device)  # sum, sum of squares, count
         target_stats = torch.zeros(self._target_stats_size(), dtype=torch.float64, device=pl_module.device)
@@ -156,8 +157,8 @@ class InitLossCallback(DiagnosticCallback):
         has_targets = True
         final_layer = _FinalLayerProbe(pl_module)
         problem: str | None = None
-        with isolated(pl_module, train_mode=True, loaders=[loader], restore_parameters=True), final_layer:
-            for batch_idx, batch in enumerate(probe_loader(loader)):
+        with isolated(pl_module, train_mode=True, loaders=loaders, restore_parameters=True), final_layer:
+            for batch_idx, batch in enumerate(batches_in):
                 if batch_idx >= self.num_batches:
                     break
                 batch = trainer.strategy.batch_to_device(batch)
@@ -171,7 +172,10 @@ class InitLossCallback(DiagnosticCallback):
                 if not isinstance(loss, Tensor):
                     problem = f"training_step returned {type(output).__name__}, not a loss tensor"
                     break
-                loss_total += loss.detach().double()
+                if loss.numel() != 1:
+                    problem = f"training_step returned a loss of shape {tuple(loss.shape)}, not a single value"
+                    break
+                loss_total += loss.detach().double().reshape(())
                 batches += 1
                 if final_layer.output is not None:
                     out = final_layer.output.double()

@@ -8,7 +8,7 @@ module's train/eval flag and the user's ``self.log`` results are all put back ex
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,6 +32,49 @@ def probe_loader(loader: Any) -> Any:
             loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn, num_workers=0
         )
     return DataLoader(loader.dataset, batch_size=None, collate_fn=loader.collate_fn, num_workers=0)
+
+
+def training_batches(trainer: pl.Trainer) -> tuple[Iterable[Any], list[Any]] | None:
+    """The batches ``training_step`` receives, for a probe, and the loaders they are drawn from (None: no loader).
+
+    One loader: :func:`probe_loader` of it. Several (a dict or list of loaders, or a ``CombinedLoader``, given to
+    ``fit``): combined as the fit loop combines them, in its mode, so each batch is the dict or list of batches
+    ``training_step`` gets.
+    """
+    loaders = trainer.train_dataloader
+    if loaders is None:
+        return None
+    if not isinstance(loaders, (Mapping, list, tuple)):
+        return probe_loader(loaders), [loaders]
+    from lightning.pytorch.utilities.combined_loader import CombinedLoader
+
+    flat = _flatten(loaders)
+    mode = getattr(getattr(trainer.fit_loop, "_combined_loader", None), "_mode", "max_size_cycle")
+    if mode not in ("min_size", "max_size"):
+        mode = "max_size_cycle"  # the fit loop's default (and "sequential" does not train)
+    combined = CombinedLoader(_map_loaders(loaders), mode=mode)  # type: ignore[arg-type]
+
+    def batches() -> Iterator[Any]:
+        for batch, _, _ in combined:
+            yield batch
+
+    return batches(), flat
+
+
+def _flatten(loaders: Any) -> list[Any]:
+    if isinstance(loaders, Mapping):
+        return [leaf for value in loaders.values() for leaf in _flatten(value)]
+    if isinstance(loaders, (list, tuple)):
+        return [leaf for value in loaders for leaf in _flatten(value)]
+    return [loaders]
+
+
+def _map_loaders(loaders: Any) -> Any:
+    if isinstance(loaders, Mapping):
+        return {key: _map_loaders(value) for key, value in loaders.items()}
+    if isinstance(loaders, (list, tuple)):
+        return type(loaders)(_map_loaders(value) for value in loaders)
+    return probe_loader(loaders)
 
 
 def loader_generators(loaders: Iterable[Any]) -> list[torch.Generator]:

@@ -144,6 +144,8 @@ class LossCurveMonitor(DiagnosticCallback):
         self._early_host: list[float] = []  # the same, from NaNGuard's loss feed
         self._last_step = -1
         self._no_loss = False
+        self._seen_loss = False  # some batch returned a loss
+        self._batches_without_loss = 0  # batches whose training_step returned None
         self._loss_feed: list[tuple[int, float]] | None = None  # NaNGuard's per-step losses (on_train_start)
 
     # ------------------------------------------------------------------ NaNGuard's losses
@@ -211,16 +213,13 @@ class LossCurveMonitor(DiagnosticCallback):
                 self._fold()
             if self.hockey is None and self.hockey_steps and len(self._early) < 5 * self.hockey_steps:
                 self._early.append(value)
-        if not has_loss and not self._no_loss:
-            self._no_loss = True
-            self.report(
-                trainer,
-                "loss_curve.no_loss",
-                "info",
-                f"training_step returned {type(outputs).__name__}, not a loss tensor: the training-loss checks "
-                "are off.",
-                "Return the loss (or a dict with a 'loss' key) from training_step, also under manual optimization.",
-            )
+        if has_loss:
+            self._seen_loss = True
+        elif not self._no_loss:
+            if outputs is None or (isinstance(outputs, Mapping) and not outputs):
+                self._batches_without_loss += 1  # training_step returned None: a skipped batch (judged below)
+            else:
+                self._report_no_loss(trainer, f"training_step returned {_describe(outputs)}, not a loss tensor")
         step = self.global_step(trainer)
         if step == self._last_step:
             return  # gradient accumulation: no optimizer step since the last batch
@@ -228,7 +227,21 @@ class LossCurveMonitor(DiagnosticCallback):
         if self._hockey_due(step):
             self._judge_hockey(trainer)
         if step % (self._interval or self.measure_interval(trainer)) == 0:
+            if not self._seen_loss and self._batches_without_loss and not self._no_loss:
+                self._report_no_loss(
+                    trainer, f"training_step returned None on all {self._batches_without_loss} batches so far"
+                )
             self._measure(trainer)
+
+    def _report_no_loss(self, trainer: pl.Trainer, what: str) -> None:
+        self._no_loss = True
+        self.report(
+            trainer,
+            "loss_curve.no_loss",
+            "info",
+            f"{what}: the training-loss checks are off.",
+            "Return the loss (or a dict with a 'loss' key) from training_step, also under manual optimization.",
+        )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -463,3 +476,14 @@ def _metric(metrics: Mapping[str, Any], name: str) -> Tensor | None:
         if isinstance(value, Tensor) and value.numel() == 1:
             return value
     return None
+
+
+def _describe(outputs: Any) -> str:
+    if isinstance(outputs, Tensor):
+        return f"a tensor of shape {tuple(outputs.shape)}"
+    if isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+        if loss is None:
+            return f"a dict without a 'loss' key (keys: {', '.join(map(str, list(outputs)[:5]))})"
+        return f"a dict whose 'loss' is {_describe(loss) if isinstance(loss, Tensor) else type(loss).__name__}"
+    return type(outputs).__name__

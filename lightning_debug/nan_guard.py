@@ -7,6 +7,7 @@ import math
 import operator
 import statistics
 import types
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -147,7 +148,8 @@ class NaNGuard(DiagnosticCallback):
         max_backoffs: backoffs allowed before halting (non-negative integer); 6 backoffs of 1/3 are 729x.
         min_lr: halt instead of backing off below this learning rate (>= 0; 0 disables the floor).
         cooldown_steps: optimizer steps after a backoff during which no further backoff happens (>= 0).
-        rollback_after: roll back after this many consecutive bad steps (>= 1; non-finite weights roll back at once).
+        rollback_after: roll back after bad steps on this many training batches in a row (>= 1; non-finite weights
+            roll back at once). Several optimizers stepping on one bad batch count as one.
         snapshot_every_n_steps: take a snapshot after this many consecutive good steps (>= 1); ``None``
             disables snapshots and rollbacks (and saves their host memory).
         check_params: also check parameters and floating-point buffers for NaN/Inf: on bad steps, every
@@ -230,6 +232,7 @@ class NaNGuard(DiagnosticCallback):
         self.first_bad: dict[str, Any] | None = None
         self._last_backoff_step: int | None = None
         self._consecutive_bad = 0
+        self._last_bad_batch: int | None = None  # the training batch of the last bad step (one count per batch)
         self._scaler_consecutive_skips = 0
         self._scaler_had_good_step = False
         self._recent_losses: deque[float] = deque(maxlen=spike_window)
@@ -239,6 +242,8 @@ class NaNGuard(DiagnosticCallback):
         self._stepped_good = False
         self._skip_pending: dict[int, bool] = {}
         self._gates: dict[int, tuple[torch.optim.Optimizer, Any]] = {}
+        self._scaled_optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # carry lr_scale
+        self._restored = False  # this fit resumed a checkpoint (its optimizers carry lr_scale already)
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
         self._batch: Any = None
@@ -271,6 +276,7 @@ class NaNGuard(DiagnosticCallback):
         self._norms_read_after = any(isinstance(cb, (GradNormMonitor, UpdateRatioMonitor)) for cb in after)
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
         self._refresh_checked(pl_module)
+        self._carry_backoffs(trainer)
         for optimizer in trainer.optimizers:
             self._install_gate(optimizer)
         if not self._gates:
@@ -284,6 +290,30 @@ class NaNGuard(DiagnosticCallback):
         if self.snapshot_every_n_steps is not None:
             self._snapshot = _Snapshot()
             self._take_snapshot(trainer, pl_module)
+
+    def _carry_backoffs(self, trainer: pl.Trainer) -> None:
+        """Another ``fit`` on the same Trainer builds new optimizers (and schedulers) at the configured LR: apply the
+        backoffs of the earlier fits to them, so the run goes on at the LR it had reached. A resumed checkpoint's
+        optimizer state already holds that LR."""
+        fresh = [opt for opt in trainer.optimizers if opt not in self._scaled_optimizers]
+        if self.lr_scale != 1.0 and fresh and not self._restored:
+            old_lr = self._max_lr(trainer)
+            for optimizer in fresh:
+                _scale_optimizer_lrs(optimizer, self.lr_scale)
+            for config in trainer.lr_scheduler_configs:
+                if getattr(config.scheduler, "optimizer", None) in fresh:
+                    _scale_scheduler_lrs(config.scheduler, self.lr_scale)
+            self.report(
+                trainer,
+                "nan_guard.backoff_carried",
+                "info",
+                f"This fit built new optimizers at lr {old_lr:.4g}; NaNGuard applied the {self.backoffs} backoff(s) of "
+                f"the earlier fit(s) to them (x{self.lr_scale:.3g}): lr {self._max_lr(trainer):.4g}.",
+                "Nothing to do; to start again at the configured LR, use a new NaNGuard (or a new Trainer).",
+                {"lr_scale": self.lr_scale, "backoffs": self.backoffs},
+            )
+        self._restored = False
+        self._scaled_optimizers = weakref.WeakSet(trainer.optimizers)
 
     def doze_hooks(self) -> tuple[str, ...]:
         # Dozing runs with one optimizer and automatic optimization, where the gate consumes every skip decision
@@ -626,7 +656,10 @@ class NaNGuard(DiagnosticCallback):
     ) -> None:
         step = int(trainer.global_step)
         lr = self._max_lr(trainer)
-        self._consecutive_bad += 1
+        batch = getattr(trainer.fit_loop.epoch_loop, "total_batch_idx", None)
+        if batch is None or batch != self._last_bad_batch:  # several optimizers' bad steps on one batch count once
+            self._consecutive_bad += 1
+        self._last_bad_batch = batch
         self._clean_steps = 0
         self.skipped_steps += 1
         if not m["scaler_skip"]:  # the GradScaler skips its own overflow steps: don't act twice
@@ -766,7 +799,7 @@ class NaNGuard(DiagnosticCallback):
         }
         history = ", ".join(f"{h['old_lr']:.3g}->{h['new_lr']:.3g} @{h['step']}" for h in self.lr_history) or "none"
         hint = (
-            f"Restart with lr between {lowest_bad_lr / 10:.3g} and {lowest_bad_lr / 3:.3g} (1-10x below the lowest LR "
+            f"Restart with lr between {lowest_bad_lr / 10:.3g} and {lowest_bad_lr / 3:.3g} (3-10x below the lowest LR "
             f"that still gave NaNs, {lowest_bad_lr:.3g})."
         )
         if self.lr_scale <= 0.01:
@@ -917,6 +950,7 @@ class NaNGuard(DiagnosticCallback):
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._restored = True  # the optimizers' state (and LR) comes from the same checkpoint
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.backoffs = int(state.get("backoffs", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))

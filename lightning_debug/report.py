@@ -30,8 +30,8 @@ def read_findings(path: str | Path) -> list[Finding]:
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
             findings.append(Finding.from_dict(json.loads(line)))
-        except (json.JSONDecodeError, KeyError):
-            continue
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            continue  # a line cut short by a killed run, or not a finding
     return findings
 
 

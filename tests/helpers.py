@@ -97,6 +97,13 @@ def run_ddp_script(tmp_path: Path, body: str, timeout: float = 240) -> subproces
     return proc
 
 
+def two_digits_loaders(batch_size: int = 64) -> dict[str, Any]:
+    """A dict of two training loaders (``fit(train_dataloaders=...)``): ``training_step`` gets a dict of batches."""
+    datamodule = DigitsDataModule(batch_size=batch_size)
+    datamodule.setup()
+    return {"digits": datamodule.train_dataloader(), "again": datamodule.train_dataloader()}
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

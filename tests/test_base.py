@@ -111,6 +111,49 @@ def test_findings_and_state_survive_checkpoint_and_resume(tmp_path):
     assert [f.step for f in resumed.findings] == [0, 2, 4, 6]
 
 
+def test_a_resumed_runs_findings_file_holds_the_findings_from_before_the_resume(tmp_path):
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path, [StepCounter(every_n_steps=2), checkpoint], max_steps=4, enable_checkpointing=True)
+    resumed = StepCounter(every_n_steps=2)
+    trainer = quiet_trainer(tmp_path, [resumed], max_steps=8, max_epochs=5)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.output_dir is not None and resumed.output_dir.parent.name == "version_1"  # a new log directory
+    assert [line["step"] for line in read_jsonl(resumed.output_dir / "findings.jsonl")] == [0, 2, 4, 6]
+
+
+def test_resuming_into_the_same_log_directory_writes_each_finding_once(tmp_path):
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    fit(tmp_path, [StepCounter(every_n_steps=2), checkpoint], max_steps=4, enable_checkpointing=True, logger=logger)
+    resumed = StepCounter(every_n_steps=2)
+    trainer = quiet_trainer(
+        tmp_path, [resumed], max_steps=8, max_epochs=5, logger=CSVLogger(tmp_path, name="run", version=0)
+    )
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [
+        line["step"] for line in read_jsonl(tmp_path / "run" / "version_0" / "lightning_debug" / "findings.jsonl")
+    ] == [
+        0,
+        2,
+        4,
+        6,
+    ]
+
+
+def test_an_instance_in_a_new_trainer_starts_a_new_run_and_a_second_fit_continues(tmp_path):
+    callback = StepCounter(every_n_steps=2)
+    trainer = fit(tmp_path / "a", [callback], max_steps=4, max_epochs=-1)
+    assert callback.measured_steps == [0, 2] and len(callback.findings) == 2
+    trainer.fit_loop.epoch_loop.max_steps = 6
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule())  # the same Trainer: the run goes on
+    assert callback.measured_steps == [0, 2, 4] and len(callback.findings) == 3
+    fit(tmp_path / "b", [callback], max_steps=4)  # a new Trainer: a new run, nothing of the last one
+    assert callback.measured_steps == [0, 2] and [f.step for f in callback.findings] == [0, 2]
+    assert callback.every_n_steps == 2  # the constructor's arguments are kept
+
+
 @pytest.mark.parametrize("value", [0, -1, 2.5, True, "5"])
 def test_every_n_steps_must_be_a_positive_integer(value):
     with pytest.raises(ValueError, match="`every_n_steps`"):

@@ -4,7 +4,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import all_findings, assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
+from helpers import (
+    all_findings,
+    assert_bit_identical,
+    fp16_cpu_plugin,
+    quiet_trainer,
+    run_ddp_script,
+    train_state,
+    two_digits_loaders,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -362,3 +370,19 @@ def test_ddp_every_rank_probes_and_rank_zero_writes_one_finding(tmp_path):
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         BatchMixingCheck(**kwargs)
+
+
+class DictLoaders(DigitsMLP):
+    def training_step(self, batch, batch_idx):
+        x, y = batch["digits"]
+        return F.cross_entropy(self(x), y)
+
+
+def test_a_dict_of_training_loaders_is_probed_with_the_dict_training_step_gets(tmp_path):
+    pl.seed_everything(0)
+    loaders = two_digits_loaders()
+    seen = []
+    callback = BatchMixingCheck(input_fn=lambda batch: seen.append(type(batch)) or batch["digits"][0])
+    quiet_trainer(tmp_path, [callback], max_steps=1).fit(DictLoaders(), train_dataloaders=loaders)
+    assert seen == [dict]
+    assert callback.findings == [] and callback.result["leak"] == 0.0

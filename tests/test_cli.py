@@ -73,6 +73,26 @@ def test_report_json_is_machine_readable(tmp_path, capsys):
     assert payload["runs"][0]["counts"] == {"info": 0, "warning": 0, "error": 1}
 
 
+def test_report_takes_the_findings_report_json_holds_that_findings_jsonl_lacks(tmp_path, capsys):
+    write_run(tmp_path / "a", ["warning"])
+    before = Finding("X", "area.before", "error", 1, "found before a resume", "do that")
+    report = {"status": "completed", "findings": [before.to_dict()]}
+    (tmp_path / "a" / "lightning_debug" / "report.json").write_text(json.dumps(report))
+    assert main(["report", str(tmp_path), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["runs"][0]["counts"] == {"info": 0, "warning": 1, "error": 1}
+
+
+def test_report_survives_a_truncated_report_json_and_odd_lines(tmp_path, capsys):
+    write_run(tmp_path / "a", ["warning"])
+    out = tmp_path / "a" / "lightning_debug"
+    (out / "report.json").write_text('{"status": "comp')
+    with (out / "findings.jsonl").open("a") as handle:
+        handle.write("[1, 2]\n" + json.dumps({"source": "X"}) + "\n")
+    assert main(["report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "report.json unreadable" in text and "1 warning(s)" in text
+
+
 def test_report_on_a_directory_without_runs_exits_2(tmp_path):
     assert main(["report", str(tmp_path)]) == 2
 

@@ -11,6 +11,7 @@ from helpers import (
     quiet_trainer,
     run_ddp_script,
     train_state,
+    two_digits_loaders,
 )
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -477,3 +478,49 @@ def test_ddp_averages_the_init_loss_across_ranks(tmp_path):
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         InitLossCallback(**kwargs)
+
+
+# ---------------------------------------------------------------- unusual losses and loaders
+class ShapedLoss(DigitsMLP):
+    def __init__(self, shape) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.shape == (1,):
+            return F.cross_entropy(self(x), y).reshape(1)
+        return F.cross_entropy(self(x), y, reduction="none")  # one loss per example
+
+
+def test_a_loss_of_shape_1_is_measured(tmp_path):
+    pl.seed_everything(0)
+    callback = InitLossCallback(task="multiclass", num_classes=10)
+    trainer = fit(tmp_path, ShapedLoss((1,)), callback)
+    assert callback.result["status"] == "ok" and trainer.global_step == 3
+    assert callback.result["measured"] == pytest.approx(math.log(10), rel=0.05)
+
+
+def test_a_loss_per_example_is_an_info_finding_not_a_crash_of_the_callback(tmp_path):
+    pl.seed_everything(0)
+    callback = InitLossCallback(task="multiclass", num_classes=10)
+    with pytest.raises(RuntimeError, match="grad can be implicitly created only for scalar outputs"):
+        fit(tmp_path, ShapedLoss((64,)), callback)  # Lightning's own error about the loss, not ours
+    assert [(f.check, f.severity) for f in callback.findings] == [("init_loss.not_measured", "info")]
+    assert "shape (64,)" in callback.findings[0].message
+
+
+class TwoLoaders(DigitsMLP):
+    def training_step(self, batch, batch_idx):
+        assert isinstance(batch, dict), f"got {type(batch).__name__}"
+        x, y = batch["digits"]
+        return F.cross_entropy(self(x), y)
+
+
+def test_a_dict_of_training_loaders_is_probed_with_the_batches_training_step_gets(tmp_path):
+    pl.seed_everything(0)
+    loaders = two_digits_loaders()
+    callback = InitLossCallback(task="multiclass", num_classes=10)
+    quiet_trainer(tmp_path, [callback], max_steps=3).fit(TwoLoaders(), train_dataloaders=loaders)
+    assert callback.findings == [] and callback.result["status"] == "ok"
+    assert callback.result["measured"] == pytest.approx(math.log(10), rel=0.05)

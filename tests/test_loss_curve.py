@@ -380,3 +380,16 @@ def test_a_float64_model_reads_its_losses_itself(tmp_path):
     curve = LossCurveMonitor(every_n_steps=4)
     fit(tmp_path, DigitsMLP(), curve, max_steps=8, guard=True, precision="64-true")
     assert curve._loss_feed is None and curve.measurements == 2  # NaNGuard's copy of the loss is float32
+
+
+class SkipsSomeSteps(DigitsMLP):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx % 4 == 3 else loss  # Lightning skips the step
+
+
+def test_a_training_step_that_skips_some_batches_is_no_finding(tmp_path):
+    callback = LossCurveMonitor()
+    fit(tmp_path, SkipsSomeSteps(), callback, max_steps=12)
+    assert checks(callback) == []
+    assert callback.measurements >= 2 and callback.start_losses  # the other batches' losses are measured

@@ -452,3 +452,65 @@ def test_snapshots_and_checkpoints_keep_non_tensor_extra_state(tmp_path):
     assert trainer.global_step == 6
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
     assert saved["_extra_state"] == {"calibrated": True, "bins": [1, 2, 3]}
+
+
+# ---------------------------------------------------------------------------------------------- fits and optimizers
+def test_a_second_fit_on_the_same_trainer_keeps_the_backed_off_learning_rate(tmp_path: Path) -> None:
+    def constant(step: int) -> float:
+        return 1.0
+
+    guard = NaNGuard()
+    model = faulty(lr=0.05, lr_lambda=constant, nan_loss_at={3})
+    trainer = fit(tmp_path, model, [guard], max_steps=6)
+    assert guard.backoffs == 1 and trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 / 3)
+    trainer.fit_loop.epoch_loop.max_steps = 10
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))  # Lightning builds a new optimizer at lr 0.05
+    assert trainer.global_step == 10
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 / 3)
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [pytest.approx(0.05 / 3)]  # the next sched step too
+    carried = [f for f in guard.findings if f.check == "nan_guard.backoff_carried"]
+    assert len(carried) == 1 and carried[0].severity == "info" and "x0.333" in carried[0].message
+
+
+def test_a_new_trainer_starts_the_guard_afresh(tmp_path: Path) -> None:
+    guard = NaNGuard()
+    fit(tmp_path / "a", faulty(lr=0.05, nan_loss_at={3}), [guard], max_steps=6)
+    assert guard.backoffs == 1 and guard.lr_scale == pytest.approx(1 / 3)
+    trainer = fit(tmp_path / "b", faulty(lr=0.05), [guard], max_steps=6)
+    assert guard.backoffs == 0 and guard.lr_scale == 1.0 and guard.findings == []
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+class TwoOptimizers(FaultyMLP):
+    """Manual optimization: two SGD optimizers (first layer / the rest) step on the same loss every batch."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def configure_optimizers(self) -> Any:
+        first = list(self.layers[0].parameters())
+        rest = [p for p in self.parameters() if all(p is not q for q in first)]
+        return torch.optim.SGD(first, lr=0.05), torch.optim.SGD(rest, lr=0.05)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = DigitsMLP.training_step(self, batch, batch_idx)
+        if batch_idx in self.nan_loss_at:
+            loss = loss * NAN  # every gradient NaN: both optimizers' steps are bad
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in self.optimizers():
+            optimizer.step()
+        return loss
+
+
+def test_one_bad_batch_under_two_optimizers_is_skipped_not_rolled_back(tmp_path: Path) -> None:
+    guard = NaNGuard()
+    pl.seed_everything(0, workers=True)
+    model = TwoOptimizers()
+    model.nan_loss_at = frozenset({10})
+    fit(tmp_path, model, [guard], max_steps=30)
+    assert guard.skipped_steps == 2  # both optimizers' steps on the bad batch
+    assert guard.rollbacks == 0  # one bad batch: rollback_after=2 counts batches, not optimizer steps
+    assert weights_finite(model)
