@@ -141,7 +141,9 @@ class NaNGuard(DiagnosticCallback):
 
     Works with automatic and manual optimization and several optimizers (each optimizer step is checked;
     a backoff scales every optimizer). Not supported: strategies that step the optimizer themselves
-    (DeepSpeed); with LBFGS every closure evaluation is checked.
+    (DeepSpeed). With LBFGS every closure evaluation is checked; a bad one skips the whole step (LBFGS's
+    iterations and line search of that step are undone: the gate keeps the step's starting parameters and state
+    for optimizers that evaluate the closure more than once).
 
     Args:
         backoff_factor: multiply the learning rate by this on a backoff, in (0, 1); default 1/3 (the checklist).
@@ -240,7 +242,7 @@ class NaNGuard(DiagnosticCallback):
         self._snapshot: _Snapshot | None = None
         self._clean_steps = 0
         self._stepped_good = False
-        self._skip_pending: dict[int, bool] = {}
+        self._skip_pending: dict[int, bool | str] = {}  # True: skip; _ROLLED_BACK: skip, the state was restored
         self._gates: dict[int, tuple[torch.optim.Optimizer, Any]] = {}
         self._scaled_optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()  # carry lr_scale
         self._restored = False  # this fit resumed a checkpoint (its optimizers carry lr_scale already)
@@ -673,7 +675,10 @@ class NaNGuard(DiagnosticCallback):
         self.report(trainer, f"nan_guard.{kind}", "warning", self._bad_message(kind, data), self._bad_hint(kind), data)
 
         if m["param_bad"] or self._consecutive_bad >= self.rollback_after:
-            if not self._rollback(trainer, pl_module, kind) and m["param_bad"]:
+            rolled_back = self._rollback(trainer, pl_module, kind)
+            if rolled_back and id(optimizer) in self._skip_pending:
+                self._skip_pending[id(optimizer)] = _ROLLED_BACK  # the gate must not undo the restored state
+            if not rolled_back and m["param_bad"]:
                 self._halt(trainer, "the weights are non-finite and there is no snapshot to roll back to")
                 return
         self._maybe_backoff(trainer, kind, step)
@@ -1003,19 +1008,35 @@ class NaNGuard(DiagnosticCallback):
 
 
 _MISSING = object()
+_ROLLED_BACK = "rolled back"  # a skip decision after which the gate keeps the state NaNGuard restored
 
 
-def _make_gate(skip_pending: dict[int, bool], key: int, inner: Callable[..., Any]) -> Callable[..., Any]:
+def _make_gate(skip_pending: dict[int, bool | str], key: int, inner: Callable[..., Any]) -> Callable[..., Any]:
+    # Optimizers that evaluate the closure more than once per step (LBFGS's iterations and line search) have moved
+    # the parameters and their own state by the second evaluation: for them the gate keeps the step's starting point
+    # (taken at the first evaluation, before the optimizer reads anything) and puts it back when it skips later on.
+    repeats = [False]
+
     def gated_step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         closure = args[0] if args else kwargs.get("closure")
         if closure is None:  # AMP: the precision plugin ran the closure and NaNGuard already decided
             if skip_pending.pop(key, False):
                 return None
             return inner(*args, **kwargs)
+        calls = [0]
+        start: list[Any] = []
 
         def guarded_closure(*c_args: Any, **c_kwargs: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 1 and (repeats[0] or isinstance(optimizer, torch.optim.LBFGS)):
+                start.append(_step_start(optimizer))
+            elif calls[0] == 2:
+                repeats[0] = True
             result = closure(*c_args, **c_kwargs)
-            if skip_pending.pop(key, False):
+            decision = skip_pending.pop(key, False)
+            if decision:
+                if calls[0] > 1 and start and decision is not _ROLLED_BACK:
+                    _restore_step_start(optimizer, start[0])
                 raise _SkipStep(result)  # every hook has run; the optimizer has not read anything yet
             return result
 
@@ -1029,6 +1050,25 @@ def _make_gate(skip_pending: dict[int, bool], key: int, inner: Callable[..., Any
             return skip.result
 
     return gated_step
+
+
+def _step_start(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], dict[Any, Any]]:
+    """The parameters and the optimizer's per-parameter state as a step finds them (copies; the param groups'
+    hyperparameters are left alone: a backoff during the step must stay)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    with torch.no_grad():
+        values = [p.detach().clone() for p in params]
+    return values, {param: copy.deepcopy(state) for param, state in optimizer.state.items()}
+
+
+def _restore_step_start(optimizer: torch.optim.Optimizer, start: tuple[list[Tensor], dict[Any, Any]]) -> None:
+    values, state = start
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    with torch.no_grad():
+        for param, value in zip(params, values):
+            param.copy_(value)
+    optimizer.state.clear()
+    optimizer.state.update(state)
 
 
 class _Snapshot:

@@ -514,3 +514,33 @@ def test_one_bad_batch_under_two_optimizers_is_skipped_not_rolled_back(tmp_path:
     assert guard.skipped_steps == 2  # both optimizers' steps on the bad batch
     assert guard.rollbacks == 0  # one bad batch: rollback_after=2 counts batches, not optimizer steps
     assert weights_finite(model)
+
+
+class LBFGSMLP(FaultyMLP):
+    """LBFGS (4 iterations per step): the loss goes NaN at the third closure evaluation of step 4."""
+
+    evaluations: dict[int, int]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = DigitsMLP.training_step(self, batch, batch_idx)
+        count = self.evaluations.get(self.global_step, 0)
+        self.evaluations[self.global_step] = count + 1
+        return loss * NAN if (self.global_step, count) == (4, 2) else loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4)
+
+
+def test_lbfgs_bad_later_evaluation_skips_the_whole_step(tmp_path: Path) -> None:
+    guard = NaNGuard()
+    pl.seed_everything(0, workers=True)
+    model = LBFGSMLP()
+    model.evaluations = {}
+    snapshot = StepSnapshot(step=4)
+    fit(tmp_path, model, [snapshot, guard], max_steps=6)
+    assert model.evaluations[4] == 3 and guard.skipped_steps == 1
+    for key, before in snapshot.before["params"].items():
+        assert torch.equal(before, snapshot.after["params"][key]), key  # the line search's moves undone
+    assert snapshot.before["state"]["0.n_iter"] == snapshot.after["state"]["0.n_iter"]
+    assert snapshot.before["state"]["0.func_evals"] == snapshot.after["state"]["0.func_evals"]
+    assert model.optimizers().optimizer.param_groups[0]["lr"] == pytest.approx(0.5 / 3)  # the backoff stays
