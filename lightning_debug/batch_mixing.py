@@ -144,7 +144,7 @@ class BatchMixingCheck(DiagnosticCallback):
         try:
             with isolated(pl_module, train_mode=False, loaders=loaders), torch.enable_grad():
                 batch = next(iter(batches))
-                batch = trainer.strategy.batch_to_device(batch)
+                batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
                 return self._probe(trainer, pl_module, batch)
         except StopIteration:
             return {"problem": "the training dataloader is empty"}

@@ -161,7 +161,7 @@ class InitLossCallback(DiagnosticCallback):
             for batch_idx, batch in enumerate(batches_in):
                 if batch_idx >= self.num_batches:
                     break
-                batch = trainer.strategy.batch_to_device(batch)
+                batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
                 try:
                     with trainer.precision_plugin.forward_context():
                         output = pl_module.training_step(batch, batch_idx)

@@ -386,3 +386,12 @@ def test_a_dict_of_training_loaders_is_probed_with_the_dict_training_step_gets(t
     quiet_trainer(tmp_path, [callback], max_steps=1).fit(DictLoaders(), train_dataloaders=loaders)
     assert seen == [dict]
     assert callback.findings == [] and callback.result["leak"] == 0.0
+
+
+def test_a_true_precision_run_is_checked(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    quiet_trainer(tmp_path, [callback], max_steps=1, precision="64-true").fit(
+        DigitsMLP(), datamodule=DigitsDataModule(batch_size=64)
+    )
+    assert callback.findings == [] and callback.result["leak"] == 0.0

@@ -524,3 +524,11 @@ def test_a_dict_of_training_loaders_is_probed_with_the_batches_training_step_get
     quiet_trainer(tmp_path, [callback], max_steps=3).fit(TwoLoaders(), train_dataloaders=loaders)
     assert callback.findings == [] and callback.result["status"] == "ok"
     assert callback.result["measured"] == pytest.approx(math.log(10), rel=0.05)
+
+
+def test_a_true_precision_run_is_measured_in_its_dtype(tmp_path):
+    pl.seed_everything(0)
+    callback = InitLossCallback(task="multiclass", num_classes=10)
+    fit(tmp_path, DigitsMLP(), callback, precision="64-true")  # the batch is converted as the fit loop does
+    assert callback.findings == [] and callback.result["status"] == "ok"
+    assert callback.result["measured"] == pytest.approx(math.log(10), rel=0.05)
