@@ -28,6 +28,7 @@ from lightning_debug.report import (
     build_report,
     format_markdown,
     format_report,
+    merge_findings,
     read_findings,
     write_report,
 )
@@ -410,10 +411,9 @@ class DiagnosticCallback(Callback):
         if not self.findings or self._output_dir is None or getattr(rank_zero_only, "rank", 0) != 0:
             return
         path = self._output_dir / FINDINGS_FILE
-        written = {finding.to_json() for finding in read_findings(path)} if path.exists() else set()
-        for finding in self.findings:
-            if finding.to_json() not in written:
-                append_finding(path, finding)
+        written = read_findings(path) if path.exists() else []
+        for finding in merge_findings(written, self.findings)[len(written) :]:
+            append_finding(path, finding)
 
 
 def _plain(value: Any) -> bool:

@@ -9,8 +9,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_debug.findings import Finding
-from lightning_debug.report import FINDINGS_FILE, REPORT_FILE, build_report, find_run_dirs, format_report, read_findings
+from lightning_debug.report import (
+    FINDINGS_FILE,
+    REPORT_FILE,
+    build_report,
+    find_run_dirs,
+    format_report,
+    merge_findings,
+    parse_findings,
+    read_findings,
+)
 
 
 def report_command(paths: Sequence[str], as_json: bool) -> int:
@@ -20,18 +28,10 @@ def report_command(paths: Sequence[str], as_json: bool) -> int:
     for directory in run_dirs:
         saved = _read_saved_report(directory / REPORT_FILE)
         status = str(saved.get("status", "unknown (no report.json: still running?)"))
-        findings = read_findings(directory / FINDINGS_FILE) if (directory / FINDINGS_FILE).exists() else []
+        written = read_findings(directory / FINDINGS_FILE) if (directory / FINDINGS_FILE).exists() else []
         # report.json lists the whole run's findings when it ended; findings.jsonl those written as they happened
         # (all of them, or those up to a crash): the union, each once
-        seen = {finding.to_json() for finding in findings}
-        for raw in saved.get("findings", []):
-            try:
-                finding = Finding.from_dict(raw)
-            except (KeyError, TypeError, ValueError, AttributeError):
-                continue
-            if finding.to_json() not in seen:
-                seen.add(finding.to_json())
-                findings.append(finding)
+        findings = merge_findings(written, parse_findings(saved.get("findings", [])))
         run = build_report(findings, status)
         run["run"] = str(directory.parent)
         runs.append(run)

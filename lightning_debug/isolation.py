@@ -47,34 +47,18 @@ def training_batches(trainer: pl.Trainer) -> tuple[Iterable[Any], list[Any]] | N
     if not isinstance(loaders, (Mapping, list, tuple)):
         return probe_loader(loaders), [loaders]
     from lightning.pytorch.utilities.combined_loader import CombinedLoader
+    from lightning_utilities.core.apply_func import apply_to_collection
 
-    flat = _flatten(loaders)
     mode = getattr(getattr(trainer.fit_loop, "_combined_loader", None), "_mode", "max_size_cycle")
     if mode not in ("min_size", "max_size"):
         mode = "max_size_cycle"  # the fit loop's default (and "sequential" does not train)
-    combined = CombinedLoader(_map_loaders(loaders), mode=mode)  # type: ignore[arg-type]
+    combined = CombinedLoader(apply_to_collection(loaders, DataLoader, probe_loader), mode=mode)  # type: ignore[arg-type]
 
     def batches() -> Iterator[Any]:
         for batch, _, _ in combined:
             yield batch
 
-    return batches(), flat
-
-
-def _flatten(loaders: Any) -> list[Any]:
-    if isinstance(loaders, Mapping):
-        return [leaf for value in loaders.values() for leaf in _flatten(value)]
-    if isinstance(loaders, (list, tuple)):
-        return [leaf for value in loaders for leaf in _flatten(value)]
-    return [loaders]
-
-
-def _map_loaders(loaders: Any) -> Any:
-    if isinstance(loaders, Mapping):
-        return {key: _map_loaders(value) for key, value in loaders.items()}
-    if isinstance(loaders, (list, tuple)):
-        return type(loaders)(_map_loaders(value) for value in loaders)
-    return probe_loader(loaders)
+    return batches(), CombinedLoader(loaders).flattened
 
 
 def loader_generators(loaders: Iterable[Any]) -> list[torch.Generator]:

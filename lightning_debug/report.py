@@ -26,13 +26,35 @@ def append_finding(path: Path, finding: Finding) -> None:
 
 def read_findings(path: str | Path) -> list[Finding]:
     """Read a ``findings.jsonl`` file back; a truncated last line (a killed run) is ignored."""
-    findings = []
+    raws = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
-            findings.append(Finding.from_dict(json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            continue  # a line cut short by a killed run, or not a finding
+            raws.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed run
+    return parse_findings(raws)
+
+
+def parse_findings(raws: Iterable[Any]) -> list[Finding]:
+    """The findings among ``raws`` (dicts as ``Finding.to_dict`` writes them); anything else is left out."""
+    findings = []
+    for raw in raws:
+        try:
+            findings.append(Finding.from_dict(raw))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
     return findings
+
+
+def merge_findings(findings: Sequence[Finding], more: Iterable[Finding]) -> list[Finding]:
+    """``findings`` followed by those of ``more`` not among them (each once, in order)."""
+    merged = list(findings)
+    seen = {finding.to_json() for finding in merged}
+    for finding in more:
+        if finding.to_json() not in seen:
+            seen.add(finding.to_json())
+            merged.append(finding)
+    return merged
 
 
 def build_report(
