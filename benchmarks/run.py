@@ -79,6 +79,7 @@ except ImportError:
 
 import lightning_debug  # noqa: E402
 from lightning_debug import NaNGuard, UpdateRatioMonitor  # noqa: E402
+from lightning_debug.base import DiagnosticCallback  # noqa: E402
 
 LOG_EVERY = 50  # Trainer(log_every_n_steps) and therefore the monitors' default cadence
 # every callback of the suite at its defaults, in the suite's order (follows lightning_debug.suite as it grows)
@@ -507,8 +508,14 @@ class RunResult:
         return statistics.fmean(values) if values else math.nan
 
 
+def measure_every(every: int) -> int:
+    """The monitors' default measurement interval under ``Trainer(log_every_n_steps=every)``."""
+    return every * DiagnosticCallback.log_intervals_per_measurement
+
+
 def is_logging_step(step: int, every: int) -> bool:
-    return step % every == 0 or (step + 1) % every == 0
+    """A step where the monitors measure or Lightning writes its logs (LossCurveMonitor judges on the latter)."""
+    return step % measure_every(every) == 0 or (step + 1) % every == 0
 
 
 def run_one(
@@ -603,8 +610,10 @@ def run_one(
 class _Toggle(Callback):
     """Puts the measured callbacks in and out of ``trainer.callbacks`` every ``every`` optimizer steps.
 
-    Block ``b`` holds the optimizer steps ``[b * every, (b + 1) * every)``: one whole measurement interval, whose
-    first step is the monitors' measured step and whose last is the one Lightning logs on. Blocks come in pairs, one
+    ``every`` is the monitors' measurement interval (``measure_every``: two of Lightning's logging intervals at the
+    defaults). Block ``b`` holds the optimizer steps ``[b * every, (b + 1) * every)``: one whole measurement
+    interval, whose first step is the monitors' measured step and whose last is one Lightning logs on (it logs
+    mid-block too). Blocks come in pairs, one
     with the callbacks and one without, in ABBA order (on-off, off-on, ...) so a drift cancels; the first
     ``warmup_pairs`` pairs are not timed. Switched at the end of a block's last step (this callback is last).
     """
@@ -636,8 +645,10 @@ class _Toggle(Callback):
 
 
 def run_blocks(spec: ModelSpec, config: str, pairs: int, warmup_pairs: int, every: int, workdir: str) -> dict[str, Any]:
-    """One Trainer whose ``config`` callbacks are switched on and off every ``every`` steps (see ``_Toggle``)."""
+    """One Trainer (``log_every_n_steps=every``) whose ``config`` callbacks are switched on and off every measurement
+    interval of the monitors (``measure_every(every)`` steps, see ``_Toggle``)."""
     pl.seed_everything(0, verbose=False)
+    logging_every, every = every, measure_every(every)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     blocks = 2 * (pairs + warmup_pairs)
     total = blocks * every + 1
@@ -649,7 +660,7 @@ def run_blocks(spec: ModelSpec, config: str, pairs: int, warmup_pairs: int, ever
     logger = TensorBoardLogger(workdir, name=f"{spec.name}-{config}-blocks")
     trainer = pl.Trainer(
         accelerator=accelerator, devices=1, max_steps=total, max_epochs=1,
-        callbacks=[_TimerStart(clock), *measured, toggle], logger=logger, log_every_n_steps=every,
+        callbacks=[_TimerStart(clock), *measured, toggle], logger=logger, log_every_n_steps=logging_every,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         num_sanity_val_steps=0, limit_val_batches=0,
     )  # fmt: skip
@@ -709,8 +720,8 @@ def blocks_table(results: dict[str, dict[str, dict[str, Any]]], specs: dict[str,
     spread = "median of the processes' medians, min-max over processes" if many else "median over pairs, min-max"
     lines = [
         f"| model | configuration | step time x without ({spread}) | extra us per step | "
-        f"extra us per unmeasured step (median step) | extra ms per {every} steps on the 2 measured steps | "
-        f"step without (ms) | pairs of {every}-step blocks |",
+        f"extra us per unmeasured step (median step) | extra ms per {measure_every(every)} steps on the first and "
+        f"last steps | step without (ms) | pairs of {measure_every(every)}-step blocks |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model, rows in results.items():

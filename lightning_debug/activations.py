@@ -290,7 +290,7 @@ class _ActivationRecorder(TorchFunctionMode):
 class DeadActivationMonitor(DiagnosticCallback):
     r"""Checklist items "dead ReLUs" and "saturated tanh / sigmoid": which units stopped learning, per layer.
 
-    On measured steps (every ``every_n_steps`` optimizer steps, default ``Trainer(log_every_n_steps)``)
+    On measured steps (every ``every_n_steps`` optimizer steps, default ``2 * Trainer(log_every_n_steps)``)
     it switches on a :class:`torch.overrides.TorchFunctionMode` plus forward hooks for the forward of
     ``training_step`` and switches them off again before ``backward``; between measured steps nothing
     is attached and training runs at full speed. While on, it sees every activation wherever it is
@@ -376,7 +376,8 @@ class DeadActivationMonitor(DiagnosticCallback):
     activation, on the device; one host transfer (and one cross-rank reduce) per window.
 
     Args:
-        every_n_steps: measure every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
+        every_n_steps: measure every this many optimizer steps; ``None``: every ``2 * Trainer(log_every_n_steps)``
+            steps (100 at Lightning's default; the per-step checks run on every step regardless).
         window: how many measured steps a window accumulates before its units are judged (>= 1).
         dead_threshold: warn when more than this share of a layer's units is dead, in (0, 1); default 0.5.
         saturated_threshold: warn when more than this share of a layer's units is saturated, in (0, 1).

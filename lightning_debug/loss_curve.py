@@ -74,7 +74,9 @@ class LossCurveMonitor(DiagnosticCallback):
     ==============================  ========  ============================================================
 
     Args:
-        every_n_steps: measure every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
+        every_n_steps: measure every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``
+            (the per-step losses are on the host already: judging them is cheap, see
+            :attr:`~lightning_debug.base.DiagnosticCallback.log_intervals_per_measurement`).
         window: measurements compared for ``not_decreasing`` (first half of the run vs the latest half).
         min_decrease: relative decrease the loss must show (and validation rise that counts as overfitting).
         hockey_steps: the horizon of the hockey-stick check, in optimizer steps (0 disables it).
@@ -94,6 +96,8 @@ class LossCurveMonitor(DiagnosticCallback):
         trainer = Trainer(callbacks=[LossCurveMonitor(val_metric="val_loss")])
         trainer.fit(model, datamodule)
     """
+
+    log_intervals_per_measurement = 1  # judges the per-step losses already on the host: every logging interval
 
     def __init__(
         self,

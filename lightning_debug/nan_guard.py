@@ -162,7 +162,9 @@ class NaNGuard(DiagnosticCallback):
         max_scaler_skips: fp16: this many consecutive scaler skips after its first good step (>= 1) is a collapse.
         on_halt: ``"stop"`` sets ``trainer.should_stop``; ``"raise"`` raises :class:`NaNGuardHalt`.
         save_batch: save the batch of a bad step to the log dir for replay.
-        every_n_steps: log the scalars every this many optimizer steps; ``None`` follows ``log_every_n_steps``.
+        every_n_steps: log the scalars and check the parameters every this many optimizer steps; ``None``: every
+            ``2 * Trainer(log_every_n_steps)`` steps (100 at Lightning's default). The loss and the gradients are
+            checked on every step regardless.
 
     Raises:
         ValueError: when an argument is out of range (the message names it and the accepted values).

@@ -136,7 +136,8 @@ class PredictionDynamicsLogger(DiagnosticCallback):
     Args:
         num_examples: how many examples the fixed batch holds (the first ones of the chosen dataset, at most one
             batch of its loader, so an evaluation costs at most one forward pass of a batch); default 16.
-        every_n_steps: evaluate every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
+        every_n_steps: evaluate every this many optimizer steps; ``None``: every ``2 * Trainer(log_every_n_steps)``
+            steps (100 at Lightning's default).
         task: ``"auto"``, ``"classification"``, ``"regression"`` or ``"summary"`` (see the table above).
         source: where the fixed batch comes from: ``"auto"`` (validation, else training), ``"val"`` or ``"train"``.
         fixed_batch: a batch to use instead, in the structure ``batch_fn`` expects (default ``(inputs, targets)``

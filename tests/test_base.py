@@ -45,11 +45,36 @@ def fit(tmp_path, callbacks, **kwargs):
     return trainer
 
 
-def test_cadence_follows_log_every_n_steps_unless_set(tmp_path):
-    default, own = StepCounter(), StepCounter(every_n_steps=3)
-    fit(tmp_path, [default, own], log_every_n_steps=4)
-    assert default.measured_steps == [0, 4, 8]
-    assert own.measured_steps == [0, 3, 6, 9]
+class HostJudge(StepCounter):
+    log_intervals_per_measurement = 1  # judges values already on the host (as LossCurveMonitor does)
+
+
+def test_cadence_is_two_logging_intervals_by_default_one_for_host_judges_unless_set(tmp_path):
+    default, host, own = StepCounter(), HostJudge(), StepCounter(every_n_steps=3)
+    fit(tmp_path, [default, host, own], log_every_n_steps=4, max_steps=17)
+    assert default.measured_steps == [0, 8, 16]
+    assert host.measured_steps == [0, 4, 8, 12, 16]
+    assert own.measured_steps == [0, 3, 6, 9, 12, 15]
+
+
+def test_the_suite_measures_every_second_logging_interval_and_judges_the_loss_curve_on_every_one(tmp_path):
+    from lightning_debug import suite
+
+    periodic = ("GradNormMonitor", "UpdateRatioMonitor", "DeadActivationMonitor", "PredictionDynamicsLogger",
+                "WeightStatsMonitor", "NaNGuard")  # fmt: skip
+
+    def intervals(every_n_steps):
+        callbacks = suite(num_classes=10, every_n_steps=every_n_steps)
+        trainer = fit(tmp_path, callbacks, log_every_n_steps=4, max_steps=2)
+        return {type(cb).__name__: cb.measure_interval(trainer) for cb in callbacks if hasattr(cb, "measure_interval")}
+
+    default = intervals(None)
+    assert {name: default[name] for name in periodic} == dict.fromkeys(periodic, 8)
+    assert default["LossCurveMonitor"] == 4
+    explicit = intervals(4)  # suite(every_n_steps=...) sets the monitors' cadence (NaNGuard keeps its default)
+    assert {name: explicit[name] for name in (*periodic[:-1], "LossCurveMonitor")} == dict.fromkeys(
+        (*periodic[:-1], "LossCurveMonitor"), 4
+    )
 
 
 def test_each_finding_is_on_disk_when_it_happens_and_warned_once_per_check(tmp_path):
@@ -168,10 +193,10 @@ def test_state_key_names_the_passed_arguments_so_two_configurations_share_a_chec
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     fit(tmp_path, [default, other, checkpoint], max_steps=4, enable_checkpointing=True)
     resumed_default, resumed_other = StepCounter(), StepCounter(every_n_steps=3)
-    trainer = quiet_trainer(tmp_path, [resumed_default, resumed_other], max_steps=6, max_epochs=5)
+    trainer = quiet_trainer(tmp_path, [resumed_default, resumed_other], max_steps=11, max_epochs=5)
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert resumed_default.measured_steps == [0, 5]  # step 0 restored, step 5 measured after the resume
-    assert resumed_other.measured_steps == [0, 3]  # both restored; steps 4-5 are not multiples of 3
+    assert resumed_default.measured_steps == [0, 10]  # step 0 restored, step 10 (2 x log_every_n_steps) measured after
+    assert resumed_other.measured_steps == [0, 3, 6, 9]  # 0 and 3 restored; 6 and 9 measured after the resume
 
 
 def only_before_optimizer_step() -> type:
