@@ -10,10 +10,10 @@ What it does
   defaults, ``lightning_debug.suite(num_classes=...)`` (everything at defaults), and the peers at the same cadence:
   Lightning's ``grad_norm()`` logged with ``self.log_dict`` in ``on_before_optimizer_step`` (every step, as
   documented), ``Trainer(detect_anomaly=True)`` (the peer of NaNGuard), ``wandb.watch(model, log="all",
-  log_freq=50)`` in offline mode (when wandb is installed), and Cockpit's ``"economy"`` configuration tracked every
-  50 steps (MLP only: BackPACK cannot extend BatchNorm in train mode or ``nn.Transformer``; when importable).
+  log_freq=100)`` in offline mode (when wandb is installed), and Cockpit's ``"economy"`` configuration tracked every
+  100 steps (the monitors' per-layer cadence, ``measure_every``; MLP only: BackPACK cannot extend BatchNorm in train mode or ``nn.Transformer``; when importable).
 - **Paired blocks** (``--blocks N``): one run per (model, configuration) whose callbacks are switched on and off
-  every ``--every`` steps, ``N`` on/off pairs (see ``_Toggle``): robust to a machine whose speed drifts between runs.
+  every measurement interval (``measure_every(--every)`` steps), ``N`` on/off pairs (see ``_Toggle``): robust to a machine whose speed drifts between runs.
 - **A/B interleaved**: ``--rounds`` rounds; every round runs every (model, configuration) once, in a shuffled
   order, in this one process. Ratios are taken within a round against that round's baseline of the same model;
   the tables show the median over rounds and the min-max spread.
@@ -366,7 +366,7 @@ class _SyncCounter(Callback):
 
 
 class _WandbWatch(Callback):
-    """The peer: ``wandb.watch(model, log="all", log_freq=50)`` in an offline run."""
+    """The peer: ``wandb.watch(model, log="all", log_freq=100)`` in an offline run (the monitors' cadence)."""
 
     def __init__(self, directory: str, log_freq: int) -> None:
         self.directory = directory
@@ -534,7 +534,7 @@ def run_one(
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     cuda = accelerator == "gpu"
     total = warmup + steps + 1
-    module = CockpitModule(spec.build().net, every) if config == "cockpit economy" else spec.build()
+    module = CockpitModule(spec.build().net, measure_every(every)) if config == "cockpit economy" else spec.build()
     module.peer_grad_norm = config == "grad_norm() log_dict"
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(BatchPool(spec.batches(generator), total), batch_size=None)
@@ -544,7 +544,7 @@ def run_one(
     wandb_dir = None
     if config == "wandb.watch(all)":
         wandb_dir = tempfile.mkdtemp(dir=workdir)
-        callbacks = [_WandbWatch(wandb_dir, every)]
+        callbacks = [_WandbWatch(wandb_dir, measure_every(every))]
     unwrap = instrument(callbacks, clock, hook_times) if hook_times is not None else None
     syncs = _SyncCounter(clock) if sync_debug and cuda else None
     logger = TensorBoardLogger(workdir, name=f"{spec.name}-{config}".replace(" ", "_").replace("()", ""))
