@@ -11,9 +11,11 @@ What it does
   Lightning's ``grad_norm()`` logged with ``self.log_dict`` in ``on_before_optimizer_step`` (every step, as
   documented), ``Trainer(detect_anomaly=True)`` (the peer of NaNGuard), ``wandb.watch(model, log="all",
   log_freq=100)`` in offline mode (when wandb is installed), and Cockpit's ``"economy"`` configuration tracked every
-  100 steps (the monitors' per-layer cadence, ``measure_every``; MLP only: BackPACK cannot extend BatchNorm in train mode or ``nn.Transformer``; when importable).
+  100 steps (the monitors' per-layer cadence, ``measure_every``; MLP only: BackPACK cannot extend BatchNorm in train
+  mode or ``nn.Transformer``; when importable).
 - **Paired blocks** (``--blocks N``): one run per (model, configuration) whose callbacks are switched on and off
-  every measurement interval (``measure_every(--every)`` steps), ``N`` on/off pairs (see ``_Toggle``): robust to a machine whose speed drifts between runs.
+  every measurement interval (``measure_every(--every)`` steps), ``N`` on/off pairs (see ``_Toggle``): robust to a
+  machine whose speed drifts between runs.
 - **A/B interleaved**: ``--rounds`` rounds; every round runs every (model, configuration) once, in a shuffled
   order, in this one process. Ratios are taken within a round against that round's baseline of the same model;
   the tables show the median over rounds and the min-max spread.
