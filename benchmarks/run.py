@@ -499,12 +499,15 @@ class RunResult:
     every: int = LOG_EVERY
 
     def mean(self, which: str = "all", cpu: bool = False) -> float:
-        """Mean step time; ``"all"`` weighs measured steps as in a long run: 2 of every ``every`` steps."""
+        """Mean step time; ``"all"`` weighs measured steps as in a long run: as many as one measurement interval
+        holds (``is_logging_step``: 3 of every 100 steps at ``every=50``)."""
         times = self.cpu_ms if cpu else self.step_ms
         if which == "all":
             unmeasured, measured = self.mean("unmeasured", cpu), self.mean("measured", cpu)
-            if math.isfinite(unmeasured) and math.isfinite(measured) and self.every > 2:
-                return ((self.every - 2) * unmeasured + 2 * measured) / self.every
+            period = measure_every(self.every)
+            busy = sum(is_logging_step(s, self.every) for s in range(period))
+            if math.isfinite(unmeasured) and math.isfinite(measured) and period > busy:
+                return ((period - busy) * unmeasured + busy * measured) / period
             return statistics.fmean(times) if times else math.nan
         values = [t for t, m in zip(times, self.measured) if (which == "measured") == m]
         return statistics.fmean(values) if values else math.nan
