@@ -377,7 +377,7 @@ class DeadActivationMonitor(DiagnosticCallback):
 
     Args:
         every_n_steps: measure every this many optimizer steps; ``None``: every ``2 * Trainer(log_every_n_steps)``
-            steps (100 at Lightning's default; the per-step checks run on every step regardless).
+            steps (100 at Lightning's default).
         window: how many measured steps a window accumulates before its units are judged (>= 1).
         dead_threshold: warn when more than this share of a layer's units is dead, in (0, 1); default 0.5.
         saturated_threshold: warn when more than this share of a layer's units is saturated, in (0, 1).

@@ -224,8 +224,8 @@ class DiagnosticCallback(Callback):
         return self._output_dir
 
     def measure_interval(self, trainer: pl.Trainer) -> int:
-        logging = max(1, int(getattr(trainer, "log_every_n_steps", 50)))
-        return self.every_n_steps or self.log_intervals_per_measurement * logging
+        log_every = max(1, int(getattr(trainer, "log_every_n_steps", 50)))
+        return self.every_n_steps or self.log_intervals_per_measurement * log_every
 
     def global_step(self, trainer: pl.Trainer) -> int:
         """``trainer.global_step``, read from the counter behind it (the property walks the trainer, the strategy

@@ -121,7 +121,7 @@ class GradNormMonitor(DiagnosticCallback):
 
     Args:
         every_n_steps: measure every this many optimizer steps; ``None``: every ``2 * Trainer(log_every_n_steps)``
-            steps (100 at Lightning's default; the per-step checks run on every step regardless).
+            steps (100 at Lightning's default; every step's global norm is still judged for spikes).
         group_by: ``"parameter"`` (one norm per parameter) or ``"module"`` (per owning module).
         window: steps in the running reference (median) window.
         min_history: finite steps needed before spikes are judged and a clip value is suggested.

@@ -35,8 +35,8 @@ def suite(
         num_classes: number of classes of a classifier (implies ``task="multiclass"`` when task is None).
         task: ``"multiclass"``, ``"binary"`` or ``"regression"``; enables the init-loss check. Without a task
             and without ``num_classes`` the init-loss check is left out (it needs to know what to expect).
-        every_n_steps: measurement cadence of the monitors; None: their defaults (every ``2 * log_every_n_steps``
-            steps; LossCurveMonitor every ``log_every_n_steps``).
+        every_n_steps: measurement cadence of the monitors and of NaNGuard's parameter check and scalars; None:
+            their defaults (every ``2 * log_every_n_steps`` steps; LossCurveMonitor every ``log_every_n_steps``).
         nan_guard: include :class:`~lightning_debug.NaNGuard`, the one callback that changes training (only when a
             step goes non-finite: it skips it, rolls back, backs off the LR, or halts).
 
@@ -65,5 +65,5 @@ def suite(
         BatchMixingCheck(),
     ]
     if nan_guard:
-        callbacks.append(NaNGuard())
+        callbacks.append(NaNGuard(every_n_steps=every_n_steps))
     return callbacks

@@ -90,7 +90,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
 
     Args:
         every_n_steps: measure every this many optimizer steps; ``None``: every ``2 * Trainer(log_every_n_steps)``
-            steps (100 at Lightning's default; the per-step checks run on every step regardless).
+            steps (100 at Lightning's default).
         too_small: ratio below which a weight learns too slowly (default 1e-4, from the checklists).
         too_large: ratio above which updates are too large (default 0.1, see above); must exceed ``too_small``.
         patience: consecutive measurements beyond a threshold before a finding (hysteresis).

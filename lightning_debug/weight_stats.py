@@ -62,7 +62,7 @@ class WeightStatsMonitor(DiagnosticCallback):
 
     Args:
         every_n_steps: measure every this many optimizer steps; ``None``: every ``2 * Trainer(log_every_n_steps)``
-            steps (100 at Lightning's default; the per-step checks run on every step regardless).
+            steps (100 at Lightning's default).
         too_large: a weight's std above this multiple of the largest common init std is a bad init.
         too_small: a weight's std below this multiple of the smallest common init std is a bad init.
         patience: measurements (after the first) without any change before ``weight_stats.frozen``.

@@ -71,9 +71,9 @@ def test_the_suite_measures_every_second_logging_interval_and_judges_the_loss_cu
     default = intervals(None)
     assert {name: default[name] for name in periodic} == dict.fromkeys(periodic, 8)
     assert default["LossCurveMonitor"] == 4
-    explicit = intervals(4)  # suite(every_n_steps=...) sets the monitors' cadence (NaNGuard keeps its default)
-    assert {name: explicit[name] for name in (*periodic[:-1], "LossCurveMonitor")} == dict.fromkeys(
-        (*periodic[:-1], "LossCurveMonitor"), 4
+    explicit = intervals(4)  # suite(every_n_steps=...) sets every periodic callback's cadence, NaNGuard's too
+    assert {name: explicit[name] for name in (*periodic, "LossCurveMonitor")} == dict.fromkeys(
+        (*periodic, "LossCurveMonitor"), 4
     )
 
 
