@@ -15,7 +15,8 @@ What it does
   mode or ``nn.Transformer``; when importable).
 - **Paired blocks** (``--blocks N``): one run per (model, configuration) whose callbacks are switched on and off
   every measurement interval (``measure_every(--every)`` steps), ``N`` on/off pairs (see ``_Toggle``): robust to a
-  machine whose speed drifts between runs.
+  machine whose speed drifts between runs. The peers ``grad_norm()`` + ``log_dict`` and ``detect_anomaly`` are
+  switched the same way, as callbacks (``SWITCHABLE_PEERS``).
 - **A/B interleaved**: ``--rounds`` rounds; every round runs every (model, configuration) once, in a shuffled
   order, in this one process. Ratios are taken within a round against that round's baseline of the same model;
   the tables show the median over rounds and the min-max spread.
@@ -464,6 +465,41 @@ def make_callbacks(config: str, num_classes: int) -> list[Callback]:
     return []
 
 
+SWITCHABLE_PEERS = ("grad_norm() log_dict", "detect_anomaly")  # the peers --blocks can switch on and off
+
+
+def switchable_callbacks(config: str, num_classes: int) -> list[Callback]:
+    """``make_callbacks``, with the peers that ``--blocks`` switches (``SWITCHABLE_PEERS``) as callbacks."""
+    if config == "grad_norm() log_dict":
+        return [_PeerGradNorm()]
+    if config == "detect_anomaly":
+        return [_PeerAnomaly()]
+    return make_callbacks(config, num_classes)
+
+
+class _PeerGradNorm(Callback):
+    """Lightning's documented recipe, ``self.log_dict(grad_norm(self, norm_type=2))`` in ``on_before_optimizer_step``
+    (every step), as a callback that the paired blocks can put in and take out (``BenchModule.peer_grad_norm`` is the
+    same in the module, for the interleaved runs)."""
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        pl_module.log_dict(grad_norm(pl_module, norm_type=2))
+
+
+class _PeerAnomaly(Callback):
+    """``Trainer(detect_anomaly=True)`` for the batches this callback is in the trainer: autograd's anomaly mode on
+    from the batch's start (before the forward, whose traces it records) to its end."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        torch.autograd.set_detect_anomaly(True)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        torch.autograd.set_detect_anomaly(False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.autograd.set_detect_anomaly(False)
+
+
 class _ContractFloor(Callback):
     """The per-step work GradNormMonitor's and NaNGuard's contracts require, and nothing else: a lower bound.
 
@@ -660,7 +696,7 @@ def run_blocks(spec: ModelSpec, config: str, pairs: int, warmup_pairs: int, ever
     module = spec.build()
     loader = DataLoader(BatchPool(spec.batches(torch.Generator().manual_seed(0)), total), batch_size=None)
     clock = StepClock(accelerator == "gpu")
-    measured = make_callbacks(config, spec.num_classes)
+    measured = switchable_callbacks(config, spec.num_classes)
     toggle = _Toggle(clock, measured, every)
     logger = TensorBoardLogger(workdir, name=f"{spec.name}-{config}-blocks")
     trainer = pl.Trainer(
@@ -1125,8 +1161,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.blocks:
         toggled = [c for c in configs if c != "none"]
         for c in toggled:
-            if c not in ("suite", FLOOR) and c not in CALLBACKS and c.removeprefix("suite-") not in CALLBACKS:
-                raise SystemExit(f"--blocks switches lightning_debug callbacks on and off; {c!r} is not one")
+            if c not in ("suite", FLOOR, *SWITCHABLE_PEERS) and c.removeprefix("suite-") not in CALLBACKS:
+                raise SystemExit(
+                    f"--blocks switches lightning_debug callbacks and the peers {SWITCHABLE_PEERS} on and off; "
+                    f"{c!r} is not one"
+                )
         block_results: dict[str, dict[str, dict[str, Any]]] = {}
         with tempfile.TemporaryDirectory(prefix="lightning_debug_bench_") as workdir:
             for m in models:

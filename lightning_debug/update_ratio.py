@@ -124,7 +124,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self.too_large = float(too_large)
         self.patience = patience
         self._names: dict[int, str] = {}
-        self._hooks: list[Any] = []
+        self._hooks: dict[int, Any] = {}  # optimizer index -> step post-hook handle, while a measurement is pending
         self._pending: dict[int, _Snapshot] = {}
         self._optimizer_steps: dict[int, int] = {}
         self._ratios: dict[str, deque[float]] = {}  # last `patience` ratios of each judged weight
@@ -143,8 +143,6 @@ class UpdateRatioMonitor(DiagnosticCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         self._remove_hooks()
-        for index, optimizer in enumerate(trainer.optimizers):
-            self._hooks.append(optimizer.register_step_post_hook(self._post_hook(trainer, index)))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -164,6 +162,9 @@ class UpdateRatioMonitor(DiagnosticCallback):
         with torch.no_grad():  # fused over the tensors: one copy call and one norm pass, no per-tensor Python
             copies = list(torch._foreach_mul(list[Tensor](params), 1.0))  # x * 1.0: x bit for bit
             weight_sq = torch.stack(fused_norms(params)).double().square()
+        if index not in self._hooks:  # on measured steps only: no hook call on the optimizer steps in between
+            torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # (a LightningOptimizer wraps it)
+            self._hooks[index] = torch_optimizer.register_step_post_hook(self._post_hook(trainer, index))
         self._pending[index] = _Snapshot(
             step=int(trainer.global_step),
             names=[self._names.get(id(p), f"opt{index}.param{i}") for i, p in enumerate(params)],
@@ -191,6 +192,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         for index in sorted(self._pending):
             self._finish(trainer, index, self._pending.pop(index))
+        self._remove_hooks()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pending.clear()
@@ -202,7 +204,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
-        for handle in self._hooks:
+        for handle in self._hooks.values():
             handle.remove()
         self._hooks.clear()
 

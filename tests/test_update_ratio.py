@@ -193,3 +193,21 @@ def test_sparse_gradients_are_measured(tmp_path: Path) -> None:
     trainer.fit(SparseEmbedding(), datamodule=DigitsDataModule(batch_size=32, standardize=False))
     assert monitor._measured == 5 and monitor.skipped_steps == 0
     assert set(monitor.last_ratios) == {"emb.weight", "head.weight", "head.bias"}
+
+
+def test_the_optimizer_step_hook_is_there_on_measured_steps_only(tmp_path: Path) -> None:
+    """The update is taken by a step post-hook that exists only while a measurement is pending: the optimizer steps
+    in between call no hook of the monitor, and none is left on the optimizer after the run."""
+
+    class CountHooks(pl.Callback):  # after the monitor: sees its hook on measured steps, none on the others
+        def __init__(self) -> None:
+            self.hooks: list[int] = []
+
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+            self.hooks.append(len(optimizer._optimizer_step_post_hooks))
+
+    monitor, count = UpdateRatioMonitor(every_n_steps=4), CountHooks()
+    trainer = _fit(tmp_path, zoo.DigitsMLP(), [monitor, count], max_steps=12)
+    assert count.hooks == [1 if step % 4 == 0 else 0 for step in range(12)]
+    assert monitor._measured == 3 and len(monitor.last_ratios) == 6
+    assert not trainer.optimizers[0]._optimizer_step_post_hooks
