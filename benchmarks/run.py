@@ -110,13 +110,12 @@ class BatchPool(Dataset):
 
 
 class BenchModule(pl.LightningModule):
-    """A classifier around ``net`` (Adam); ``peer_grad_norm`` logs Lightning's ``grad_norm()`` every step."""
+    """A classifier around ``net`` (Adam)."""
 
     def __init__(self, net: nn.Module, lr: float = 1e-3) -> None:
         super().__init__()
         self.net = net
         self.lr = lr
-        self.peer_grad_norm = False
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -127,10 +126,6 @@ class BenchModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self.loss(batch)
-
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
-        if self.peer_grad_norm:  # the documented recipe: self.log_dict(grad_norm(self, norm_type=2))
-            self.log_dict(grad_norm(self, norm_type=2))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
@@ -462,6 +457,8 @@ def make_callbacks(config: str, num_classes: int) -> list[Callback]:
         return [cb for cb in lightning_debug.suite(num_classes=num_classes) if type(cb).__name__ == config]
     if config == FLOOR:
         return [_ContractFloor()]
+    if config == "grad_norm() log_dict":
+        return [_PeerGradNorm()]
     return []
 
 
@@ -469,9 +466,7 @@ SWITCHABLE_PEERS = ("grad_norm() log_dict", "detect_anomaly")  # the peers --blo
 
 
 def switchable_callbacks(config: str, num_classes: int) -> list[Callback]:
-    """``make_callbacks``, with the peers that ``--blocks`` switches (``SWITCHABLE_PEERS``) as callbacks."""
-    if config == "grad_norm() log_dict":
-        return [_PeerGradNorm()]
+    """``make_callbacks``, with ``detect_anomaly`` (a Trainer flag in the interleaved runs) as a callback."""
     if config == "detect_anomaly":
         return [_PeerAnomaly()]
     return make_callbacks(config, num_classes)
@@ -479,8 +474,8 @@ def switchable_callbacks(config: str, num_classes: int) -> list[Callback]:
 
 class _PeerGradNorm(Callback):
     """Lightning's documented recipe, ``self.log_dict(grad_norm(self, norm_type=2))`` in ``on_before_optimizer_step``
-    (every step), as a callback that the paired blocks can put in and take out (``BenchModule.peer_grad_norm`` is the
-    same in the module, for the interleaved runs)."""
+    (every step), as a callback: the same logging from the same hook, and the paired blocks can put it in and take it
+    out."""
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         pl_module.log_dict(grad_norm(pl_module, norm_type=2))
@@ -576,7 +571,6 @@ def run_one(
     cuda = accelerator == "gpu"
     total = warmup + steps + 1
     module = CockpitModule(spec.build().net, measure_every(every)) if config == "cockpit economy" else spec.build()
-    module.peer_grad_norm = config == "grad_norm() log_dict"
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(BatchPool(spec.batches(generator), total), batch_size=None)
     clock = StepClock(cuda)
