@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,10 +15,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_debug.base import DiagnosticCallback
-from lightning_debug.distributed import reduce_squares
+from lightning_debug.distributed import is_sharded, reduce_squares
 from lightning_debug.optimizers import optimizer_index, optimizer_params
 from lightning_debug.stats import fused_norms, round_significant, shared_grad_norms, stacked, to_host
 from lightning_debug.validation import check_float, check_int
+
+_FITTED_DROP = 100.0  # a training loss this many times below its first measurement: the model fits its data
+_EARLY = 0.5  # a schedule that has made updates too small before this fraction of the run decays too early
 
 
 @dataclass
@@ -59,6 +63,16 @@ class UpdateRatioMonitor(DiagnosticCallback):
     ``too_large`` default is 0.1, not the checklist's 1e-2 (which all these healthy runs exceed). Adam at
     lr=1e-7 gives 1e-6.
 
+    "Too small" is judged as at the peak learning rate: a schedule that lowers the LR lowers every update with it
+    (for SGD, momentum, Adam and weight decay the update is proportional to the LR), so each ratio is scaled by
+    the peak LR seen so far over the step's LR, and while the LR rises (a warm-up) the streak waits. Ratios too
+    small only because the schedule lowered the LR are normal near the end of a run (cosine or linear decay to
+    0) and raise ``update_ratio.lr_decayed_early`` when they start before half of it (from
+    ``Trainer.estimated_stepping_batches``; silent when the run's length is unknown). Ratios too small while the
+    training loss has fallen 100x or more since the first measurement (the step's loss, read with the ratios) are
+    the model fitting its data, e.g. an overfit-one-batch check: one ``update_ratio.fitted`` info, no advice to
+    raise the LR.
+
     Skipped steps are not "too small": a step the GradScaler skipped (non-finite gradients, the post-hook never
     runs), a step with non-finite gradients, or a step in which no parameter changed at all (NaNGuard skipped
     it) is dropped and counted in ``update_ratio/skipped_steps``. Only ``patience`` such all-unchanged steps in a
@@ -79,14 +93,21 @@ class UpdateRatioMonitor(DiagnosticCallback):
 
     Findings:
 
-    ===========================  ========  ===============================================================
-    check                        severity  when
-    ===========================  ========  ===============================================================
-    ``update_ratio.too_small``   warning   a weight's ratio < ``too_small`` for ``patience`` measurements
-    ``update_ratio.too_large``   warning   a weight's ratio > ``too_large`` for ``patience`` measurements
-    ``update_ratio.frozen``      warning   a parameter in an optimizer never changed over ``patience``
-                                           measurements (or no parameter changed in ``patience`` steps)
-    ===========================  ========  ===============================================================
+    ==================================  ========  ========================================================
+    check                               severity  when
+    ==================================  ========  ========================================================
+    ``update_ratio.too_small``          warning   a weight's ratio < ``too_small`` for ``patience``
+                                                  measurements, also when scaled to the peak LR
+    ``update_ratio.lr_decayed_early``   warning   the same, but only since the schedule lowered the LR,
+                                                  before half of the run
+    ``update_ratio.fitted``             info      the same while the training loss is 100x below its
+                                                  first measurement
+    ``update_ratio.too_large``          warning   a weight's ratio > ``too_large`` for ``patience``
+                                                  measurements
+    ``update_ratio.frozen``             warning   a parameter in an optimizer never changed over
+                                                  ``patience`` measurements (or no parameter changed in
+                                                  ``patience`` steps)
+    ==================================  ========  ========================================================
 
     Args:
         every_n_steps: measure every this many optimizer steps; ``None``: every ``2 * Trainer(log_every_n_steps)``
@@ -128,6 +149,12 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._pending: dict[int, _Snapshot] = {}
         self._optimizer_steps: dict[int, int] = {}
         self._ratios: dict[str, deque[float]] = {}  # last `patience` ratios of each judged weight
+        # too_small's streak: (ratio, peak LR / the step's LR) per measurement, restarted while the LR rises
+        self._small: dict[str, deque[tuple[float, float]]] = {}
+        self._peak_lr: dict[str, float] = {}
+        self._last_lr: dict[str, float] = {}
+        self._first_loss: float | None = None  # the first measured step's training loss (ranks' mean)
+        self._recent_losses: deque[float] = deque(maxlen=patience)
         self._changed: dict[str, bool] = {}
         self._valid_measurements: dict[str, int] = {}
         self._unchanged_run = 0
@@ -190,8 +217,10 @@ class UpdateRatioMonitor(DiagnosticCallback):
         return hook
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        outputs = args[0] if args else kwargs.get("outputs")
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         for index in sorted(self._pending):
-            self._finish(trainer, index, self._pending.pop(index))
+            self._finish(trainer, index, self._pending.pop(index), loss if isinstance(loss, Tensor) else None)
         self._remove_hooks()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -209,7 +238,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._hooks.clear()
 
     # ------------------------------------------------------------------ measured step: one transfer
-    def _finish(self, trainer: pl.Trainer, index: int, snapshot: _Snapshot) -> None:
+    def _finish(self, trainer: pl.Trainer, index: int, snapshot: _Snapshot, loss: Tensor | None = None) -> None:
         count = len(snapshot.params)
         device = snapshot.weight_sq.device
         stepped = snapshot.delta_sq is not None
@@ -221,10 +250,22 @@ class UpdateRatioMonitor(DiagnosticCallback):
         flags = torch.stack(
             [snapshot.grads_finite.to(device=device, dtype=torch.float64), delta_sq.new_tensor(float(stepped))]
         )
-        packed = reduce_squares(trainer, torch.cat([snapshot.weight_sq, delta_sq, flags]))
+        if loss is not None and loss.numel() == 1:
+            # the step's loss rides along (averaged over ranks: summed over shards, so divided by their number)
+            loss_term = loss.detach().reshape(1).to(device=device, dtype=torch.float64)
+            if is_sharded(trainer):
+                loss_term = loss_term / trainer.world_size
+        else:
+            loss_term = delta_sq.new_full((1,), math.nan)
+        packed = reduce_squares(trainer, torch.cat([snapshot.weight_sq, delta_sq, flags, loss_term]))
         host = to_host(list(packed.unbind()))
-        weight_sq, delta_host, (grads_finite, stepped_all) = host[:count], host[count : 2 * count], host[2 * count :]
+        weight_sq, delta_host = host[:count], host[count : 2 * count]
+        grads_finite, stepped_all, loss_value = host[2 * count :]
         self._measured += 1
+        if math.isfinite(loss_value):
+            if self._first_loss is None:
+                self._first_loss = loss_value
+            self._recent_losses.append(loss_value)
         if stepped_all < 1.0 or grads_finite < 1.0 or not all(math.isfinite(d) for d in delta_host):
             self._skip(trainer)  # the GradScaler skipped it, or gradients were non-finite: says nothing about the LR
             return
@@ -244,7 +285,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
     # ------------------------------------------------------------------ judge
     def _ingest(self, trainer: pl.Trainer, snapshot: _Snapshot, weight_sq: list[float], delta_sq: list[float]) -> None:
         scalars: dict[str, float] = {}
-        for name, ndim, w_sq, d_sq in zip(snapshot.names, snapshot.ndims, weight_sq, delta_sq):
+        for name, ndim, w_sq, d_sq, lr in zip(snapshot.names, snapshot.ndims, weight_sq, delta_sq, snapshot.lrs):
             self._valid_measurements[name] = self._valid_measurements.get(name, 0) + 1
             self._changed[name] = self._changed.get(name, False) or d_sq > 0
             if w_sq <= 0:
@@ -255,24 +296,58 @@ class UpdateRatioMonitor(DiagnosticCallback):
                 scalars[f"update_ratio/{name}"] = math.log10(ratio)
             if ndim >= 2 and ratio > 0:  # an exact 0 is update_ratio.frozen's business
                 self._ratios.setdefault(name, deque(maxlen=self.patience)).append(ratio)
+                scale = self._lr_scale(name, lr)
+                if scale is None:
+                    self._small.pop(name, None)  # a warm-up: small updates are the schedule's start
+                else:
+                    self._small.setdefault(name, deque(maxlen=self.patience)).append((ratio, scale))
         scalars["update_ratio/skipped_steps"] = float(self.skipped_steps)
         self.log_scalars(trainer, scalars, step=snapshot.step)
         self._judge(trainer, snapshot)
 
-    def _sustained(self, check: str, beyond: Any) -> list[str]:
+    def _lr_scale(self, name: str, lr: float) -> float | None:
+        """The peak learning rate so far over this step's (too_small judges updates as they were at the peak:
+        a decaying schedule shrinks them on purpose); None while the LR rises (a warm-up, not judged)."""
+        if not (math.isfinite(lr) and lr > 0):
+            return 1.0
+        last = self._last_lr.get(name)
+        self._last_lr[name] = lr
+        peak = self._peak_lr[name] = max(self._peak_lr.get(name, lr), lr)
+        if last is not None and lr > last * (1 + 1e-6):
+            return None
+        return peak / lr
+
+    def _sustained(self, check: str, histories: Mapping[str, deque[Any]], beyond: Any) -> list[str]:
         names = []
-        for name, history in self._ratios.items():
+        for name, history in histories.items():
             if len(history) == self.patience and all(beyond(r) for r in history):
                 names.append(name)
-            elif f"{check}:{name}" in self._flagged and not beyond(history[-1]):
+            elif history and not beyond(history[-1]):
                 self._flagged.discard(f"{check}:{name}")  # recovered: may be reported again
         return [n for n in names if f"{check}:{n}" not in self._flagged]
 
+    def _fitted(self) -> bool:
+        """Whether the training loss fell ``_FITTED_DROP``-fold or more since the first measurement (median of the
+        last ``patience`` measured steps): the model fits its training data, and small updates follow from that."""
+        first, recent = self._first_loss, self._recent_losses
+        if first is None or first <= 0 or len(recent) < self.patience:
+            return False
+        median = statistics.median(recent)
+        return 0 <= median <= first / _FITTED_DROP
+
     def _judge(self, trainer: pl.Trainer, snapshot: _Snapshot) -> None:
-        small = self._sustained("too_small", lambda r: r < self.too_small)
-        if small:
-            self._report_ratio(trainer, snapshot, "too_small", small)
-        large = self._sustained("too_large", lambda r: r > self.too_large)
+        small = self._sustained("too_small", self._small, lambda m: m[0] < self.too_small)
+        if small and self._fitted():
+            self._report_fitted(trainer, snapshot, small)
+        elif small:
+            # too small even scaled to the peak LR: the LR; too small only since the schedule lowered it: the schedule
+            at_peak = [n for n in small if all(r * scale < self.too_small for r, scale in self._small[n])]
+            if at_peak:
+                self._report_ratio(trainer, snapshot, "too_small", at_peak)
+            decayed = [n for n in small if n not in at_peak]
+            if decayed:
+                self._report_decayed(trainer, snapshot, decayed)
+        large = self._sustained("too_large", self._ratios, lambda r: r > self.too_large)
         if large:
             self._report_ratio(trainer, snapshot, "too_large", large)
         frozen = [
@@ -301,10 +376,16 @@ class UpdateRatioMonitor(DiagnosticCallback):
     def _report_ratio(self, trainer: pl.Trainer, snapshot: _Snapshot, check: str, names: list[str]) -> None:
         for name in names:
             self._flagged.add(f"{check}:{name}")
-        medians = {name: statistics.median(self._ratios[name]) for name in names}
+        lr_of = dict(zip(snapshot.names, snapshot.lrs))
+        lowered = False
+        if check == "too_small":  # as at the peak LR (the same numbers without a schedule that lowered it)
+            medians = {name: statistics.median(r * scale for r, scale in self._small[name]) for name in names}
+            lowered = any(self._peak_lr.get(n, lr_of.get(n, math.nan)) > lr_of.get(n, math.nan) for n in names)
+            lr_of = {n: self._peak_lr.get(n, lr) for n, lr in lr_of.items()}
+        else:
+            medians = {name: statistics.median(self._ratios[name]) for name in names}
         overall = statistics.median(medians.values())
         shown = {name: round_significant(value, 2) for name, value in list(medians.items())[:10]}
-        lr_of = dict(zip(snapshot.names, snapshot.lrs))
         target = 1e-3 if check == "too_small" else 1e-2
         # advice per param group: each group's learning rate scaled by what brings its own weights to the target
         groups: dict[float, list[str]] = {}
@@ -327,8 +408,14 @@ class UpdateRatioMonitor(DiagnosticCallback):
                 f"in a row in {len(names)} weight(s), median {overall:.2g} (10^{math.log10(overall):.1f}); expected "
                 f"~1e-3 (checklist: below 1e-4 the network learns too slowly). {shown}"
             )
+            if lowered:
+                message += (
+                    " Scaled to the peak learning rate: the schedule has lowered it since, and at the peak the "
+                    "updates were too small as well."
+                )
             hint = (
-                f"Raise the learning rate {'of each param group ' if len(groups) > 1 else ''}about {per_group} "
+                f"Raise the {'peak ' if lowered else ''}learning rate "
+                f"{'of each param group ' if len(groups) > 1 else ''}about {per_group} "
                 f"(brings the ratio to ~{target:g}). If the LR is right, these layers are stuck (saturated "
                 "activations, vanishing gradients): check GradNormMonitor's findings."
             )
@@ -359,6 +446,58 @@ class UpdateRatioMonitor(DiagnosticCallback):
             },
             step=snapshot.step + 1,
         )
+
+    def _report_fitted(self, trainer: pl.Trainer, snapshot: _Snapshot, names: list[str]) -> None:
+        if "fitted" in self._flagged:
+            return
+        self._flagged.add("fitted")
+        first, recent = self._first_loss, statistics.median(self._recent_losses)
+        assert first is not None
+        median = statistics.median(statistics.median(r for r, _ in self._small[n]) for n in names)
+        drop = first / recent if recent > 0 else math.inf
+        self.report(
+            trainer,
+            "update_ratio.fitted",
+            "info",
+            f"Updates are small (||Δw||/||w|| median {median:.2g} in {len(names)} weight(s), below {self.too_small:g} "
+            f"for {self.patience} measurements) because the training loss fell {_times(drop)}, from {first:.4g} at the "
+            f"first measurement to {recent:.3g} (median of the last {self.patience}): the model fits its training "
+            "batches and little gradient is left to follow. Not a learning-rate problem.",
+            "Nothing to change if you are overfitting a batch on purpose or training to convergence; otherwise compare "
+            "with the validation loss (LossCurveMonitor's overfitting check) and stop early or regularise.",
+            {"parameters": names, "median_ratio": round_significant(median), "first_loss": first,
+             "recent_loss": recent, "loss_drop": round_significant(drop)},
+            step=snapshot.step + 1,
+        )  # fmt: skip
+
+    def _report_decayed(self, trainer: pl.Trainer, snapshot: _Snapshot, names: list[str]) -> None:
+        """Updates too small only since the schedule lowered the LR: a warning while most of the run lies ahead
+        (the schedule decays too early), nothing near its end (cosine or linear decay to 0 does this on purpose)."""
+        progress = _progress(trainer, snapshot.step)
+        if progress is None or progress >= _EARLY:
+            return
+        for name in names:
+            self._flagged.add(f"too_small:{name}")
+        lr_of = dict(zip(snapshot.names, snapshot.lrs))
+        lr = statistics.median(lr_of[n] for n in names)
+        peak = statistics.median(self._peak_lr.get(n, lr_of[n]) for n in names)
+        median = statistics.median(statistics.median(r for r, _ in self._small[n]) for n in names)
+        at_peak = statistics.median(statistics.median(r * scale for r, scale in self._small[n]) for n in names)
+        shown = {n: round_significant(statistics.median(r for r, _ in self._small[n]), 2) for n in names[:10]}
+        self.report(
+            trainer,
+            "update_ratio.lr_decayed_early",
+            "warning",
+            f"The learning-rate schedule lowered the LR {_times(peak / lr)} (from {peak:.3g} to {lr:.3g}) by step "
+            f"{snapshot.step}, {100 * progress:.0f}% into training: updates fell to ||Δw||/||w|| {median:.2g} in "
+            f"{len(names)} weight(s), below {self.too_small:g} for {self.patience} measurements (~{at_peak:.2g} at the "
+            f"peak LR; expected ~1e-3): the rest of the run learns little. {shown}",
+            "Decay later or less: end the schedule at the run's last step (e.g. CosineAnnealingLR's T_max = "
+            "max_steps), a decay factor closer to 1, or a floor (eta_min) around the peak LR / 10.",
+            {"parameters": names, "lr": lr, "peak_lr": peak, "progress": round(progress, 3),
+             "median_ratio": round_significant(median), "median_ratio_at_peak": round_significant(at_peak)},
+            step=snapshot.step + 1,
+        )  # fmt: skip
 
     def _report_all_frozen(self, trainer: pl.Trainer, snapshot: _Snapshot) -> None:
         if "frozen:*" in self._flagged:
@@ -400,6 +539,11 @@ class UpdateRatioMonitor(DiagnosticCallback):
             "measured": self._measured,
             "skipped_steps": self.skipped_steps,
             "flagged": sorted(self._flagged),
+            "small": {n: [list(m) for m in h] for n, h in self._small.items()},
+            "peak_lr": dict(self._peak_lr),
+            "last_lr": dict(self._last_lr),
+            "first_loss": self._first_loss,
+            "recent_losses": list(self._recent_losses),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -413,6 +557,30 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._measured = int(state.get("measured", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self._flagged = set(state.get("flagged", []))
+        self._small = {
+            str(n): deque(((float(r), float(scale)) for r, scale in h), maxlen=self.patience)
+            for n, h in state.get("small", {}).items()
+        }
+        self._peak_lr = {str(k): float(v) for k, v in state.get("peak_lr", {}).items()}
+        self._last_lr = {str(k): float(v) for k, v in state.get("last_lr", {}).items()}
+        first = state.get("first_loss")
+        self._first_loss = None if first is None else float(first)
+        self._recent_losses = deque((float(v) for v in state.get("recent_losses", [])), maxlen=self.patience)
+
+
+def _times(factor: float) -> str:
+    return f"{factor:,.0f}x" if factor >= 10 else f"{factor:.2g}x"
+
+
+def _progress(trainer: pl.Trainer, step: int) -> float | None:
+    """How far into training ``step`` is (0 to 1), or None when the run's length is not known."""
+    try:
+        total = float(trainer.estimated_stepping_batches)
+    except Exception:  # a run whose length Lightning cannot tell (e.g. an iterable dataset without max_steps)
+        return None
+    if not math.isfinite(total) or total <= 0:
+        return None
+    return min(step / total, 1.0)
 
 
 def _param_lrs(optimizer: Optimizer, params: list[nn.Parameter]) -> list[float]:

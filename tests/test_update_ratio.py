@@ -211,3 +211,98 @@ def test_the_optimizer_step_hook_is_there_on_measured_steps_only(tmp_path: Path)
     assert count.hooks == [1 if step % 4 == 0 else 0 for step in range(12)]
     assert monitor._measured == 3 and len(monitor.last_ratios) == 6
     assert not trainer.optimizers[0]._optimizer_step_post_hooks
+
+
+def _cosine_to_zero(total: int) -> Any:
+    return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+def test_cosine_decay_to_zero_is_not_too_small(tmp_path: Path) -> None:
+    """At the end of a cosine schedule the LR, and with it every update, goes to 0 on purpose: judged as at the
+    peak LR, a healthy run gets no warning (the plain ratios fall below 1e-4 over the last measurements)."""
+    monitor = UpdateRatioMonitor(every_n_steps=10)
+    model = zoo.DigitsMLP(optimizer="adam", lr=1e-3, lr_lambda=_cosine_to_zero(600))
+    _fit(tmp_path, model, [monitor], max_steps=600, max_epochs=-1, limit_val_batches=0)
+    assert max(monitor.last_ratios[n] for n in ("layers.0.weight", "layers.1.weight", "head.weight")) < 1e-4
+    assert _checks(monitor) == []
+
+
+def test_a_schedule_that_decays_early_is_named_with_its_numbers(tmp_path: Path) -> None:
+    """The LR cut 1000x at step 80 of 300: updates too small from a quarter of the run on are the schedule's doing,
+    not a too-small LR; the finding names the schedule, the peak and the current LR, and how far the run is."""
+    monitor = UpdateRatioMonitor(every_n_steps=10)
+    model = zoo.DigitsMLP(optimizer="adam", lr=1e-3, lr_lambda=lambda step: 1.0 if step < 80 else 1e-3)
+    _fit(tmp_path, model, [monitor], max_steps=300, max_epochs=-1, limit_val_batches=0)
+    assert _checks(monitor) == ["update_ratio.lr_decayed_early"]
+    (finding,) = monitor.findings
+    assert math.isclose(finding.data["peak_lr"], 1e-3) and math.isclose(finding.data["lr"], 1e-6)
+    assert finding.data["progress"] < 0.5 and finding.data["median_ratio"] < 1e-4
+    assert finding.data["median_ratio_at_peak"] > 1e-4  # at the peak LR the same updates were fine
+    assert "1,000x (from 0.001 to 1e-06)" in finding.message and "Decay later" in finding.hint
+
+
+def test_updates_are_not_judged_too_small_while_the_lr_warms_up(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor(every_n_steps=10)
+    model = zoo.DigitsMLP(optimizer="adam", lr=1e-3, lr_lambda=lambda step: (step + 1) / 20_000)
+    _fit(tmp_path, model, [monitor], max_steps=200, max_epochs=-1, limit_val_batches=0)
+    assert max(monitor.last_ratios[n] for n in ("layers.0.weight", "layers.1.weight", "head.weight")) < 1e-4
+    assert _checks(monitor) == []
+
+
+class Memorise(pl.LightningModule):
+    """An MLP fitting one fixed batch of random data (an overfit-one-batch check): the loss goes to ~0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 10),
+        )
+        generator = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(64, 64, generator=generator), torch.randint(0, 10, (64,), generator=generator)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.net(self.x), self.y)
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(range(10_000), batch_size=None)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_a_fitted_batch_gets_an_info_not_raise_the_lr(tmp_path: Path) -> None:
+    """Once the loss is ~0 there is little gradient left and Adam's updates shrink below 1e-4: that is the model
+    fitting its data, not a learning rate to raise."""
+    monitor = UpdateRatioMonitor(every_n_steps=10)
+    pl.seed_everything(0)
+    quiet_trainer(tmp_path, [monitor], max_steps=450).fit(Memorise())
+    assert _checks(monitor) == []
+    (finding,) = monitor.findings
+    assert finding.check == "update_ratio.fitted" and finding.severity == "info"
+    assert finding.data["median_ratio"] < 1e-4 and finding.data["loss_drop"] >= 100
+    assert finding.data["first_loss"] > 2.0  # ~ln(10) at init
+    assert "Not a learning-rate problem" in finding.message
+
+
+def test_the_peak_lr_survives_checkpoint_and_resume(tmp_path: Path) -> None:
+    """Resumed after the schedule cut the LR: the restored peak LR still tells the schedule's decay from a
+    too-small LR (without it the resumed monitor would take 1e-6 for the peak and advise raising it)."""
+
+    def model() -> pl.LightningModule:
+        return zoo.DigitsMLP(optimizer="adam", lr=1e-3, lr_lambda=lambda step: 1.0 if step < 20 else 1e-3)
+
+    first = UpdateRatioMonitor(every_n_steps=5)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=20, save_top_k=-1)
+    _fit(tmp_path, model(), [first, checkpoint], max_steps=20, enable_checkpointing=True)
+    assert first.findings == []
+    second = UpdateRatioMonitor(every_n_steps=5)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [second], max_steps=200, max_epochs=-1, limit_val_batches=0)
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=20.ckpt"
+    trainer.fit(model(), datamodule=DigitsDataModule(batch_size=32), ckpt_path=ckpt)
+    assert _checks(second) == ["update_ratio.lr_decayed_early"]
+    assert math.isclose(second.findings[0].data["peak_lr"], 1e-3)
