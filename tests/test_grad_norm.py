@@ -11,7 +11,15 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import SparseEmbedding, assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
+from helpers import (
+    OneCycleSGD,
+    SparseEmbedding,
+    assert_bit_identical,
+    fp16_cpu_plugin,
+    quiet_trainer,
+    run_ddp_script,
+    train_state,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_debug import zoo
@@ -96,6 +104,43 @@ def test_spike_between_measured_steps_is_found(tmp_path: Path) -> None:
     _fit(tmp_path, zoo.DigitsMLP(lr=0.01), CorruptedDigits(batch_size=32), [monitor], max_epochs=2)
     steps = [s for f in monitor.findings if f.check == "grad_norm.spike" for s in f.data["spike_steps"]]
     assert steps and all(s % 50 != 0 for s in steps)
+
+
+def test_hard_batches_near_convergence_are_not_spikes(tmp_path: Path) -> None:
+    """Once the loss is ~0, most batches give almost no gradient and the running median falls ~100x, while a batch
+    with a not-yet-fitted example still reaches the norms the run trained through: 25x-150x the running median,
+    yet no spike (below clip_factor x the run's largest running median). Corrupted records stay spikes (above)."""
+    monitor = GradNormMonitor(every_n_steps=10)
+    pl.seed_everything(0)  # the initial weights too (seeded once: the batches' order follows from the same seed)
+    trainer = quiet_trainer(tmp_path, [monitor], max_epochs=20, log_every_n_steps=50)
+    trainer.fit(OneCycleSGD(), datamodule=DigitsDataModule(batch_size=32))
+    norms = list(monitor._logs[0].history)
+    ratios = [norm / statistics.median(norms[max(0, i - 50) : i]) for i, norm in enumerate(norms) if i >= 20]
+    assert max(ratios) >= 25.0  # what the running median alone would have called a spike
+    peak = monitor._logs[0].peak_median
+    assert max(norms[len(norms) // 2 :]) < monitor.clip_factor * peak
+    assert _warnings(monitor) == []
+
+
+def test_the_run_s_largest_running_median_survives_checkpoint_and_resume(tmp_path: Path) -> None:
+    """Resumed at step 800, where the running median has fallen ~100x: the restored peak still tells the hard
+    batches of the converged phase from spikes (a peak rebuilt from the resumed steps alone would not)."""
+    first = GradNormMonitor(every_n_steps=10)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=800, save_top_k=-1)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(
+        tmp_path, [first, checkpoint], max_steps=800, max_epochs=20, log_every_n_steps=50, enable_checkpointing=True
+    )
+    trainer.fit(OneCycleSGD(total_steps=940), datamodule=DigitsDataModule(batch_size=32))
+    peak = first._logs[0].peak_median
+    assert statistics.median(first._logs[0].recent) < peak / 20
+    second = GradNormMonitor(every_n_steps=10)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [second], max_steps=940, max_epochs=20, log_every_n_steps=50)
+    ckpt = next((tmp_path / "ckpt").glob("*step=800.ckpt"))
+    trainer.fit(OneCycleSGD(total_steps=940), datamodule=DigitsDataModule(batch_size=32), ckpt_path=ckpt)
+    assert second._logs[0].peak_median == peak
+    assert _warnings(second) == []
 
 
 @pytest.mark.parametrize("which", ["mlp", "cnn", "rnn"])

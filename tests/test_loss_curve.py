@@ -5,7 +5,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import all_findings, assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
+from helpers import (
+    OneCycleSGD,
+    all_findings,
+    assert_bit_identical,
+    fp16_cpu_plugin,
+    quiet_trainer,
+    run_ddp_script,
+    train_state,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -128,6 +136,20 @@ def test_a_big_model_on_100_examples_overfits_and_the_hint_names_the_best_step(t
     assert finding.data["best_step"] == best["step"]
     assert finding.data["now"]["val"] > 1.05 * best["val"] and finding.data["now"]["train"] < best["train"]
     assert f"Stop at step {best['step']}" in finding.hint and "weight decay" in finding.hint
+
+
+def test_validation_loss_rising_with_a_one_cycle_lr_is_not_overfitting(tmp_path):
+    """OneCycleLR to max_lr 0.2: while the LR rises 4x the validation loss climbs from 0.29 to ~1 (training still
+    falls); that is the LR's doing, and the run ends at 95% validation accuracy. Stopping at the best step, as
+    the overfitting hint advises, would be wrong here."""
+    callback = LossCurveMonitor()
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [callback], max_epochs=8, log_every_n_steps=50)
+    trainer.fit(OneCycleSGD(total_steps=940), datamodule=DigitsDataModule(batch_size=32))
+    best = min(callback.validations, key=lambda p: p["val"])
+    worse = [p for p in callback.validations if p["step"] > best["step"] and p["val"] > 1.5 * best["val"]]
+    assert len(worse) >= callback.patience and all(p["lr"] > best["lr"] for p in worse)
+    assert [f.check for f in callback.findings if f.severity != "info"] == []
 
 
 # ---------------------------------------------------------------- regularisation
