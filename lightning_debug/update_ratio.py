@@ -493,7 +493,10 @@ class UpdateRatioMonitor(DiagnosticCallback):
             f"{len(names)} weight(s), below {self.too_small:g} for {self.patience} measurements (~{at_peak:.2g} at the "
             f"peak LR; expected ~1e-3): the rest of the run learns little. {shown}",
             "Decay later or less: end the schedule at the run's last step (e.g. CosineAnnealingLR's T_max = "
-            "max_steps), a decay factor closer to 1, or a floor (eta_min) around the peak LR / 10.",
+            "max_steps), a decay factor closer to 1, or a floor (eta_min) around the peak LR / 10. Check the "
+            "scheduler's interval too: an epoch-sized schedule (StepLR(step_size=30)) stepped every batch "
+            "(interval='step') decays an epoch's worth per step (checklist: do not trust learning rate decay "
+            "defaults).",
             {"parameters": names, "lr": lr, "peak_lr": peak, "progress": round(progress, 3),
              "median_ratio": round_significant(median), "median_ratio_at_peak": round_significant(at_peak)},
             step=snapshot.step + 1,
