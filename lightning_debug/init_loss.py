@@ -40,9 +40,12 @@ class InitLossCallback(DiagnosticCallback):
     A loss above ``expected * (1 + rtol)`` means the final layer's outputs are too large at init; the
     hint names the final layer, the factor to scale its weights by (from the measured output std) and
     the bias to start from (log class priors, ``logit(p)``, or the target mean). A loss below
-    ``best_constant * (1 - rtol)`` is suspicious: the model sees the labels, or the loss is reduced
-    wrongly. Class priors and target statistics come from the arguments, else from the measured
-    batches when a batch is ``(inputs, ..., target)`` or ``target_fn`` extracts the target.
+    ``best_constant * (1 - rtol)`` cannot come from untrained weights: when the final layer's predictions
+    (class logits lined up with the targets) beat always predicting the majority class by more than 5 standard
+    errors, the weights are trained (fine-tuning, loaded weights) and ``init_loss.trained`` (info) says the check
+    does not apply; when they are at chance the loss is computed wrong (``init_loss.too_low``). Class priors and
+    target statistics come from the arguments, else from the measured batches when a batch is
+    ``(inputs, ..., target)`` or ``target_fn`` extracts the target.
 
     Training afterwards is bit-identical to training without the callback: the global RNG, the
     loaders' generators, BatchNorm statistics, parameters (an EMA teacher updated in ``training_step``),
@@ -66,7 +69,7 @@ class InitLossCallback(DiagnosticCallback):
     ===========================  =====================================================
 
     Findings: ``init_loss.too_high`` (warning), ``init_loss.too_low`` (warning),
-    ``init_loss.non_finite`` (error), ``init_loss.prior_not_used`` (info),
+    ``init_loss.non_finite`` (error), ``init_loss.prior_not_used`` (info), ``init_loss.trained`` (info),
     ``init_loss.not_measured`` (info).
 
     Args:
@@ -141,7 +144,7 @@ class InitLossCallback(DiagnosticCallback):
             return
         self.result = self._judge(trainer, measurement)
         self._log(trainer, self.result)
-        if self.strict and self.result["status"] not in ("ok", "prior_not_used"):
+        if self.strict and self.result["status"] not in ("ok", "prior_not_used", "trained"):
             raise InitLossError(f"InitLossCallback(strict=True): {self.findings[-1].format()}")
 
     # ------------------------------------------------------------------ measure
@@ -153,6 +156,7 @@ class InitLossCallback(DiagnosticCallback):
         loss_total = torch.zeros((), dtype=torch.float64, device=pl_module.device)
         out_moments = torch.zeros(3, dtype=torch.float64, device=pl_module.device)  # sum, sum of squares, count
         target_stats = torch.zeros(self._target_stats_size(), dtype=torch.float64, device=pl_module.device)
+        hits = torch.zeros(2, dtype=torch.float64, device=pl_module.device)  # correct predictions, examples counted
         batches = 0
         has_targets = True
         final_layer = _FinalLayerProbe(pl_module)
@@ -184,7 +188,10 @@ class InitLossCallback(DiagnosticCallback):
                 if target is None:
                     has_targets = False
                 else:
-                    target_stats += self._target_stats(target.to(pl_module.device))
+                    target = target.to(pl_module.device)
+                    target_stats += self._target_stats(target)
+                    if final_layer.output is not None:
+                        hits += _hits(self.task, final_layer.output, target, self.num_classes)
         if any_rank(trainer, problem is not None):
             self.report(
                 trainer,
@@ -198,11 +205,12 @@ class InitLossCallback(DiagnosticCallback):
             return None
         has_targets = all_ranks(trainer, has_targets and batches > 0)
         totals = reduce(
-            trainer, torch.cat([torch.stack([loss_total, loss_total.new_tensor(batches)]), out_moments, target_stats])
+            trainer,
+            torch.cat([torch.stack([loss_total, loss_total.new_tensor(batches)]), out_moments, hits, target_stats]),
         )
         values = totals.cpu().tolist()  # the one host transfer
-        loss_sum, batch_count, out_sum, out_sq, out_n = values[:5]
-        stats = values[5:]
+        loss_sum, batch_count, out_sum, out_sq, out_n, correct, counted = values[:7]
+        stats = values[7:]
         if batch_count == 0:
             return None
         out_mean = out_std = None
@@ -216,6 +224,9 @@ class InitLossCallback(DiagnosticCallback):
             "output_mean": out_mean,
             "final_layer": final_layer.name,
             "target_stats": stats if has_targets else None,
+            # the final layer's predictions against the targets (None when its outputs do not line up with them)
+            "accuracy": correct / counted if has_targets and counted > 0 else None,
+            "examples": int(counted),
         }
 
     def _target(self, batch: Any) -> Tensor | None:
@@ -334,18 +345,45 @@ class InitLossCallback(DiagnosticCallback):
             return result
         low_reference = best if best is not None else expected
         if measured < low_reference * (1 - self.rtol):
-            result["status"] = "too_low"
             which = "the best constant predictor" if best is not None else "the expected loss at init"
-            self.report(
-                trainer,
-                "init_loss.too_low",
-                "warning",
-                f"The loss at init is {measured:.4g}, below {which} ({low_reference:.4g}) by more than "
-                f"{self.rtol:.0%}: an untrained model cannot know that much about the targets.",
-                "Look for a label leak (the target, or a function of it, among the inputs) or a wrong loss "
-                "reduction (divided by the batch size twice, averaged over the wrong dimension).",
-                data,
-            )
+            below = f"The loss at step 0 is {measured:.4g}, below {which} ({low_reference:.4g})"
+            below += f" by more than {self.rtol:.0%}"
+            accuracy, majority = measurement.get("accuracy"), self._majority_rate(measurement["target_stats"])
+            if accuracy is not None and majority is not None:
+                data["majority_rate"] = majority
+                if _above_chance(accuracy, majority, measurement["examples"]):
+                    result["status"] = "trained"
+                    self.report(
+                        trainer,
+                        "init_loss.trained",
+                        "info",
+                        f"{below}, and the model already predicts the targets: accuracy {accuracy:.1%} on "
+                        f"{measurement['examples']} examples, against {majority:.1%} for always the majority class. "
+                        "The weights are trained (fine-tuning, loaded weights), so the loss-at-init check does not "
+                        "apply.",
+                        "Nothing to fix. (A model trained from scratch starts near "
+                        f"{expected:.4g}; InitLossCallback is for those runs.)",
+                        data,
+                    )
+                    return result
+            result["status"] = "too_low"
+            if accuracy is not None and majority is not None:
+                why = (
+                    f": the predictions are at chance (accuracy {accuracy:.1%}, majority class {majority:.1%}), so "
+                    "the loss itself is computed wrong."
+                )
+                hint = (
+                    "Check the loss reduction (the mean divided by the batch size a second time, averaged over the "
+                    "wrong dimension) and that the loss compares the model's outputs with the targets."
+                )
+            else:
+                why = ": an untrained model cannot know that much about the targets."
+                hint = (
+                    "If the weights are pretrained or loaded (fine-tuning), this is expected. Otherwise check the "
+                    "loss reduction (the mean divided by the batch size a second time, averaged over the wrong "
+                    "dimension) and that the loss compares the model's outputs with the targets."
+                )
+            self.report(trainer, "init_loss.too_low", "warning", below + why, hint, data)
             return result
         if best is not None and best < expected * (1 - self.rtol) and measured > best * (1 + self.rtol):
             result["status"] = "prior_not_used"
@@ -359,6 +397,23 @@ class InitLossCallback(DiagnosticCallback):
                 data,
             )
         return result
+
+    def _majority_rate(self, target_stats: list[float] | None) -> float | None:
+        """The accuracy of always predicting the most frequent class of the measured batches (or of the priors)."""
+        if self.task == "multiclass":
+            if self.class_priors is not None:
+                return max(self.class_priors)
+            total = sum(target_stats) if target_stats else 0.0
+            return max(target_stats) / total if target_stats and total > 0 else None
+        if self.task == "binary":
+            if self.positive_rate is not None:
+                rate = self.positive_rate
+            elif target_stats and target_stats[1] > 0:
+                rate = target_stats[0] / target_stats[1]
+            else:
+                return None
+            return max(rate, 1 - rate)
+        return None
 
     def _expected_words(self) -> str:
         if self.expected_loss is not None:
@@ -447,6 +502,31 @@ class InitLossCallback(DiagnosticCallback):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.result = state.get("result")
+
+
+def _hits(task: str | None, output: Tensor, target: Tensor, num_classes: int | None) -> Tensor:
+    """[correct, counted] of the final layer's outputs taken as class logits (binary: one logit, positive > 0);
+    zeros when they do not line up with the targets (another head, a sequence model's last layer)."""
+    zero = torch.zeros(2, dtype=torch.float64, device=target.device)
+    output = output.to(target.device)
+    if task == "multiclass" and output.ndim >= 1 and output.shape[-1] == num_classes:
+        if output.shape[:-1] != target.shape:
+            return zero
+        valid = (target >= 0) & (target < int(num_classes))  # ignore_index (-100, 255) is no class
+        correct = ((output.argmax(-1) == target) & valid).sum()
+        return torch.stack([correct, valid.sum()]).double()
+    if task == "binary" and output.numel() == target.numel() and output.shape[0] == target.shape[0]:
+        correct = ((output.reshape(-1) > 0) == (target.reshape(-1) > 0.5)).sum()
+        return torch.stack([correct, correct.new_tensor(target.numel())]).double()
+    return zero
+
+
+def _above_chance(accuracy: float, majority: float, examples: int) -> bool:
+    """Whether ``accuracy`` is more than 5 binomial standard errors above the majority-class rate: an untrained
+    model's predictions cannot beat always predicting the most frequent class (expected accuracy
+    sum_c P(predict c) P(y = c) <= max_c P(y = c)), so such a margin means trained weights."""
+    spread = math.sqrt(max(majority * (1 - majority), 0.01) / max(examples, 1))
+    return accuracy > majority + 5 * spread
 
 
 class _FinalLayerProbe:

@@ -207,6 +207,42 @@ def test_a_loss_divided_twice_by_the_batch_size_is_suspiciously_low(tmp_path):
     [finding] = warnings_of(callback)
     assert finding.check == "init_loss.too_low"
     assert "reduction" in finding.hint
+    # the predictions are untrained: the low loss is the loss's own fault, not trained weights
+    assert finding.data["accuracy"] < 0.3 and "at chance" in finding.message and "pretrained" not in finding.hint
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_fine_tuning_trained_weights_is_an_info_not_a_too_low_warning(tmp_path, strict):
+    """Trained weights start far below ln(10), as they should: the predictions show it (accuracy ~95% against
+    ~14% for the majority class), so the check says it does not apply instead of hunting for a bug."""
+    pl.seed_everything(0)
+    trained = DigitsMLP(optimizer="adam", lr=1e-3)
+    quiet_trainer(tmp_path / "pre", [], max_epochs=5).fit(trained, datamodule=DigitsDataModule(batch_size=32))
+    model = DigitsMLP(optimizer="adam", lr=1e-4)
+    model.load_state_dict(trained.state_dict())
+    callback = InitLossCallback(task="multiclass", num_classes=10, strict=strict)
+    fit(tmp_path / "fine", model, callback)  # strict: no InitLossError either
+    assert warnings_of(callback) == []
+    [finding] = callback.findings
+    assert finding.check == "init_loss.trained" and callback.result["status"] == "trained"
+    assert finding.data["measured"] < 0.5 and finding.data["accuracy"] > 0.8
+    assert finding.data["majority_rate"] < 0.2 and "does not apply" in finding.message
+
+
+def test_predictions_are_counted_only_where_they_line_up_with_the_targets():
+    from lightning_debug.init_loss import _above_chance, _hits
+
+    logits, target = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]]), torch.tensor([0, 2])
+    assert _hits("multiclass", logits, target, 3).tolist() == [1.0, 2.0]
+    assert _hits("multiclass", logits, torch.tensor([0, -100]), 3).tolist() == [1.0, 1.0]  # ignore_index
+    assert _hits("multiclass", logits, target, 5).tolist() == [0.0, 0.0]  # not this task's logits
+    assert _hits("multiclass", logits.unsqueeze(0), target, 3).tolist() == [0.0, 0.0]  # shapes differ
+    assert _hits("binary", torch.tensor([[1.5], [-0.5], [0.2]]), torch.tensor([1.0, 0.0, 0.0]), None).tolist() == [
+        2.0,
+        3.0,
+    ]
+    assert _hits("regression", logits, target, None).tolist() == [0.0, 0.0]
+    assert _above_chance(0.9, 0.1, 128) and not _above_chance(0.15, 0.1, 128)
 
 
 def test_expected_loss_alone_works_for_any_loss(tmp_path):
