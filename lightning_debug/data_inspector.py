@@ -77,7 +77,8 @@ class DataInspector(DiagnosticCallback):
     ``data.non_finite``           error     NaN or Inf among the inputs
     ``data.wrong_scale``          warning   raw units (see above); the hint gives the measured mean / std
     ``data.not_centred``          warning   the typical feature's mean is off zero by more than its std
-    ``data.class_imbalance``      warning   largest / smallest class count >= ``imbalance_ratio``
+    ``data.class_imbalance``      warning   largest / smallest class count >= ``imbalance_ratio`` (info for
+                                            labels per token or pixel: skewed by nature)
     ``data.conflicting_labels``   warning   identical inputs carry different labels
     ``data.duplicates``           warning   more than ``max_duplicate_fraction`` of examples repeat (info
                                             below)
@@ -152,6 +153,7 @@ class DataInspector(DiagnosticCallback):
         self._mins: Tensor | None = None
         self._maxs: Tensor | None = None
         self._labels: Tensor | None = None  # class counts, then [negative, overflow]
+        self._per_position = False  # labels per token or pixel (targets with a dimension beyond the batch)
         self._fingerprints: list[Tensor] = []
         self._example_labels: list[Tensor] = []
         self._grid: Tensor | None = None
@@ -244,6 +246,7 @@ class DataInspector(DiagnosticCallback):
         if not isinstance(targets, Tensor):
             return
         bins = self.num_classes or _UNKNOWN_CLASSES
+        self._per_position = self._per_position or targets.dim() >= 2
         labels = targets.reshape(-1).long()
         counts = torch.zeros(bins + 2, dtype=torch.float64, device=labels.device)
         inside = (labels >= 0) & (labels < bins)
@@ -493,6 +496,20 @@ class DataInspector(DiagnosticCallback):
             ratio_words = f"{ratio:.3g}:1"
         else:
             ratio_words = "infinite: it never appears"
+        data = {"class_counts": result["class_counts"], "ratio": ratio, "rare": rare, "common": common}
+        if self._per_position:  # a label per token or pixel: skewed by nature, not a sampling problem
+            self.report(
+                trainer,
+                "data.class_imbalance",
+                "info",
+                f"The per-position labels (a label per token or pixel) are imbalanced: class {common} has "
+                f"{int(largest)} of {int(total)}, class {rare} {int(smallest)}; ratio {ratio_words}. Usual for such "
+                "labels: token frequencies follow Zipf's law, backgrounds dominate segmentation masks.",
+                "Nothing to fix for language modelling. For segmentation, a class-weighted or Dice loss and "
+                "per-class IoU keep the rare classes from being ignored.",
+                {**data, "per_position": True},
+            )
+            return
         self.report(
             trainer,
             "data.class_imbalance",
@@ -502,7 +519,7 @@ class DataInspector(DiagnosticCallback):
             "Weight the loss by inverse class frequency (CrossEntropyLoss(weight=N / (K * n_c))) or resample "
             "(WeightedRandomSampler), initialise the final bias at the log class priors so training does not spend "
             f"its first steps learning them, and track per-class metrics, not just accuracy{numbers}.",
-            {"class_counts": result["class_counts"], "ratio": ratio, "rare": rare, "common": common},
+            data,
         )
 
     def _judge_duplicates(self, trainer: pl.Trainer, stats: dict[str, Any], result: dict[str, Any]) -> None:

@@ -112,6 +112,36 @@ def test_a_1_to_3_imbalance_is_not_flagged(tmp_path):
     assert 2 < callback.result["imbalance_ratio"] < 4.5
 
 
+class NextToken(pl.LightningModule):
+    """An embedding and a linear head predicting a label per token."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, vocab)
+
+    def training_step(self, batch, batch_idx):
+        tokens, targets = batch
+        return torch.nn.functional.cross_entropy(self.head(self.embed(tokens)).flatten(0, 1), targets.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_token_labels_skewed_like_language_are_an_info_not_an_imbalance_warning(tmp_path):
+    """Labels per token follow Zipf's law (the commonest token 50x the rarest here): natural, not a sampling bug.
+    The same counts as one label per example stay a warning (above)."""
+    pl.seed_everything(0)
+    vocab, generator = 50, torch.Generator().manual_seed(0)
+    zipf = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    tokens = torch.multinomial(zipf, 512 * 16, replacement=True, generator=generator).reshape(512, 16)
+    callback = DataInspector(num_batches=8, num_classes=vocab)
+    fit(tmp_path, NextToken(vocab), callback, DataLoader(TensorDataset(tokens, tokens.roll(-1, 1)), batch_size=64))
+    assert warnings_of(callback) == []
+    [finding] = [f for f in callback.findings if f.check == "data.class_imbalance"]
+    assert finding.severity == "info" and finding.data["per_position"] and finding.data["ratio"] >= 10
+    assert "Zipf" in finding.message
+
+
 @pytest.mark.parametrize("image_shape", [False, True])
 def test_standardised_digits_get_no_warnings(tmp_path, image_shape):
     pl.seed_everything(0)
