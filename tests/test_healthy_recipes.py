@@ -2,8 +2,9 @@
 
 Each recipe is a common, sound way to train the digits models: learning-rate schedules that warm up and decay
 to zero, step and plateau decay, clipping, mixed precision, small batches, gradient accumulation, label
-smoothing, dropout with BatchNorm, and fine-tuning weights that are already trained. Every one of them trains to
-95-98% validation accuracy; info findings (a bias before BatchNorm, constant blank pixels) are allowed.
+smoothing, dropout with BatchNorm, He initialisation, and fine-tuning weights that are already trained. Every
+one of them trains to 95-98% validation accuracy; info findings (a bias before BatchNorm, constant blank pixels)
+are allowed.
 """
 
 from __future__ import annotations
@@ -86,6 +87,16 @@ def _fine_tuned() -> pl.LightningModule:
     return model
 
 
+def _he_init() -> pl.LightningModule:
+    """He (Kaiming) normal init for the ReLU layers, zero biases: learns digits fast from the first steps."""
+    model = zoo.DigitsMLP(optimizer="adam", lr=1e-3, hidden=(256, 256, 256))
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(layer.bias)
+    return model
+
+
 def _adam() -> pl.LightningModule:
     return zoo.DigitsMLP(optimizer="adam", lr=1e-3)
 
@@ -109,6 +120,7 @@ RECIPES: dict[str, tuple[Callable[[], pl.LightningModule], dict[str, Any], dict[
         {},
     ),
     "fine_tuning": (_fine_tuned, {"max_epochs": 3}, {}),
+    "he_init": (_he_init, {"max_epochs": 5}, {}),
 }
 
 

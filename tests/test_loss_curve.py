@@ -15,18 +15,21 @@ from helpers import (
     train_state,
 )
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_debug.data import DigitsDataModule, load_digits_tensors
+from lightning_debug.init_loss import InitLossCallback
 from lightning_debug.loss_curve import LossCurveMonitor
 from lightning_debug.nan_guard import NaNGuard
 from lightning_debug.zoo import DigitsCNN, DigitsMLP
 
 
-def fit(tmp_path, model, callback, *loaders, datamodule=None, guard=False, **kwargs):
-    """``guard``: NaNGuard in the run too (the monitor then takes its losses from NaNGuard's feed and dozes)."""
+def fit(tmp_path, model, callback, *loaders, datamodule=None, guard=False, extra=(), **kwargs):
+    """``guard``: NaNGuard in the run too (the monitor then takes its losses from NaNGuard's feed and dozes);
+    ``extra``: more callbacks."""
     kwargs.setdefault("max_epochs", 3)
-    trainer = quiet_trainer(tmp_path, [callback, *([NaNGuard()] if guard else [])], **kwargs)
+    trainer = quiet_trainer(tmp_path, [callback, *([NaNGuard()] if guard else []), *extra], **kwargs)
     if loaders:
         trainer.fit(model, *loaders)
     else:
@@ -98,15 +101,36 @@ def test_a_learning_rate_far_too_small_is_not_decreasing(tmp_path):
 
 # ---------------------------------------------------------------- hockey stick
 @pytest.mark.parametrize("guard", [False, True])
-def test_imbalanced_labels_with_a_default_bias_give_a_hockey_stick(tmp_path, guard):
+@pytest.mark.parametrize("init_loss", [False, True])
+def test_imbalanced_labels_with_a_default_bias_give_a_hockey_stick(tmp_path, guard, init_loss):
     pl.seed_everything(0)
     loader, _ = random_imbalanced_labels()
     callback = LossCurveMonitor()
-    fit(tmp_path, DigitsMLP(num_classes=2), callback, loader, max_epochs=1, guard=guard)
+    extra = [InitLossCallback(task="multiclass", num_classes=2)] if init_loss else []
+    fit(tmp_path, DigitsMLP(num_classes=2), callback, loader, max_epochs=1, guard=guard, extra=extra)
     [finding] = callback.findings
     assert (finding.check, finding.step) == ("loss_curve.hockey_stick", 50)
     assert finding.data["early_drop"] > 0.5 and finding.data["speedup"] > 10
     assert "log class priors" in finding.hint
+    if init_loss:  # the fast start stopped at the constant predictor: the bias was all it learned
+        assert finding.data["knee"] >= 0.5 * finding.data["best_constant"]
+
+
+def test_a_fast_start_that_learns_features_is_no_hockey_stick(tmp_path):
+    """He init on balanced digits: 2.4 to 0.64 in 10 steps, 12x faster than the next 40, but far below the best
+    constant predictor (2.27): those steps learned features, there was no bias to learn."""
+    pl.seed_everything(0)
+    model = DigitsMLP(optimizer="adam", lr=1e-3, hidden=(256, 256, 256))
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+    callback, init_loss = LossCurveMonitor(), InitLossCallback(task="multiclass", num_classes=10)
+    fit(tmp_path, model, callback, datamodule=DigitsDataModule(batch_size=32), max_steps=60, extra=[init_loss])
+    hockey = callback.hockey
+    assert hockey["early_drop"] > 0.5 and hockey["speedup"] > 10  # the speed alone would call it a hockey stick
+    assert hockey["knee"] < 0.5 * hockey["best_constant"] and hockey["status"] == "ok"
+    assert checks(callback) == []
 
 
 def test_the_same_run_with_the_bias_at_the_log_priors_is_no_hockey_stick(tmp_path):
