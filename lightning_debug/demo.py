@@ -71,6 +71,13 @@ BUGS: dict[str, Bug] = {
             ("update_ratio.too_small",),
         ),
         Bug(
+            "lr_decay_early",
+            "an epoch-sized StepLR (LR x0.1 every 30) stepped every batch: the LR is ~0 after a fifth of the run",
+            lambda: DigitsMLP(lr_lambda=lambda step: 0.1 ** (step // 30)),
+            ("update_ratio.lr_decayed_early",),
+            max_epochs=15,
+        ),
+        Bug(
             "detached_layer",
             "a .detach() after the first layer freezes it",
             lambda: DigitsMLP(detach_first=True),
