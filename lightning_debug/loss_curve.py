@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -42,11 +43,13 @@ class LossCurveMonitor(DiagnosticCallback):
       labels with a default init lose 61% (speedup ~30). With an InitLossCallback in the run, a fast start that
       ends below half the best constant predictor's loss learned features, not the bias, and is no hockey stick
       (He-initialised MLPs on digits: 2.4 to 0.64 in 10 steps against a constant predictor's 2.27, speedup 12-14).
-    - **overfitting**: ``patience`` validations in a row above the best validation value by more than
-      ``min_decrease`` (relative) while the training loss kept falling (the gap grew) and the learning rate was
-      not above its value at the best validation: a rising LR (a warm-up, a one-cycle or cyclic schedule) raises
-      the validation loss by itself (measured on digits, SGD under OneCycleLR to max_lr 0.2: 0.29 -> 1.10 while
-      the LR rose 4x, back to 95% accuracy by the end).
+    - **overfitting**: the validation loss averaged over the last ``patience`` epochs (the validations of an
+      epoch averaged into one) above its lowest such average by more than ``min_decrease`` (relative) and by more
+      than 3 standard errors of its epoch-to-epoch noise, while the training loss kept falling (the gap grew) and
+      the learning rate was not above its value at the best validation: a rising LR (a warm-up, a one-cycle or
+      cyclic schedule) raises the validation loss by itself (measured on digits, SGD under OneCycleLR to max_lr
+      0.2: 0.29 -> 1.10 while the LR rose 4x, back to 95% accuracy by the end). Validating every 10 steps on one
+      batch, a healthy run's validation loss wobbled ~10% between validations while it fell 0.37 -> 0.054.
     - **regularisation dominating**: when both ``reg_metric`` and ``data_metric`` are logged (``self.log``), their
       ratio above ``reg_ratio`` for ``patience`` measurements in a row.
 
@@ -267,7 +270,10 @@ class LossCurveMonitor(DiagnosticCallback):
         val_mean, train_sum, train_count = to_host(list(reduce(trainer, packed, "sum").unbind()))
         val_value = val_mean / trainer.world_size
         train = train_sum / train_count if train_count > 0 else math.nan
-        point = {"step": int(trainer.global_step), "val": val_value, "train": train, "lr": _max_lr(trainer)}
+        point = {
+            "step": int(trainer.global_step), "val": val_value, "train": train, "lr": _max_lr(trainer),
+            "epoch": int(trainer.current_epoch),
+        }  # fmt: skip
         self.validations.append(point)
         scalars = {"loss_curve/val": val_value}
         if math.isfinite(train):
@@ -403,22 +409,37 @@ class LossCurveMonitor(DiagnosticCallback):
             return
         if "overfitting" in self._reported:
             return
-        since_best = [p for p in self.validations if p["step"] > self.best_val["step"]][-self.patience :]
-        threshold = self.best_val["val"] * (1 + self.min_decrease)
-        if len(since_best) < self.patience or any(p["val"] <= threshold for p in since_best):
+        # Memorising takes passes over the data: the validations of an epoch are averaged into one (validating
+        # every few steps only adds noise), and windows of `patience` epochs are compared, so one lucky (low)
+        # validation is not the reference: the latest window against the lowest earlier one that does not overlap
+        # it, the rise beyond the epochs' own noise.
+        k = self.patience
+        epochs = _by_epoch([p for p in self.validations if math.isfinite(p["val"])])
+        if len(epochs) < 2 * k:
             return
-        if not (math.isfinite(point["train"]) and point["train"] < self.best_val["train"]):
+        latest, earlier = epochs[-k:], epochs[:-k]
+        windows = [earlier[i : i + k] for i in range(len(earlier) - k + 1)]
+        best_window = min(windows, key=lambda w: statistics.fmean(e["val"] for e in w))
+        low, now = statistics.fmean(e["val"] for e in best_window), statistics.fmean(e["val"] for e in latest)
+        since = epochs[epochs.index(best_window[0]) :]
+        steps = [abs(b["val"] - a["val"]) for a, b in zip(since[:-1], since[1:])]
+        noise = 1.4826 * statistics.median(steps) / math.sqrt(2)  # one epoch's spread (robust, from its steps)
+        if now - low <= max(self.min_decrease * low, 3 * noise / math.sqrt(k)):
+            return
+        best = min((p for e in best_window for p in e["points"]), key=lambda p: p["val"])
+        if not (math.isfinite(point["train"]) and point["train"] < best["train"]):
             return  # both rose: not overfitting (divergence, a bad LR step)
-        if point.get("lr", math.nan) > self.best_val.get("lr", math.nan) * (1 + 1e-6):
+        if point.get("lr", math.nan) > best.get("lr", math.nan) * (1 + 1e-6):
             return  # the LR rose since the best validation (a warm-up, a one-cycle or cyclic schedule): its doing
         self._reported.add("overfitting")
-        best = self.best_val
         self.report(
             trainer,
             "loss_curve.overfitting",
             "warning",
-            f"Overfitting: {self.val_metric} was lowest at step {best['step']} ({best['val']:.4g}) and has been "
-            f"higher for {len(since_best)} validations (now {point['val']:.4g}), while the training loss fell from "
+            f"Overfitting: {self.val_metric} was lowest at step {best['step']} ({best['val']:.4g}; {low:.4g} over the "
+            f"best {k} epochs in a row) and averaged {now:.4g} over the last {k} (now {point['val']:.4g}), "
+            f"{now / low - 1:.0%} higher and beyond its epoch-to-epoch noise ({noise:.2g}), while the "
+            "training loss fell from "
             f"{best['train']:.4g} to {point['train']:.4g}: the train/validation gap grew from "
             f"{best['val'] - best['train']:.3g} to {point['val'] - point['train']:.3g}.",
             f"Stop at step {best['step']}: EarlyStopping(monitor='{self.val_metric}', patience={self.patience}) and "
@@ -478,6 +499,27 @@ class LossCurveMonitor(DiagnosticCallback):
         self.hockey = state.get("hockey") or ({"status": "resumed"} if self.measurements else None)
         self._reg_run = int(state.get("reg_run", 0))
         self._reported = set(state.get("reported", []))
+
+
+def _by_epoch(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive validations of one epoch averaged into one (val and train means; step and lr of the last).
+    Points without an epoch (from an older checkpoint) stay one each."""
+    groups: list[list[dict[str, Any]]] = []
+    for point in points:
+        epoch = point.get("epoch")
+        if groups and epoch is not None and groups[-1][-1].get("epoch") == epoch:
+            groups[-1].append(point)
+        else:
+            groups.append([point])
+    merged = []
+    for group in groups:
+        trains = [p["train"] for p in group if math.isfinite(p["train"])]
+        merged.append({
+            "val": statistics.fmean(p["val"] for p in group),
+            "train": statistics.fmean(trains) if trains else math.nan,
+            "step": group[-1]["step"], "lr": group[-1].get("lr", math.nan), "points": group,
+        })  # fmt: skip
+    return merged
 
 
 def _best_constant(trainer: pl.Trainer) -> float | None:
