@@ -349,9 +349,12 @@ class InitLossCallback(DiagnosticCallback):
             below = f"The loss at step 0 is {measured:.4g}, below {which} ({low_reference:.4g})"
             below += f" by more than {self.rtol:.0%}"
             accuracy, majority = measurement.get("accuracy"), self._majority_rate(measurement["target_stats"])
+            verdict = (
+                None if accuracy is None or majority is None else _chance(accuracy, majority, measurement["examples"])
+            )
             if accuracy is not None and majority is not None:
                 data["majority_rate"] = majority
-                if _above_chance(accuracy, majority, measurement["examples"]):
+                if verdict == "above":
                     result["status"] = "trained"
                     self.report(
                         trainer,
@@ -367,7 +370,8 @@ class InitLossCallback(DiagnosticCallback):
                     )
                     return result
             result["status"] = "too_low"
-            if accuracy is not None and majority is not None:
+            if verdict == "at":
+                assert accuracy is not None and majority is not None
                 why = (
                     f": the predictions are at chance (accuracy {accuracy:.1%}, majority class {majority:.1%}), so "
                     "the loss itself is computed wrong."
@@ -521,12 +525,16 @@ def _hits(task: str | None, output: Tensor, target: Tensor, num_classes: int | N
     return zero
 
 
-def _above_chance(accuracy: float, majority: float, examples: int) -> bool:
-    """Whether ``accuracy`` is more than 5 binomial standard errors above the majority-class rate: an untrained
-    model's predictions cannot beat always predicting the most frequent class (expected accuracy
-    sum_c P(predict c) P(y = c) <= max_c P(y = c)), so such a margin means trained weights."""
-    spread = math.sqrt(max(majority * (1 - majority), 0.01) / max(examples, 1))
-    return accuracy > majority + 5 * spread
+def _chance(accuracy: float, majority: float, examples: int) -> str | None:
+    """The verdict on ``accuracy``: "above" when it is more than 5 binomial standard errors above the
+    majority-class rate (an untrained model's predictions cannot beat always predicting the most frequent class:
+    expected accuracy sum_c P(predict c) P(y = c) <= max_c P(y = c), so such a margin means trained weights); "at"
+    when it is not, although trained weights would have shown (the margin fits below 100%); None when the batches
+    cannot tell (a majority class so large that no accuracy clears the margin)."""
+    margin = 5 * math.sqrt(max(majority * (1 - majority), 0.01) / max(examples, 1))
+    if accuracy > majority + margin:
+        return "above"
+    return "at" if majority + margin < 1.0 else None
 
 
 class _FinalLayerProbe:

@@ -230,7 +230,7 @@ def test_fine_tuning_trained_weights_is_an_info_not_a_too_low_warning(tmp_path, 
 
 
 def test_predictions_are_counted_only_where_they_line_up_with_the_targets():
-    from lightning_debug.init_loss import _above_chance, _hits
+    from lightning_debug.init_loss import _chance, _hits
 
     logits, target = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]]), torch.tensor([0, 2])
     assert _hits("multiclass", logits, target, 3).tolist() == [1.0, 2.0]
@@ -242,7 +242,8 @@ def test_predictions_are_counted_only_where_they_line_up_with_the_targets():
         3.0,
     ]
     assert _hits("regression", logits, target, None).tolist() == [0.0, 0.0]
-    assert _above_chance(0.9, 0.1, 128) and not _above_chance(0.15, 0.1, 128)
+    assert _chance(0.9, 0.1, 128) == "above" and _chance(0.15, 0.1, 128) == "at"
+    assert _chance(0.995, 0.99, 128) is None  # 99% in the majority class: 128 examples cannot tell
 
 
 def test_expected_loss_alone_works_for_any_loss(tmp_path):
