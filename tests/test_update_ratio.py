@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,14 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import SparseEmbedding, assert_bit_identical, fp16_cpu_plugin, quiet_trainer, train_state
+from helpers import (
+    SparseEmbedding,
+    assert_bit_identical,
+    fp16_cpu_plugin,
+    quiet_trainer,
+    run_ddp_script,
+    train_state,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_debug import zoo
@@ -286,6 +294,57 @@ def test_a_fitted_batch_gets_an_info_not_raise_the_lr(tmp_path: Path) -> None:
     assert finding.data["median_ratio"] < 1e-4 and finding.data["loss_drop"] >= 100
     assert finding.data["first_loss"] > 2.0  # ~ln(10) at init
     assert "Not a learning-rate problem" in finding.message
+
+
+def test_ddp_ranks_judge_the_mean_loss_and_agree_on_fitted(tmp_path: Path) -> None:
+    """Each rank memorises its own batch, so the ranks' losses differ; the loss rides in the measured step's
+    reduced transfer, and both ranks hold the same losses and the same findings."""
+    run_ddp_script(
+        tmp_path,
+        """
+        import json
+        import lightning.pytorch as pl
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+        from lightning_debug.update_ratio import UpdateRatioMonitor
+
+        class Memorise(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                                         nn.Linear(256, 10))
+
+            def setup(self, stage):
+                generator = torch.Generator().manual_seed(self.global_rank)  # a different batch per rank
+                self.x = torch.randn(64, 64, generator=generator)
+                self.y = torch.randint(0, 10, (64,), generator=generator)
+
+            def training_step(self, batch, batch_idx):
+                loss = F.cross_entropy(self.net(self.x), self.y)
+                return loss + 0.5 * self.global_rank * loss.detach()  # rank 1's reported loss is 1.5x (same gradient)
+
+            def train_dataloader(self):
+                return torch.utils.data.DataLoader(range(20_000), batch_size=None)
+
+            def configure_optimizers(self):
+                return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+        pl.seed_everything(0)
+        monitor = UpdateRatioMonitor(every_n_steps=10)
+        trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=450, callbacks=[monitor],
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             logger=False, default_root_dir=".")
+        trainer.fit(Memorise())
+        out = {"first": monitor._first_loss, "recent": list(monitor._recent_losses),
+               "checks": sorted(f.check for f in monitor.findings)}
+        json.dump(out, open(f"rank{trainer.global_rank}.json", "w"))
+        """,
+    )
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1
+    assert rank0["checks"] == ["update_ratio.fitted"]
+    assert 2.0 * 1.25 * 0.9 < rank0["first"] < 2.5 * 1.25 * 1.1  # the ranks' mean: ln 10 x (1 + 1.5) / 2
 
 
 def test_the_peak_lr_survives_checkpoint_and_resume(tmp_path: Path) -> None:
