@@ -49,7 +49,9 @@ class LossCurveMonitor(DiagnosticCallback):
       the learning rate was not above its value at the best validation: a rising LR (a warm-up, a one-cycle or
       cyclic schedule) raises the validation loss by itself (measured on digits, SGD under OneCycleLR to max_lr
       0.2: 0.29 -> 1.10 while the LR rose 4x, back to 95% accuracy by the end). Validating every 10 steps on one
-      batch, a healthy run's validation loss wobbled ~10% between validations while it fell 0.37 -> 0.054.
+      batch, a healthy run's validation loss wobbled ~10% between validations while it fell 0.37 -> 0.054. It takes
+      ``2 * patience`` epochs with a validation to judge; a run of one long epoch (each example seen once, e.g.
+      ``max_steps`` within the first epoch) is not judged for overfitting.
     - **regularisation dominating**: when both ``reg_metric`` and ``data_metric`` are logged (``self.log``), their
       ratio above ``reg_ratio`` for ``patience`` measurements in a row.
 
