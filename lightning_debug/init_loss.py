@@ -278,6 +278,7 @@ class InitLossCallback(DiagnosticCallback):
                 log_p = [math.log(max(p, floor)) for p in priors]
                 refs["bias"] = [round(v - sum(log_p) / len(log_p), 3) for v in log_p]
                 refs["priors"] = [round(p, 4) for p in priors]
+                refs["majority_rate"] = max(priors)  # the accuracy of always predicting the commonest class
         elif self.task == "binary":
             rate = self.positive_rate
             if rate is None and target_stats is not None and target_stats[1] > 0:
@@ -287,6 +288,7 @@ class InitLossCallback(DiagnosticCallback):
                 refs["best_constant"] = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
                 refs["bias"] = round(math.log(rate / (1 - rate)), 4)
                 refs["positive_rate"] = round(rate, 4)
+                refs["majority_rate"] = max(rate, 1 - rate)
         elif self.task == "regression":
             mean, var = self.target_mean, self.target_var
             if target_stats is not None and target_stats[2] > 1:
@@ -348,30 +350,26 @@ class InitLossCallback(DiagnosticCallback):
             which = "the best constant predictor" if best is not None else "the expected loss at init"
             below = f"The loss at step 0 is {measured:.4g}, below {which} ({low_reference:.4g})"
             below += f" by more than {self.rtol:.0%}"
-            accuracy, majority = measurement.get("accuracy"), self._majority_rate(measurement["target_stats"])
+            accuracy, majority = measurement.get("accuracy"), refs.get("majority_rate")
             verdict = (
                 None if accuracy is None or majority is None else _chance(accuracy, majority, measurement["examples"])
             )
-            if accuracy is not None and majority is not None:
-                data["majority_rate"] = majority
-                if verdict == "above":
-                    result["status"] = "trained"
-                    self.report(
-                        trainer,
-                        "init_loss.trained",
-                        "info",
-                        f"{below}, and the model already predicts the targets: accuracy {accuracy:.1%} on "
-                        f"{measurement['examples']} examples, against {majority:.1%} for always the majority class. "
-                        "The weights are trained (fine-tuning, loaded weights), so the loss-at-init check does not "
-                        "apply.",
-                        "Nothing to fix. (A model trained from scratch starts near "
-                        f"{expected:.4g}; InitLossCallback is for those runs.)",
-                        data,
-                    )
-                    return result
+            if verdict == "above":
+                result["status"] = "trained"
+                self.report(
+                    trainer,
+                    "init_loss.trained",
+                    "info",
+                    f"{below}, and the model already predicts the targets: accuracy {accuracy:.1%} on "
+                    f"{measurement['examples']} examples, against {majority:.1%} for always the majority class. "
+                    "The weights are trained (fine-tuning, loaded weights), so the loss-at-init check does not apply.",
+                    f"Nothing to fix. (A model trained from scratch starts near {expected:.4g}; InitLossCallback is "
+                    "for those runs.)",
+                    data,
+                )
+                return result
             result["status"] = "too_low"
             if verdict == "at":
-                assert accuracy is not None and majority is not None
                 why = (
                     f": the predictions are at chance (accuracy {accuracy:.1%}, majority class {majority:.1%}), so "
                     "the loss itself is computed wrong."
@@ -401,23 +399,6 @@ class InitLossCallback(DiagnosticCallback):
                 data,
             )
         return result
-
-    def _majority_rate(self, target_stats: list[float] | None) -> float | None:
-        """The accuracy of always predicting the most frequent class of the measured batches (or of the priors)."""
-        if self.task == "multiclass":
-            if self.class_priors is not None:
-                return max(self.class_priors)
-            total = sum(target_stats) if target_stats else 0.0
-            return max(target_stats) / total if target_stats and total > 0 else None
-        if self.task == "binary":
-            if self.positive_rate is not None:
-                rate = self.positive_rate
-            elif target_stats and target_stats[1] > 0:
-                rate = target_stats[0] / target_stats[1]
-            else:
-                return None
-            return max(rate, 1 - rate)
-        return None
 
     def _expected_words(self) -> str:
         if self.expected_loss is not None:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce
+from lightning_debug.optimizers import max_lr
 from lightning_debug.stats import to_host
 from lightning_debug.validation import check_float, check_int
 
@@ -273,7 +274,7 @@ class LossCurveMonitor(DiagnosticCallback):
         val_value = val_mean / trainer.world_size
         train = train_sum / train_count if train_count > 0 else math.nan
         point = {
-            "step": int(trainer.global_step), "val": val_value, "train": train, "lr": _max_lr(trainer),
+            "step": int(trainer.global_step), "val": val_value, "train": train, "lr": max_lr(trainer),
             "epoch": int(trainer.current_epoch),
         }  # fmt: skip
         self.validations.append(point)
@@ -419,11 +420,10 @@ class LossCurveMonitor(DiagnosticCallback):
         epochs = _by_epoch([p for p in self.validations if math.isfinite(p["val"])])
         if len(epochs) < 2 * k:
             return
-        latest, earlier = epochs[-k:], epochs[:-k]
-        windows = [earlier[i : i + k] for i in range(len(earlier) - k + 1)]
-        best_window = min(windows, key=lambda w: statistics.fmean(e["val"] for e in w))
-        low, now = statistics.fmean(e["val"] for e in best_window), statistics.fmean(e["val"] for e in latest)
-        since = epochs[epochs.index(best_window[0]) :]
+        means = [statistics.fmean(e["val"] for e in epochs[i : i + k]) for i in range(len(epochs) - 2 * k + 1)]
+        first = min(range(len(means)), key=means.__getitem__)  # the lowest window that ends before the latest
+        best_window, since = epochs[first : first + k], epochs[first:]
+        low, now = means[first], statistics.fmean(e["val"] for e in epochs[-k:])
         steps = [abs(b["val"] - a["val"]) for a, b in zip(since[:-1], since[1:])]
         noise = 1.4826 * statistics.median(steps) / math.sqrt(2)  # one epoch's spread (robust, from its steps)
         if now - low <= max(self.min_decrease * low, 3 * noise / math.sqrt(k)):
@@ -534,13 +534,6 @@ def _best_constant(trainer: pl.Trainer) -> float | None:
             if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
                 return float(value)
     return None
-
-
-def _max_lr(trainer: pl.Trainer) -> float:
-    """The largest learning rate of the trainer's optimizers now (NaN without one)."""
-    lrs = [group.get("lr") for optimizer in trainer.optimizers for group in optimizer.param_groups]
-    values = [float(lr) for lr in lrs if isinstance(lr, (int, float, Tensor))]
-    return max(values) if values else math.nan
 
 
 _FOLD_EVERY = 1024  # losses kept between folds: bounds memory when measured steps are far apart

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce
-from lightning_debug.optimizers import OptimizerParams
+from lightning_debug.optimizers import OptimizerParams, max_lr
 from lightning_debug.stats import StepNorms, foreach_norms, fused_norms, is_uniform, shared_grad_norms, to_host
 
 OnHalt = Literal["stop", "raise"]
@@ -301,7 +301,7 @@ class NaNGuard(DiagnosticCallback):
         optimizer state already holds that LR."""
         fresh = [opt for opt in trainer.optimizers if opt not in self._scaled_optimizers]
         if self.lr_scale != 1.0 and fresh and not self._restored:
-            old_lr = self._max_lr(trainer)
+            old_lr = max_lr(trainer)
             for optimizer in fresh:
                 _scale_optimizer_lrs(optimizer, self.lr_scale)
             for config in trainer.lr_scheduler_configs:
@@ -312,7 +312,7 @@ class NaNGuard(DiagnosticCallback):
                 "nan_guard.backoff_carried",
                 "info",
                 f"This fit built new optimizers at lr {old_lr:.4g}; NaNGuard applied the {self.backoffs} backoff(s) of "
-                f"the earlier fit(s) to them (x{self.lr_scale:.3g}): lr {self._max_lr(trainer):.4g}.",
+                f"the earlier fit(s) to them (x{self.lr_scale:.3g}): lr {max_lr(trainer):.4g}.",
                 "Nothing to do; to start again at the configured LR, use a new NaNGuard (or a new Trainer).",
                 {"lr_scale": self.lr_scale, "backoffs": self.backoffs},
             )
@@ -659,7 +659,7 @@ class NaNGuard(DiagnosticCallback):
         m: dict[str, Any],
     ) -> None:
         step = int(trainer.global_step)
-        lr = self._max_lr(trainer)
+        lr = max_lr(trainer)
         batch = getattr(trainer.fit_loop.epoch_loop, "total_batch_idx", None)
         if batch is None or batch != self._last_bad_batch:  # several optimizers' bad steps on one batch count once
             self._consecutive_bad += 1
@@ -752,7 +752,7 @@ class NaNGuard(DiagnosticCallback):
             return
         if self._last_backoff_step is not None and step - self._last_backoff_step < self.cooldown_steps:
             return
-        old_lr = self._max_lr(trainer)
+        old_lr = max_lr(trainer)
         new_lr = old_lr * self.backoff_factor
         if self.backoffs >= self.max_backoffs:
             self._halt(
@@ -983,10 +983,6 @@ class NaNGuard(DiagnosticCallback):
     def _refresh_checked(self, pl_module: pl.LightningModule) -> None:
         named = [*pl_module.named_parameters(), *pl_module.named_buffers()]
         self._checked = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
-
-    def _max_lr(self, trainer: pl.Trainer) -> float:
-        lrs = [float(group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups]
-        return max(lrs) if lrs else math.nan
 
     def _install_gate(self, optimizer: torch.optim.Optimizer) -> None:
         """Put a gate in front of ``optimizer.step`` (an instance attribute, removed when training ends)."""

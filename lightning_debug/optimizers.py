@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
+
+
+def max_lr(trainer: pl.Trainer) -> float:
+    """The largest learning rate of the trainer's optimizers now (NaN without one)."""
+    lrs = [group.get("lr") for optimizer in trainer.optimizers for group in optimizer.param_groups]
+    values = [float(lr) for lr in lrs if isinstance(lr, (int, float, Tensor))]
+    return max(values) if values else math.nan
 
 
 def optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:
