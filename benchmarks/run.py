@@ -725,6 +725,7 @@ def run_blocks(spec: ModelSpec, config: str, pairs: int, warmup_pairs: int, ever
         "measured_extra_ms": _ratio_stats(measured_ms),  # the two measured steps of a block, together
         "pairs": len(ratios),
         "ratios": ratios,
+        "step_ms": step_ms,  # every step in order (block b: steps [b * every, (b + 1) * every)), for --json
     }
 
 

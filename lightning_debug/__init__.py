@@ -3,6 +3,7 @@
 from lightning_debug.activations import DeadActivationMonitor
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.batch_mixing import BatchMixingCheck
+from lightning_debug.batchnorm import BatchNormCheck
 from lightning_debug.data_inspector import DataInspector
 from lightning_debug.findings import SEVERITIES, Finding, Severity
 from lightning_debug.grad_norm import GradNormMonitor
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SEVERITIES",
     "BatchMixingCheck",
+    "BatchNormCheck",
     "DataInspector",
     "DeadActivationMonitor",
     "DiagnosticCallback",

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_debug.base import DiagnosticCallback
-from lightning_debug.batches import default_input
+from lightning_debug.batches import check_probe_fns, default_input
 from lightning_debug.distributed import reduce
 from lightning_debug.isolation import isolated, training_batches
 from lightning_debug.stats import to_host
@@ -111,12 +111,7 @@ class BatchMixingCheck(DiagnosticCallback):
             or not 0 <= tolerance < 1
         ):
             raise ValueError(f"`tolerance` must be a number in [0, 1), got {tolerance!r}")
-        if input_fn is not None and not callable(input_fn):
-            raise ValueError(f"`input_fn` must be a callable batch -> Tensor or None, got {input_fn!r}")
-        if forward_fn is not None and not callable(forward_fn):
-            raise ValueError(
-                f"`forward_fn` must be a callable (pl_module, batch) -> output or None, got {forward_fn!r}"
-            )
+        check_probe_fns(input_fn, forward_fn)
         self.num_probes = num_probes
         self.causal_dim = causal_dim
         self.tolerance = float(tolerance)

@@ -21,3 +21,11 @@ def default_input(batch: Any) -> Tensor | None:
             if isinstance(batch.get(key), Tensor):
                 return batch[key]
     return None
+
+
+def check_probe_fns(input_fn: Any, forward_fn: Any) -> None:
+    """Validate the ``input_fn`` / ``forward_fn`` arguments of the callbacks that run the model on a probe batch."""
+    if input_fn is not None and not callable(input_fn):
+        raise ValueError(f"`input_fn` must be a callable batch -> Tensor or None, got {input_fn!r}")
+    if forward_fn is not None and not callable(forward_fn):
+        raise ValueError(f"`forward_fn` must be a callable (pl_module, batch) -> output or None, got {forward_fn!r}")

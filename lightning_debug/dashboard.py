@@ -34,6 +34,7 @@ LAYOUT: dict[str, dict[str, list[str]]] = {
     "lightning_debug: data and batch mixing": {
         "input statistics": [r"data/.*"],
         "cross-example gradient leak": [r"batch_mixing/.*"],
+        "BatchNorm: evaluation std ratio, examples per device": [r"batchnorm/.*"],
     },
     "lightning_debug: NaN guard": {
         "learning-rate scale and backoffs": [r"nan_guard/.*"],

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.data import DigitsDataModule
 from lightning_debug.preset import suite
-from lightning_debug.zoo import DigitsMLP, DigitsRNN, DigitsRowRNN
+from lightning_debug.zoo import DigitsCNN, DigitsMLP, DigitsRNN, DigitsRowRNN
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,14 @@ BUGS: dict[str, Bug] = {
             "a .view where a .permute belongs: each sequence is stitched from rows of different examples",
             lambda: DigitsRowRNN(view_bug=True),
             ("batch_mixing.detected",),
+        ),
+        Bug(
+            "bn_small_batch",
+            "a CNN with BatchNorm trained on batches of 4 images: batch statistics from 4 examples",
+            DigitsCNN,
+            ("batchnorm.small_batch",),
+            make_data=lambda: DigitsDataModule(batch_size=4, image_shape=True),
+            max_epochs=1,
         ),
         Bug(
             "bad_init",

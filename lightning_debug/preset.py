@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_debug.activations import DeadActivationMonitor
 from lightning_debug.batch_mixing import BatchMixingCheck
+from lightning_debug.batchnorm import BatchNormCheck
 from lightning_debug.data_inspector import DataInspector
 from lightning_debug.grad_norm import GradNormMonitor
 from lightning_debug.init_loss import InitLossCallback
@@ -29,7 +30,7 @@ def suite(
     InitLossCallback (when the task is known), GradNormMonitor, UpdateRatioMonitor, DeadActivationMonitor,
     PredictionDynamicsLogger, WeightStatsMonitor (without histograms: ``WeightStatsMonitor(histograms=True)``
     adds them at the cost of copying every weight to the host on measured steps), LossCurveMonitor,
-    DataInspector, BatchMixingCheck, and NaNGuard. The monitors leave training bit-identical.
+    DataInspector, BatchMixingCheck, BatchNormCheck, and NaNGuard. The monitors leave training bit-identical.
 
     Args:
         num_classes: number of classes of a classifier (implies ``task="multiclass"`` when task is None).
@@ -63,6 +64,7 @@ def suite(
         LossCurveMonitor(every_n_steps=every_n_steps),
         DataInspector(num_classes=num_classes if task == "multiclass" else None),
         BatchMixingCheck(),
+        BatchNormCheck(),
     ]
     if nan_guard:
         callbacks.append(NaNGuard(every_n_steps=every_n_steps))
