@@ -563,8 +563,10 @@ def _finding_markdown(finding: Finding) -> str:
 def _tensorboard_png(writer: Any, tag: str, image: np.ndarray | Tensor, step: int) -> bool:
     """Write an ``(H, W, 3)`` uint8 image as a PNG ``Summary`` event; False if not possible (then ``add_image``).
 
-    The same bytes ``SummaryWriter.add_image`` writes for such an image (PIL's PNG at its default level), without
-    its float32 round trip over the pixels: 0.7-2 ms instead of 1.7-6 ms for the predictions' images.
+    The image ``SummaryWriter.add_image`` writes for such an image, without its float32 round trip over the
+    pixels, and at zlib level 1 instead of PIL's default 6: the same pixels in 15-60% more bytes (3.2 instead of
+    2.0 kB for the probabilities, 15 instead of 13 kB for a 200-log trajectory) in half the time (0.7 and 1.3 ms
+    instead of 1.5 and 2.7 ms; ``add_image`` took 1.7-6 ms).
     """
     get_file_writer = getattr(writer, "_get_file_writer", None)
     dtype, shape = getattr(image, "dtype", None), tuple(getattr(image, "shape", ()))
@@ -576,7 +578,7 @@ def _tensorboard_png(writer: Any, tag: str, image: np.ndarray | Tensor, step: in
     except ImportError:
         return False
     encoded = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(encoded, format="PNG")
+    Image.fromarray(np.ascontiguousarray(array)).save(encoded, format="PNG", compress_level=1)
     height, width = array.shape[:2]
     picture = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=encoded.getvalue())
     get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=picture)]), step)

@@ -155,6 +155,9 @@ class LossCurveMonitor(DiagnosticCallback):
         self._losses: list[Tensor] = []  # detached losses since the last fold
         self._window_sum: Tensor | None = None  # folded losses since the last measured step
         self._epoch_sum: Tensor | None = None  # folded losses since the last validation
+        # NaNGuard's fed losses are host floats already: [finite sum, finite count] kept on the host
+        self._host_window = [0.0, 0.0]
+        self._host_epoch = [0.0, 0.0]
         self._early: list[Tensor] = []
         self._early_host: list[float] = []  # the same, from NaNGuard's loss feed
         self._last_step = -1
@@ -167,6 +170,7 @@ class LossCurveMonitor(DiagnosticCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a new fit: the losses kept since the previous fit's last measurement are not this fit's
         self._losses, self._window_sum, self._epoch_sum = [], None, None
+        self._host_window, self._host_epoch = [0.0, 0.0], [0.0, 0.0]
         self._loss_feed = None
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         guard = next((cb for cb in callbacks if callable(getattr(cb, "loss_feed", None))), None)
@@ -198,7 +202,7 @@ class LossCurveMonitor(DiagnosticCallback):
         return self.hockey is None and bool(self.hockey_steps) and step >= 5 * self.hockey_steps
 
     def _drain(self) -> None:
-        """Take the losses NaNGuard's feed sent since the last drain (kept like the ones read from ``outputs``)."""
+        """Take the losses NaNGuard's feed sent since the last drain: host floats, summed on the host."""
         feed = self._loss_feed
         if not feed:
             return
@@ -206,9 +210,11 @@ class LossCurveMonitor(DiagnosticCallback):
         feed.clear()
         if self.hockey is None and self.hockey_steps and len(self._early_host) < 5 * self.hockey_steps:
             self._early_host.extend(values[: 5 * self.hockey_steps - len(self._early_host)])
-        self._losses.append(torch.tensor(values, dtype=torch.float64))
-        if len(self._losses) >= _FOLD_EVERY:
-            self._fold()
+        finite = [value for value in values if math.isfinite(value)]
+        total = math.fsum(finite)
+        for pair in (self._host_window, self._host_epoch):
+            pair[0] += total
+            pair[1] += len(finite)
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_end(
@@ -267,8 +273,8 @@ class LossCurveMonitor(DiagnosticCallback):
         device = trainer.strategy.root_device
         self._drain()
         self._fold()
-        epoch = self._epoch_sum if self._epoch_sum is not None else torch.zeros(2, dtype=torch.float64, device=device)
-        self._epoch_sum = None
+        epoch = _with_host(self._epoch_sum, self._host_epoch, device)
+        self._epoch_sum, self._host_epoch = None, [0.0, 0.0]
         packed = torch.cat([val.detach().reshape(1).double().to(device), epoch.to(device)])
         val_mean, train_sum, train_count = to_host(list(reduce(trainer, packed, "sum").unbind()))
         val_value = val_mean / trainer.world_size
@@ -299,8 +305,8 @@ class LossCurveMonitor(DiagnosticCallback):
     def _measure(self, trainer: pl.Trainer) -> None:
         device = trainer.strategy.root_device
         self._fold()
-        window = self._window_sum if self._window_sum is not None else torch.zeros(2, dtype=torch.float64)
-        self._window_sum = None
+        window = _with_host(self._window_sum, self._host_window, device)
+        self._window_sum, self._host_window = None, [0.0, 0.0]
         metrics = trainer.callback_metrics
         reg = _metric(metrics, self.reg_metric)
         data = _metric(metrics, self.data_metric)
@@ -534,6 +540,12 @@ def _best_constant(trainer: pl.Trainer) -> float | None:
             if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
                 return float(value)
     return None
+
+
+def _with_host(folded: Tensor | None, host: list[float], device: torch.device) -> Tensor:
+    """[finite sum, finite count] of the device-folded losses plus the host-kept ones, as one float64 tensor."""
+    pair = torch.tensor(host, dtype=torch.float64)
+    return pair.to(device) if folded is None else folded.to(device) + pair.to(device)
 
 
 _FOLD_EVERY = 1024  # losses kept between folds: bounds memory when measured steps are far apart

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from helpers import assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
@@ -616,7 +618,7 @@ def test_per_position_measuring_leaves_training_bit_identical(tmp_path: Path, pr
     assert_bit_identical(plain, watched)
 
 
-def test_images_are_written_as_the_same_png_that_add_image_writes(tmp_path: Path) -> None:
+def test_images_are_written_as_the_same_pixels_that_add_image_writes(tmp_path: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     from lightning_debug.base import _tensorboard_png
@@ -632,8 +634,10 @@ def test_images_are_written_as_the_same_png_that_add_image_writes(tmp_path: Path
         events = EventAccumulator(str(tmp_path / folder))
         events.Reload()
         (event,) = events.Images("predictions/probabilities")
-        written.append((event.step, event.height, event.width, event.encoded_image_string))
-    assert written[0] == written[1] and written[0][:3] == (7, *image.shape[:2])
+        pixels = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+        written.append((event.step, event.height, event.width, pixels))
+    assert written[0][:3] == written[1][:3] == (7, *image.shape[:2])
+    assert np.array_equal(written[0][3], written[1][3]) and np.array_equal(written[0][3], image)
 
 
 def test_image_tensors_are_written_too_and_others_fall_back_to_add_image(tmp_path: Path) -> None:
