@@ -9,6 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
+from torch.utils.data import DataLoader
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.batches import check_probe_fns, default_input
@@ -33,25 +35,30 @@ class BatchNormCheck(DiagnosticCallback):
     is learnt in training, so at evaluation it divides by too large a number and its outputs shrink: for zero-mean
     inputs straight behind ``Dropout(p)`` the variance ratio is ``1 - p`` (std ``sqrt(1 - p)``: 0.71 for
     ``p=0.5``). The check measures it instead of reading the architecture: at ``on_train_start`` it runs one
-    training batch through the model twice in train mode, once as it trains and once with every dropout module
-    off, and compares the per-channel variance each BatchNorm receives (median over its channels). A BatchNorm
-    that no dropout reaches gets the same input twice (ratio 1 exactly); one behind dropout, directly or through
-    other layers, gets the shift. Dropout written as ``F.dropout(x, p, self.training)`` follows its module's mode
-    and is not switched off, so BatchNorms behind it are not judged. The finding is an info: what the shift costs
-    depends on the model (on the bundled digits, an MLP with dropout 0.5 between two BatchNorms measured 0.62x,
-    and re-estimating its statistics with dropout off after training changed its validation loss by 3% and its
-    accuracy not at all), while deep networks with many BatchNorms behind dropout compound it (Li et al.).
+    training batch through the model in train mode as it trains, then twice more with every dropout module off,
+    and compares the per-channel variance each BatchNorm receives: the ratio is ``1 / mean over channels of
+    (variance with dropout / without)``. A BatchNorm is judged when it keeps running statistics
+    (``track_running_stats``) and is in train mode, a dropout module in train mode ran before it, and the two
+    dropout-off passes gave it the same input: one that other randomness reaches (``F.dropout(x, p,
+    self.training)``, which follows its module's mode, noise layers) is not judged. The finding is an info: what
+    the shift costs depends on the model (on the bundled digits, the zoo MLP with dropout 0.5 between two
+    BatchNorms measures 0.62x, and re-estimating its statistics with dropout off after training changed its
+    validation loss by 3% and its accuracy not at all), while deep networks with many BatchNorms behind dropout
+    compound it (Li et al.).
 
     **Small batches**: BatchNorm normalises each example with the mean and variance of the examples on its device.
     With few of them those statistics are noisy and accuracy suffers (Wu & He 2018, *Group Normalization*:
     ResNet-50 ImageNet top-1 error 23.6% at 32 images per device, 24.8% at 8, 27.3% at 4, 34.7% at 2); gradient
     accumulation does not help, and under DDP each device normalises its own batch unless the layers are
-    ``SyncBatchNorm``. Measured on the same batch: the examples each BatchNorm in train mode normalises over.
+    ``SyncBatchNorm``. Measured on the same batch: the examples each BatchNorm in train mode normalises over. The
+    epoch's last batch is worked out from the training DataLoader (examples per device modulo the batch size,
+    unless ``drop_last``): a last batch of 1 example makes ``BatchNorm1d`` raise at the end of the first epoch,
+    which the warning at step 0 announces.
 
-    Both forwards run under ``torch.no_grad`` inside :func:`~lightning_debug.isolation.isolated` (RNG streams,
+    The forwards run under ``torch.no_grad`` inside :func:`~lightning_debug.isolation.isolated` (RNG streams,
     the loader's generators, BatchNorm buffers and train/eval flags restored), so training afterwards is
-    bit-identical. A model without BatchNorm costs nothing; one without ``nn.Dropout`` modules costs no forward
-    pass. Under DDP every rank measures its own batch; the variance ratios are averaged and the batch sizes
+    bit-identical. A model without BatchNorm costs nothing; one without dropout modules one forward pass, one with
+    them three. Under DDP every rank measures its own batch; the variance ratios are averaged and the batch sizes
     reduced (min) across ranks before they are judged. On resume from a checkpoint the check is not repeated.
 
     Logged scalars (step 0):
@@ -60,21 +67,24 @@ class BatchNormCheck(DiagnosticCallback):
     tag                                 meaning
     ==================================  ===================================================================
     ``batchnorm/eval_std_ratio``        the largest shift: std a BatchNorm's outputs have at evaluation
-                                        relative to training, ``sqrt(variance with dropout off / on)``
+                                        relative to training, the square root of the variance ratio
     ``batchnorm/examples_per_device``   the fewest examples a BatchNorm normalises over (train mode)
     ==================================  ===================================================================
 
     Findings:
 
-    ============================  ========  ==============================================================
-    check                         severity  when
-    ============================  ========  ==============================================================
-    ``batchnorm.variance_shift``  info      a BatchNorm's outputs at evaluation would have a std more than
-                                            ``max_shift`` off the one training gives them (dropout before it)
-    ``batchnorm.small_batch``     warning   a BatchNorm in train mode normalises over fewer than ``min_batch``
-                                            examples per device
-    ``batchnorm.not_checked``     info      no training batch, no input tensor, or the forward raised
-    ============================  ========  ==============================================================
+    ==============================  ========  ============================================================
+    check                           severity  when
+    ==============================  ========  ============================================================
+    ``batchnorm.variance_shift``    info      a BatchNorm's outputs at evaluation would have a std more
+                                              than ``max_shift`` off the one training gives them (dropout
+                                              before it)
+    ``batchnorm.small_batch``       warning   a BatchNorm in train mode normalises over fewer than
+                                              ``min_batch`` examples per device
+    ``batchnorm.small_last_batch``  warning   the epoch's last batch holds fewer than ``min_batch`` examples
+    ``batchnorm.not_checked``       info      no training batch, no input tensor, lazy modules not
+                                              initialised, or the forward raised
+    ==============================  ========  ============================================================
 
     Args:
         min_batch: the fewest examples per device (or across devices for ``SyncBatchNorm``) a BatchNorm should
@@ -135,26 +145,36 @@ class BatchNormCheck(DiagnosticCallback):
 
     # ------------------------------------------------------------------ measure (local, no collectives)
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, norms: list[tuple[str, nn.Module]]) -> dict:
-        probe = training_batches(trainer)
+        lazy = [name for name, t in [*pl_module.named_parameters(), *pl_module.named_buffers()] if is_lazy(t)]
+        if lazy:
+            return {
+                "problem": f"the model has lazy modules not initialised yet (`{lazy[0]}`)",
+                "hint": "Initialise lazy modules before fit, e.g. with one forward pass on a batch in setup().",
+            }
+        try:
+            probe = training_batches(trainer)
+        except Exception as err:  # an unusual loader: the check says so, training goes on
+            return {"problem": f"the training batches could not be read for a probe ({type(err).__name__}: {err})"}
         if probe is None:
             return {"problem": "there is no training dataloader"}
         batches, loaders = probe
-        dropouts = [m for m in pl_module.modules() if isinstance(m, _DROPOUT) and float(getattr(m, "p", 0.0)) > 0]
-        frozen = [module for _, module in norms if not module.training]  # the user's eval-mode BatchNorms stay so
+        modes = [(module, module.training) for module in pl_module.modules()]  # the run's own train/eval flags
+        dropouts = [m for m in pl_module.modules() if isinstance(m, _DROPOUT) and _rate(m) > 0 and m.training]
         recorder = _NormInputs(pl_module, norms)
         try:
             with isolated(pl_module, train_mode=True, loaders=loaders):
-                for module in frozen:
-                    module.training = False
+                for module, training in modes:
+                    module.training = training
                 batch = next(iter(batches))
                 batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
                 with trainer.precision_plugin.forward_context():
-                    self._forward(pl_module, batch)
+                    self._forward(pl_module, batch)  # as it trains
                     if dropouts and recorder.passes[0]:
-                        recorder.passes.append({})
                         for module in dropouts:
                             module.training = False
-                        self._forward(pl_module, batch)
+                        for _ in range(2):  # dropout off, twice: what still differs is other randomness
+                            recorder.passes.append({})
+                            self._forward(pl_module, batch)
                 return recorder.summary(trainer.strategy.root_device)
         except StopIteration:
             return {"problem": "the training dataloader is empty"}
@@ -170,7 +190,7 @@ class BatchNormCheck(DiagnosticCallback):
             return self.forward_fn(pl_module, batch)
         inputs = self.input_fn(batch) if self.input_fn is not None else default_input(batch)
         if not isinstance(inputs, Tensor):
-            raise _NoInput(f"no input tensor found in the batch ({type(batch).__name__}); pass input_fn or forward_fn")
+            raise _NoInput(f"no input tensor found in the batch ({type(batch).__name__})")
         return pl_module(inputs)
 
     # ------------------------------------------------------------------ judge (collectives: every rank)
@@ -181,8 +201,10 @@ class BatchNormCheck(DiagnosticCallback):
         if ratio_t is None:  # NaN: not measured (stays NaN through the mean)
             ratio_t = torch.full((count,), math.nan, dtype=torch.float64, device=device)
         examples = local.get("examples") or {}
-        # a BatchNorm not measured in train mode counts as +inf examples for the min
-        examples_t = torch.tensor([float(examples.get(name, math.inf)) for name, _ in norms], dtype=torch.float64)
+        # a BatchNorm not measured in train mode counts as +inf examples for the min; last: the epoch's last batch
+        last = _last_batch(trainer.train_dataloader)
+        counts = [float(examples.get(name, math.inf)) for name, _ in norms] + [math.inf if last is None else last]
+        examples_t = torch.tensor(counts, dtype=torch.float64)
         problem = torch.tensor([float("problem" in local)], dtype=torch.float64, device=device)
         problem_any = reduce(trainer, problem, "max")
         ratio_mean = reduce(trainer, ratio_t, "mean")
@@ -193,16 +215,21 @@ class BatchNormCheck(DiagnosticCallback):
             self.report(
                 trainer, "batchnorm.not_checked", "info",
                 f"The BatchNorm check did not run: {reason}.",
-                "Pass input_fn (batch -> input tensor) or forward_fn (pl_module, batch -> output) to BatchNormCheck.",
+                local.get("hint")
+                or "Pass input_fn (batch -> input tensor), or forward_fn (pl_module, batch -> output), e.g. "
+                "forward_fn=lambda module, batch: module(batch) for a forward that takes the whole batch.",
             )  # fmt: skip
             return {"status": "not_checked", "reason": reason}
         names = [name for name, _ in norms]
         ratios = host[1 : 1 + count]
-        examples = host[1 + count :]
+        examples_host = host[1 + count : 1 + 2 * count]
+        last_examples = host[1 + 2 * count]
         sync = [isinstance(module, nn.SyncBatchNorm) for _, module in norms]
         result: dict[str, Any] = {"status": "ok", "batchnorms": count}
         self._judge_shift(trainer, names, ratios, local.get("sources", {}), result)
-        self._judge_batch(trainer, names, examples, sync, result)
+        self._judge_batch(trainer, names, examples_host, sync, result)
+        if any(math.isfinite(n) for n in examples_host) and math.isfinite(last_examples):
+            self._judge_last_batch(trainer, int(last_examples), result)
         return result
 
     def _judge_shift(
@@ -271,6 +298,24 @@ class BatchNormCheck(DiagnosticCallback):
             {"examples": fewest, "min_batch": self.min_batch, "layers": small, "world_size": world},
         )  # fmt: skip
 
+    def _judge_last_batch(self, trainer: pl.Trainer, last: int, result: dict) -> None:
+        result["last_batch_examples"] = last
+        if last >= self.min_batch or result.get("examples", self.min_batch) < self.min_batch:
+            return  # a full epoch of small batches is small_batch's finding already
+        crash = (
+            " On a (1, C) input BatchNorm raises 'Expected more than 1 value per channel when training' there."
+            if last == 1
+            else ""
+        )
+        self.report(
+            trainer, "batchnorm.small_last_batch", "warning",
+            f"Each epoch ends with a batch of {last} example(s) per device (the rest after the full batches), and "
+            f"the BatchNorm layers normalise that batch over {last}; expected at least {self.min_batch}.{crash}",
+            "Pass drop_last=True to the training DataLoader, or pick a batch size that divides the number of "
+            "training examples per device.",
+            {"last_batch_examples": last, "min_batch": self.min_batch},
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ report / resume
     def summary(self) -> dict[str, Any]:
         return dict(self.result or {})
@@ -287,17 +332,25 @@ class _NoInput(Exception):
 
 
 class _NormInputs:
-    """Forward pre-hooks on the BatchNorms: per-channel variance of their input in each pass, and the batch size."""
+    """Forward pre-hooks on the BatchNorms: per-channel variance of their input in each pass, and the batch size.
+
+    Pass 0 runs as the model trains, passes 1 and 2 with the dropout modules off. A BatchNorm is judged when it
+    keeps running statistics, is in train mode, a dropout module ran before it, and passes 1 and 2 gave it the
+    same input (else other randomness reaches it: functional dropout, noise layers).
+    """
 
     def __init__(self, model: nn.Module, norms: list[tuple[str, nn.Module]]) -> None:
         self.names = [name for name, _ in norms]
-        self.passes: list[dict[str, Tensor]] = [{}]  # pass one: as it trains; pass two: dropout off
-        self.examples: dict[str, int] = {}  # BatchNorm in train mode -> examples it normalises over
-        self.sources: dict[str, str] = {}  # BatchNorm -> the dropout module that ran last before it (pass one)
+        self.passes: list[dict[str, Tensor]] = [{}]
+        self.examples: dict[str, int] = {}  # BatchNorm in train mode -> examples it normalises over (pass 0)
+        self.sources: dict[str, str] = {}  # BatchNorm -> the dropout module that ran last before it (pass 0)
+        self.judged: set[str] = set()  # BatchNorms in train mode with running statistics (pass 0)
         self._last_dropout: str | None = None
-        self._handles = [module.register_forward_pre_hook(self._norm_hook(name)) for name, module in norms]
+        self._handles = [
+            module.register_forward_pre_hook(self._norm_hook(name), with_kwargs=True) for name, module in norms
+        ]
         for name, module in model.named_modules():
-            if isinstance(module, _DROPOUT) and float(getattr(module, "p", 0.0)) > 0:
+            if isinstance(module, _DROPOUT) and _rate(module) > 0:
                 self._handles.append(module.register_forward_hook(self._dropout_hook(name)))
 
     def _dropout_hook(self, name: str) -> Any:
@@ -308,16 +361,17 @@ class _NormInputs:
         return hook
 
     def _norm_hook(self, name: str) -> Any:
-        def hook(module: nn.Module, args: Any) -> None:
+        def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
             current = self.passes[-1]
-            if name in current or not args or not isinstance(args[0], Tensor) or args[0].dim() < 2:
+            x = args[0] if args else kwargs.get("input")
+            if name in current or not isinstance(x, Tensor) or x.dim() < 2:
                 return  # (a BatchNorm called twice in one forward: its first call)
-            x = args[0].detach()
+            x = x.detach()
             current[name] = x.transpose(0, 1).reshape(x.shape[1], -1).float().var(dim=1)
-            if len(self.passes) == 1:
-                if module.training:
-                    self.examples[name] = int(x.shape[0])
-                if self._last_dropout is not None:
+            if len(self.passes) == 1 and module.training:
+                self.examples[name] = int(x.shape[0])
+                if getattr(module, "track_running_stats", False) and self._last_dropout is not None:
+                    self.judged.add(name)
                     self.sources[name] = self._last_dropout
 
         return hook
@@ -328,21 +382,51 @@ class _NormInputs:
         self._handles.clear()
 
     def summary(self, device: torch.device) -> dict[str, Any]:
-        """Batch sizes (host), and each BatchNorm's median per-channel variance ratio, dropout off / on, as one
-        float64 tensor on ``device`` (NaN: not measured), for the reduction and the step's one transfer."""
+        """Batch sizes (host), and each judged BatchNorm's variance ratio, dropout off / on, as one float64 tensor
+        on ``device`` (NaN: not judged), for the reduction and the one transfer.
+
+        The ratio is ``1 / mean over channels of (variance on / variance off)``: the mean of the per-channel
+        inflation is unbiased where a median over channels is not (with few examples most channels of one batch
+        see few dropped units and the median leans towards no shift).
+        """
         result: dict[str, Any] = {"examples": dict(self.examples), "sources": dict(self.sources)}
-        if len(self.passes) < 2:
+        if len(self.passes) < 3:
             return result
-        on, off = self.passes
-        medians: list[Tensor] = []
+        on, off, again = self.passes
+        ratios: list[Tensor] = []
         for name in self.names:
-            var_on, var_off = on.get(name), off.get(name)
-            if var_on is None or var_off is None or var_on.shape != var_off.shape:
-                medians.append(torch.tensor(math.nan, dtype=torch.float64, device=device))
+            var_on, var_off, var_again = on.get(name), off.get(name), again.get(name)
+            if (
+                name not in self.judged
+                or var_on is None
+                or var_off is None
+                or var_again is None
+                or not var_on.shape == var_off.shape == var_again.shape
+            ):
+                ratios.append(torch.tensor(math.nan, dtype=torch.float64, device=device))
                 continue
-            # channels without variance in training (dead or constant) have no ratio
-            live = var_on > 1e-12 * var_on.max().clamp_min(1e-30)
-            ratio = torch.where(live, var_off / var_on.clamp_min(1e-30), math.nan)
-            medians.append(ratio.nanmedian().to(device=device, dtype=torch.float64))
-        result["ratios"] = torch.stack(medians)
+            # channels without variance at evaluation (dead or constant) have no ratio
+            live = var_off > 1e-12 * var_off.max().clamp_min(1e-30)
+            inflation = torch.where(live, var_on / var_off.clamp_min(1e-30), math.nan).nanmean()
+            random_elsewhere = ((var_again - var_off).abs() > 1e-4 * var_off.abs()).any()
+            ratio = torch.where(random_elsewhere, math.nan, 1.0 / inflation)
+            ratios.append(ratio.to(device=device, dtype=torch.float64))
+        result["ratios"] = torch.stack(ratios)
         return result
+
+
+def _rate(module: nn.Module) -> float:
+    return float(getattr(module, "p", 0.0))
+
+
+def _last_batch(loader: Any) -> int | None:
+    """Examples in the epoch's last batch on this device when it is not a full one (a plain DataLoader that keeps
+    its last batch), else None."""
+    if not isinstance(loader, DataLoader) or loader.batch_size is None or loader.drop_last:
+        return None
+    try:
+        examples = len(loader.sampler)  # type: ignore[arg-type]  # (per device under a DistributedSampler)
+    except TypeError:
+        return None
+    remainder = examples % loader.batch_size
+    return remainder or None

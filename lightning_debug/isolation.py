@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 
 def probe_loader(loader: Any) -> Any:
@@ -27,6 +27,14 @@ def probe_loader(loader: Any) -> Any:
     """
     if not isinstance(loader, DataLoader) or loader.num_workers == 0:
         return loader
+    if isinstance(loader.dataset, IterableDataset):  # (takes no sampler: batched by the loader itself)
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            drop_last=loader.drop_last,
+            collate_fn=loader.collate_fn,
+            num_workers=0,
+        )
     if loader.batch_sampler is not None:
         return DataLoader(
             loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn, num_workers=0

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lightning_debug import BatchNormCheck, suite
+from lightning_debug import BatchMixingCheck, BatchNormCheck, suite
 from lightning_debug.data import DigitsDataModule
 from lightning_debug.zoo import DigitsCNN, DigitsMLP
 
@@ -83,12 +83,13 @@ def test_a_shift_within_max_shift_is_not_reported(tmp_path):
     assert checks(strict) == [("batchnorm.variance_shift", "info")]
 
 
-def test_dropout_after_the_last_batchnorm_gives_the_same_input_twice(tmp_path):
+def test_dropout_after_the_last_batchnorm_is_the_recommended_order_and_not_reported(tmp_path):
     callback = BatchNormCheck()
     model = DropoutIntoNorm(0.5, after=True)
     fit(tmp_path, model, [callback])
-    assert callback.result["worst_std_ratio"] == 1.0  # exactly: nothing random reaches the BatchNorm
+    assert callback.result["examples"] == 32 and "worst_std_ratio" not in callback.result  # no dropout before it
     assert callback.findings == []
+    assert model.forwards == 2 + 3  # two training steps; the probe: dropout on, then off twice
 
 
 def test_the_common_mlp_with_dropout_between_batchnorm_layers_gets_an_info_with_its_shift(tmp_path):
@@ -106,7 +107,7 @@ def test_the_common_mlp_with_dropout_between_batchnorm_layers_gets_an_info_with_
     assert "after `drop`" in callback.findings[0].message
 
 
-@pytest.mark.parametrize("batch_size, expected", [(4, [("batchnorm.small_batch", "warning")]), (8, []), (32, [])])
+@pytest.mark.parametrize("batch_size, expected", [(4, [("batchnorm.small_batch", "warning")]), (16, []), (32, [])])
 def test_batchnorm_over_fewer_than_min_batch_examples_per_device_is_a_warning(tmp_path, batch_size, expected):
     callback = BatchNormCheck()
     fit(tmp_path, DigitsCNN(), [callback], batch_size=batch_size)
@@ -148,7 +149,7 @@ def test_a_model_without_batchnorm_costs_no_forward_and_one_without_dropout_one(
 
     with_dropout = DropoutIntoNorm(0.5)
     fit(tmp_path / "c", with_dropout, [BatchNormCheck()], max_steps=1)
-    assert with_dropout.forwards == 3
+    assert with_dropout.forwards == 4  # dropout on, then off twice (what differs then is other randomness)
 
 
 def test_training_is_bit_identical_with_and_without_the_check(tmp_path):
@@ -180,7 +181,7 @@ def test_custom_batches_use_forward_fn(tmp_path):
 
     callback = BatchNormCheck(forward_fn=forward_fn)
     fit(tmp_path, DropoutIntoNorm(0.5), [callback])
-    assert seen == [2, 2]  # dropout on, then off
+    assert seen == [2, 2, 2]  # dropout on, then off twice
     assert checks(callback) == [("batchnorm.variance_shift", "info")]
 
 
@@ -252,6 +253,128 @@ def test_ddp_ranks_average_their_shifts_and_rank_zero_writes_one_finding(tmp_pat
         assert "Trainer(sync_batchnorm=True) normalises over all 2 devices' examples" in rank["hint"][0]
     assert 0.55 < ranks[0]["result"]["worst_std_ratio"] < 0.85
     assert sorted(f["check"] for f in all_findings(tmp_path)) == ["batchnorm.small_batch", "batchnorm.variance_shift"]
+
+
+def test_the_last_batch_of_one_example_is_a_warning_at_step_0_before_it_crashes_the_epoch(tmp_path):
+    callback = BatchNormCheck()
+    # 1497 training digits in batches of 22: 68 full batches, then one of 1, which BatchNorm1d cannot normalise
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fit(tmp_path, DigitsMLP(batchnorm=True), [callback], batch_size=22, max_steps=-1, limit_val_batches=0)
+    assert checks(callback) == [("batchnorm.small_last_batch", "warning")]
+    finding = callback.findings[0]
+    assert finding.step == 0 and "a batch of 1 example(s) per device" in finding.message
+    assert "raises 'Expected more than 1 value per channel when training'" in finding.message
+    assert "drop_last=True" in finding.hint
+
+
+def test_a_full_last_batch_or_drop_last_is_not_reported(tmp_path):
+    divides = BatchNormCheck()
+    fit(tmp_path / "a", DigitsMLP(batchnorm=True), [divides], batch_size=499)  # 1497 = 3 x 499
+    assert "last_batch_examples" not in divides.result and divides.findings == []
+
+    class DropLast(DigitsDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(self.train_set, batch_size=22, shuffle=True, drop_last=True)
+
+    dropped = BatchNormCheck()
+    pl.seed_everything(0)
+    quiet_trainer(tmp_path / "b", [dropped], max_steps=2).fit(DigitsMLP(batchnorm=True), datamodule=DropLast())
+    assert "last_batch_examples" not in dropped.result and dropped.findings == []
+
+
+def test_dropout_the_run_keeps_in_eval_mode_is_not_switched_on(tmp_path):
+    class FrozenDropout(Callback):
+        def on_train_start(self, trainer, pl_module):
+            pl_module.drop.eval()  # e.g. a frozen backbone: its dropout stays off for the whole run
+
+    callback = BatchNormCheck()
+    fit(tmp_path, DropoutIntoNorm(0.5), [FrozenDropout(), callback])
+    assert "worst_std_ratio" not in callback.result and callback.findings == []
+
+
+def test_batchnorm_without_running_statistics_has_no_shift_to_judge(tmp_path):
+    model = DropoutIntoNorm(0.5)
+    model.norm = nn.BatchNorm1d(64, track_running_stats=False)  # batch statistics at evaluation too
+    callback = BatchNormCheck()
+    fit(tmp_path, model, [callback])
+    assert "worst_std_ratio" not in callback.result and callback.findings == []
+
+
+def test_a_batchnorm_that_other_randomness_reaches_is_not_judged(tmp_path):
+    class FunctionalDropoutToo(DropoutIntoNorm):
+        def __init__(self):
+            super().__init__(0.5)
+            self.norm2 = nn.BatchNorm1d(64)
+
+        def forward(self, x):  # a module dropout before `norm`, a functional one before `norm2`
+            hidden = F.relu(self.norm(self.drop(x)))
+            return self.head(self.norm2(F.dropout(hidden, 0.3, self.training)))
+
+    for seed in range(4):
+        callback = BatchNormCheck()
+        pl.seed_everything(seed)
+        quiet_trainer(tmp_path / str(seed), [callback], max_steps=1).fit(
+            FunctionalDropoutToo(), datamodule=DigitsDataModule(batch_size=32)
+        )
+        assert set(callback.result["shifted"]) == {"norm"}  # `norm2` gets a different input each time: not judged
+
+
+def test_the_shift_estimate_has_no_bias_at_small_batches(tmp_path):
+    ratios = []
+    for seed in range(6):
+        callback = BatchNormCheck()
+        pl.seed_everything(seed)
+        quiet_trainer(tmp_path / str(seed), [callback], max_steps=1).fit(
+            DropoutIntoNorm(0.1), datamodule=DigitsDataModule(batch_size=8, seed=seed)
+        )
+        ratios.append(callback.result["worst_std_ratio"])
+        assert not any(f.check == "batchnorm.variance_shift" for f in callback.findings)
+    assert sum(ratios) / len(ratios) == pytest.approx(math.sqrt(0.9), abs=0.015)  # 0.949
+
+
+def test_a_batchnorm_called_with_a_keyword_is_measured(tmp_path):
+    class KeywordCall(DropoutIntoNorm):
+        def forward(self, x):
+            return self.head(F.relu(self.norm(input=self.drop(x))))
+
+    callback = BatchNormCheck()
+    fit(tmp_path, KeywordCall(0.5), [callback], batch_size=4)
+    assert callback.result["examples"] == 4
+    assert sorted(checks(callback)) == [("batchnorm.small_batch", "warning"), ("batchnorm.variance_shift", "info")]
+
+
+def test_lazy_modules_not_initialised_yet_are_an_info_with_the_fix(tmp_path):
+    class Lazy(DropoutIntoNorm):
+        def __init__(self):
+            super().__init__(0.5)
+            self.norm = nn.LazyBatchNorm1d()
+
+    callback = BatchNormCheck()
+    trainer = fit(tmp_path, Lazy(), [callback])
+    assert trainer.global_step == 2
+    assert checks(callback) == [("batchnorm.not_checked", "info")]
+    assert "lazy modules not initialised yet" in callback.findings[0].message
+    assert "one forward pass on a batch in setup()" in callback.findings[0].hint
+
+
+@pytest.mark.parametrize("make_check", [BatchNormCheck, BatchMixingCheck])
+def test_an_iterable_dataset_loaded_by_workers_is_probed_without_crashing(tmp_path, make_check):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            generator = torch.Generator().manual_seed(0)
+            for _ in range(64):
+                yield torch.randn(64, generator=generator), torch.randint(0, 10, (), generator=generator)
+
+    class Streamed(DropoutIntoNorm):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(Stream(), batch_size=16, num_workers=2)
+
+    callback = make_check()
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [callback], max_steps=3)
+    trainer.fit(Streamed(0.5))
+    assert trainer.global_step == 3 and callback.result["status"] in ("ok", "mixing")
+    assert not any(f.check.endswith("not_checked") for f in callback.findings)
 
 
 def test_the_suite_includes_it():
