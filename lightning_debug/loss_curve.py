@@ -55,6 +55,14 @@ class LossCurveMonitor(DiagnosticCallback):
       ``max_steps`` within the first epoch) is not judged for overfitting.
     - **regularisation dominating**: when both ``reg_metric`` and ``data_metric`` are logged (``self.log``), their
       ratio above ``reg_ratio`` for ``patience`` measurements in a row.
+    - **overfit one batch** (the checklist's test, run with ``Trainer(overfit_batches=1)``): when such a run ends,
+      the training loss at its end against its start (the first two steps). Fitted (info) when it fell to 1% of
+      the start; failed (warning) when it did not get 10% below the best constant prediction's loss measured by an
+      InitLossCallback of the run (the label frequencies: what a model that ignores its inputs reaches), or,
+      without one, stayed above half its start; in between an info (a loss with a floor above 0: label smoothing,
+      a regularisation term). Runs under 100 steps get an info that they are too short to tell. Overfitting is not
+      judged in such a run (it is the point). Measured on digits, one batch of 32, 300 steps: Adam 1e-3 fell
+      ~1,000x; zeroed inputs ended at 2.13 against a constant prediction's 2.28; label smoothing 0.1 ended at ~0.5.
 
     Everything is conservative (relative thresholds, several measurements); a run too short to judge raises
     nothing. Training is not touched. The curves and verdicts survive checkpoint and resume. A ``training_step``
@@ -74,15 +82,19 @@ class LossCurveMonitor(DiagnosticCallback):
 
     Findings:
 
-    ==============================  ========  ============================================================
-    check                           severity  when
-    ==============================  ========  ============================================================
-    ``loss_curve.not_decreasing``   warning   the training loss did not fall by ``min_decrease`` from the start
-    ``loss_curve.hockey_stick``     warning   a sharp drop in the first steps, then flat (see above)
-    ``loss_curve.overfitting``      warning   validation rose for ``patience`` validations, training fell
-    ``loss_curve.reg_dominates``    warning   ``reg_metric / data_metric > reg_ratio``
-    ``loss_curve.no_loss``          info      ``training_step`` returns no loss tensor
-    ==============================  ========  ============================================================
+    ==================================  ========  ========================================================
+    check                               severity  when
+    ==================================  ========  ========================================================
+    ``loss_curve.not_decreasing``       warning   the training loss did not fall by ``min_decrease``
+    ``loss_curve.hockey_stick``         warning   a sharp drop in the first steps, then flat (see above)
+    ``loss_curve.overfitting``          warning   validation rose for ``patience`` validations, training
+                                                  fell
+    ``loss_curve.reg_dominates``        warning   ``reg_metric / data_metric > reg_ratio``
+    ``loss_curve.no_loss``              info      ``training_step`` returns no loss tensor
+    ``loss_curve.overfit_batches_*``    see       ``Trainer(overfit_batches=...)``: ``_passed`` (info),
+                                        above     ``_failed`` (warning), ``_partial`` and ``_too_short``
+                                                  (info)
+    ==================================  ========  ========================================================
 
     Args:
         every_n_steps: measure every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``
@@ -341,7 +353,77 @@ class LossCurveMonitor(DiagnosticCallback):
         if self.measurements >= self.window:
             self._judge_decrease(trainer)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _overfit_batches(trainer) and "overfit_batches" not in self._reported and not self._no_loss:
+            self._drain()
+            self._measure(trainer)  # the losses since the last measured step: where the curve ended
+            self._judge_overfit_batches(trainer)
+
     # ------------------------------------------------------------------ judge
+    def _judge_overfit_batches(self, trainer: pl.Trainer) -> None:
+        """``Trainer(overfit_batches=...)``: the checklist's "overfit one batch", judged when the run ends."""
+        steps = int(trainer.global_step)
+        if not self.start_losses or not self.recent_losses:
+            return
+        start = (self.hockey or {}).get("start")  # the loss over the first two steps (the hockey-stick check's)
+        first = start if isinstance(start, float) and math.isfinite(start) else self.start_losses[0]
+        final = self.recent_losses[-1][1]
+        if not (math.isfinite(first) and math.isfinite(final)) or first <= 0:
+            return  # non-finite losses are NaNGuard's business; a loss that starts at 0 has nothing to show
+        self._reported.add("overfit_batches")
+        batches = _overfit_batches(trainer)
+        what = f"{batches} batch(es)" if isinstance(batches, int) else f"{batches:.0%} of the batches"
+        constant = _best_constant(trainer)
+        data = {"steps": steps, "first": first, "final": final, "best_constant": constant}
+        if steps < _OVERFIT_MIN_STEPS:
+            self.report(
+                trainer, "loss_curve.overfit_batches_too_short", "info",
+                f"Trainer(overfit_batches={batches}) ran {steps} optimizer steps: too few to tell whether the model "
+                f"can fit {what} (loss {first:.4g} -> {final:.4g}).",
+                f"Run at least {_OVERFIT_MIN_STEPS} steps (e.g. max_steps=500): a working model drives one batch's "
+                "loss close to its minimum within a few hundred.",
+                data,
+            )  # fmt: skip
+        elif final <= _OVERFIT_FIT * first:
+            self.report(
+                trainer, "loss_curve.overfit_batches_passed", "info",
+                f"Trainer(overfit_batches={batches}): the training loss fell {first / max(final, 1e-300):,.0f}x, "
+                f"from {first:.4g} to {final:.4g} in {steps} steps: the model, its loss and its labels can fit "
+                f"{what} (checklist: overfit one batch).",
+                "Nothing to fix here: go on to the full data (remove overfit_batches).",
+                data,
+            )  # fmt: skip
+        elif (constant is not None and final >= _OVERFIT_CONSTANT * constant) or (
+            constant is None and final >= _OVERFIT_STUCK * first
+        ):
+            baseline = (
+                f"; a constant prediction (the label frequencies, no input) scores {constant:.4g}, and the loss did "
+                "not get 10% below it: the model learned next to nothing from the inputs"
+                if constant is not None
+                else f", {final / first:.0%} of where it started"
+            )
+            self.report(
+                trainer, "loss_curve.overfit_batches_failed", "warning",
+                f"Trainer(overfit_batches={batches}): after {steps} steps the training loss is {final:.4g} (it "
+                f"started at {first:.4g}){baseline}. A model that can learn drives one batch's loss close to its "
+                "minimum (0 for cross-entropy on hard labels).",
+                "Look for the bug before anything else (checklist: overfit one batch): inputs and labels that do not "
+                "belong together (shuffled apart, a transposed batch), inputs that never reach the model (zeroed, "
+                "detached), a loss fed probabilities instead of logits or the wrong targets, parameters missing from "
+                "the optimizer; then the learning rate (UpdateRatioMonitor's ratios) and the model's capacity.",
+                data,
+            )  # fmt: skip
+        else:
+            self.report(
+                trainer, "loss_curve.overfit_batches_partial", "info",
+                f"Trainer(overfit_batches={batches}): the training loss fell {first / final:.1f}x, from {first:.4g} "
+                f"to {final:.4g} in {steps} steps, but not to 1% of its start.",
+                "If the loss has a floor above 0 (label smoothing, a regularisation term in the loss, noisy labels), "
+                "this is it; otherwise train longer, raise the learning rate or the capacity until it fits the "
+                "batch.",
+                data,
+            )  # fmt: skip
+
     def _judge_decrease(self, trainer: pl.Trainer) -> None:
         if "not_decreasing" in self._reported:
             return
@@ -411,8 +493,8 @@ class LossCurveMonitor(DiagnosticCallback):
             self.hockey["status"] = "ok"
 
     def _judge_overfitting(self, trainer: pl.Trainer, point: dict[str, float]) -> None:
-        if not math.isfinite(point["val"]):
-            return
+        if not math.isfinite(point["val"]) or _overfit_batches(trainer):
+            return  # (overfitting the training batches is the point of Trainer(overfit_batches=...))
         if self.best_val is None or point["val"] < self.best_val["val"]:
             self.best_val = dict(point)
             return
@@ -530,6 +612,11 @@ def _by_epoch(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
+def _overfit_batches(trainer: pl.Trainer) -> int | float:
+    """``Trainer(overfit_batches=...)``: 0 for a normal run (the attribute is set by Lightning's data connector)."""
+    return getattr(trainer, "overfit_batches", 0) or 0
+
+
 def _best_constant(trainer: pl.Trainer) -> float | None:
     """The best constant predictor's loss measured by an InitLossCallback of the run (None without one)."""
     from lightning_debug.init_loss import InitLossCallback
@@ -548,7 +635,13 @@ def _with_host(folded: Tensor | None, host: list[float], device: torch.device) -
     return pair.to(device) if folded is None else folded.to(device) + pair.to(device)
 
 
-_FOLD_EVERY = 1024  # losses kept between folds: bounds memory when measured steps are far apart
+_FOLD_EVERY = 1024
+# Trainer(overfit_batches=...): steps before a verdict; fitted at 1% of the first loss; failed at 90% of the best
+# constant predictor's loss (InitLossCallback's), or without one at half the first loss
+_OVERFIT_MIN_STEPS = 100
+_OVERFIT_FIT = 0.01
+_OVERFIT_CONSTANT = 0.9
+_OVERFIT_STUCK = 0.5  # losses kept between folds: bounds memory when measured steps are far apart
 
 
 def _speed_words(speedup: float) -> str:

@@ -456,3 +456,100 @@ def test_a_training_step_that_skips_some_batches_is_no_finding(tmp_path):
     fit(tmp_path, SkipsSomeSteps(), callback, max_steps=12)
     assert checks(callback) == []
     assert callback.measurements >= 2 and callback.start_losses  # the other batches' losses are measured
+
+
+# ---------------------------------------------------------------------------------- Trainer(overfit_batches=...)
+class SmoothedLabels(DigitsMLP):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y, label_smoothing=0.1)  # its minimum is ~0.5, not 0
+
+
+def overfit(tmp_path, model, callbacks, max_steps=300):
+    pl.seed_everything(0)
+    trainer = quiet_trainer(
+        tmp_path, callbacks, max_steps=max_steps, max_epochs=max_steps, overfit_batches=1, log_every_n_steps=50
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    return trainer
+
+
+def test_overfitting_one_batch_that_fits_is_an_info_and_the_whole_suite_stays_quiet(tmp_path):
+    import lightning_debug
+
+    callbacks = lightning_debug.suite(num_classes=10)
+    overfit(tmp_path, DigitsMLP(optimizer="adam", lr=1e-3), callbacks)
+    findings = [f for cb in callbacks for f in getattr(cb, "findings", [])]
+    assert [f.format() for f in findings if f.severity != "info"] == []
+    [verdict] = [f for f in findings if f.check.startswith("loss_curve.overfit_batches")]
+    assert verdict.check == "loss_curve.overfit_batches_passed" and verdict.step == 300
+    assert verdict.data["final"] <= 0.01 * verdict.data["first"]
+    assert verdict.data["first"] == pytest.approx(math.log(10), rel=0.1)  # the loss over the first two steps
+    assert "can fit 1 batch(es)" in verdict.message and "remove overfit_batches" in verdict.hint
+
+
+def test_a_model_that_cannot_use_its_inputs_fails_against_the_best_constant_prediction(tmp_path):
+    callback = LossCurveMonitor()
+    overfit(tmp_path, DigitsMLP(input_mask=0.0), [callback, InitLossCallback(task="multiclass", num_classes=10)])
+    # inputs zeroed: the best it can do is the batch's label frequencies; and the validation loss that rises
+    # meanwhile is the point of the exercise, not overfitting to report
+    assert checks(callback) == [("loss_curve.overfit_batches_failed", "warning")]
+    finding = callback.findings[0]
+    assert finding.data["final"] >= 0.9 * finding.data["best_constant"]
+    assert "a constant prediction (the label frequencies, no input) scores" in finding.message
+    assert "did not get 10% below it" in finding.message
+    assert "inputs that never reach the model" in finding.hint
+
+
+def test_without_an_init_loss_reference_a_loss_that_barely_moves_fails(tmp_path):
+    callback = LossCurveMonitor()
+    overfit(tmp_path, DigitsMLP(optimizer="adam", lr=1e-7), [callback])
+    assert ("loss_curve.overfit_batches_failed", "warning") in checks(callback)
+    finding = next(f for f in callback.findings if f.check == "loss_curve.overfit_batches_failed")
+    assert finding.data["best_constant"] is None and finding.data["final"] >= 0.5 * finding.data["first"]
+    assert "of where it started" in finding.message
+
+
+def test_a_loss_with_a_floor_above_zero_is_partial_not_failed(tmp_path):
+    callback = LossCurveMonitor()
+    overfit(
+        tmp_path,
+        SmoothedLabels(optimizer="adam", lr=1e-3),
+        [callback, InitLossCallback(task="multiclass", num_classes=10)],
+    )
+    assert checks(callback) == [("loss_curve.overfit_batches_partial", "info")]
+    assert 0.3 < callback.findings[0].data["final"] < 0.7  # label smoothing 0.1 over 10 classes: ~0.5
+    assert "label smoothing" in callback.findings[0].hint
+
+
+def test_too_few_steps_to_overfit_is_an_info_and_a_normal_run_gets_no_verdict(tmp_path):
+    short = LossCurveMonitor()
+    overfit(tmp_path / "a", DigitsMLP(optimizer="adam", lr=1e-3), [short], max_steps=30)
+    assert checks(short) == [("loss_curve.overfit_batches_too_short", "info")]
+    normal = LossCurveMonitor()
+    fit(tmp_path / "b", DigitsMLP(optimizer="adam", lr=1e-3), normal, max_steps=300, max_epochs=20)
+    assert not any(f.check.startswith("loss_curve.overfit_batches") for f in normal.findings)
+
+
+def test_ddp_ranks_reach_the_same_overfit_verdict(tmp_path):
+    run_ddp_script(
+        tmp_path,
+        """
+        import json, lightning.pytorch as pl
+        from lightning_debug.loss_curve import LossCurveMonitor
+        from lightning_debug.data import DigitsDataModule
+        from lightning_debug.zoo import DigitsMLP
+
+        pl.seed_everything(0)
+        callback = LossCurveMonitor()
+        trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=150, max_epochs=150,
+                             overfit_batches=1, log_every_n_steps=50, callbacks=[callback], default_root_dir=".",
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        trainer.fit(DigitsMLP(optimizer="adam", lr=1e-3), datamodule=DigitsDataModule(batch_size=16))
+        with open(f"rank{trainer.global_rank}.json", "w") as handle:
+            json.dump([[f.check, f.data] for f in callback.findings], handle)
+        """,
+    )
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1]  # judged on losses reduced across the ranks
+    assert [check for check, _ in ranks[0]] == ["loss_curve.overfit_batches_passed"]
