@@ -61,8 +61,9 @@ class LossCurveMonitor(DiagnosticCallback):
       InitLossCallback of the run (the label frequencies: what a model that ignores its inputs reaches), or,
       without one, stayed above half its start; in between an info (a loss with a floor above 0: label smoothing,
       a regularisation term). Runs under 100 steps get an info that they are too short to tell. Overfitting is not
-      judged in such a run (it is the point). Measured on digits, one batch of 32, 300 steps: Adam 1e-3 fell
-      ~1,000x; zeroed inputs ended at 2.13 against a constant prediction's 2.28; label smoothing 0.1 ended at ~0.5.
+      judged in such a run (it is the point). Measured on digits, one batch of 32, 300 steps: Adam 1e-3 went from
+      2.28 to 0.0018, SGD 0.05 to 0.00035; zeroed inputs ended at 2.13 against a constant prediction's 2.28; label
+      smoothing 0.1 ended at ~0.5.
 
     Everything is conservative (relative thresholds, several measurements); a run too short to judge raises
     nothing. Training is not touched. The curves and verdicts survive checkpoint and resume. A ``training_step``
