@@ -262,6 +262,33 @@ class InitLossCallback(DiagnosticCallback):
             return torch.stack([values.sum(), (values * values).sum(), values.new_tensor(values.numel())])
         return values.new_zeros(0)
 
+    def best_constant_on(self, trainer: pl.Trainer, count: int) -> float | None:
+        """The best constant prediction's loss on the first ``count`` training batches, from their own targets
+        (label frequencies, positive rate or target variance; not the ``class_priors`` etc. passed in), summed over
+        the ranks; None when the task's targets are not found. A collective under DDP: call it on every rank.
+
+        LossCurveMonitor's "overfit one batch" verdict compares the loss on the memorised batches with it.
+        """
+        pl_module = trainer.lightning_module
+        device = trainer.strategy.root_device
+        stats = torch.zeros(self._target_stats_size(), dtype=torch.float64, device=device)
+        probe = training_batches(trainer)
+        found = probe is not None and stats.numel() > 0
+        if found and probe is not None:
+            batches, loaders = probe
+            with isolated(pl_module, train_mode=pl_module.training, loaders=loaders):
+                for index, batch in enumerate(batches):
+                    if index >= count:
+                        break
+                    target = self._target(batch)
+                    if target is None:
+                        found = False
+                        break
+                    stats += self._target_stats(target.to(device))
+        found = all_ranks(trainer, found)
+        totals = reduce(trainer, stats).cpu().tolist()
+        return _constant_loss(self.task, totals) if found else None
+
     # ------------------------------------------------------------------ judge
     def _references(self, target_stats: list[float] | None) -> dict[str, Any]:
         """Expected (uniform-predictor) and best-constant losses, and the final-layer bias to start from."""
@@ -487,6 +514,20 @@ class InitLossCallback(DiagnosticCallback):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.result = state.get("result")
+
+
+def _constant_loss(task: str | None, stats: list[float]) -> float | None:
+    """The best constant predictor's loss from ``_target_stats`` sums: the label entropy (cross-entropy), the
+    binary entropy of the positive rate, or the target variance (MSE)."""
+    if task == "multiclass" and sum(stats) > 0:
+        return -sum(c / sum(stats) * math.log(c / sum(stats)) for c in stats if c > 0)
+    if task == "binary" and len(stats) == 2 and stats[1] > 0:
+        rate = stats[0] / stats[1]
+        return -sum(p * math.log(p) for p in (rate, 1 - rate) if p > 0)
+    if task == "regression" and len(stats) == 3 and stats[2] > 1:
+        total, squares, count = stats
+        return max(squares / count - (total / count) ** 2, 0.0)
+    return None
 
 
 def _hits(task: str | None, output: Tensor, target: Tensor, num_classes: int | None) -> Tensor:

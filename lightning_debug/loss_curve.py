@@ -56,14 +56,20 @@ class LossCurveMonitor(DiagnosticCallback):
     - **regularisation dominating**: when both ``reg_metric`` and ``data_metric`` are logged (``self.log``), their
       ratio above ``reg_ratio`` for ``patience`` measurements in a row.
     - **overfit one batch** (the checklist's test, run with ``Trainer(overfit_batches=1)``): when such a run ends,
-      the training loss at its end against its start (the first two steps). Fitted (info) when it fell to 1% of
-      the start; failed (warning) when it did not get 10% below the best constant prediction's loss measured by an
-      InitLossCallback of the run (the label frequencies: what a model that ignores its inputs reaches), or,
-      without one, stayed above half its start; in between an info (a loss with a floor above 0: label smoothing,
-      a regularisation term). Runs under 100 steps get an info that they are too short to tell. Overfitting is not
-      judged in such a run (it is the point). Measured on digits, one batch of 32, 300 steps: Adam 1e-3 went from
-      2.28 to 0.0018, SGD 0.05 to 0.00035; zeroed inputs ended at 2.13 against a constant prediction's 2.28; label
-      smoothing 0.1 ended at ~0.5.
+      the training loss at its end (the mean of its last 10 steps, or the logged ``data_metric``: the task loss
+      without a regularisation term) against its start (the mean of its first two steps), averaged over the ranks.
+      Fitted (info) when it fell to 1% of the start; failed (warning) when it did not get 10% below the best
+      constant prediction's loss on the memorised batches themselves (their label frequencies, positive rate or
+      target variance: what a model that ignores its inputs reaches; needs an InitLossCallback in the run for the
+      task), or, without one, stayed above half its start; in between an info (a loss with a floor above 0: label
+      smoothing, a regularisation term). Batches whose targets are all alike (a constant prediction scores below
+      1% of the start) prove nothing: an info. Runs under 100 steps get an info that they are too short to tell.
+      Overfitting is not judged in such a run (it is the point). Measured on digits, one batch of 32, 300 steps:
+      Adam 1e-3 went from 2.28 to 0.0018, SGD 0.05 to 0.00035; zeroed inputs ended at 2.13, exactly the batch's
+      own constant prediction; label smoothing 0.1 ended at ~0.5.
+
+    Under gradient accumulation Lightning hands ``on_train_batch_end`` the loss divided by
+    ``accumulate_grad_batches``; the monitor multiplies it back (one kernel per step in such runs).
 
     Everything is conservative (relative thresholds, several measurements); a run too short to judge raises
     nothing. Training is not touched. The curves and verdicts survive checkpoint and resume. A ``training_step``
@@ -93,8 +99,8 @@ class LossCurveMonitor(DiagnosticCallback):
     ``loss_curve.reg_dominates``        warning   ``reg_metric / data_metric > reg_ratio``
     ``loss_curve.no_loss``              info      ``training_step`` returns no loss tensor
     ``loss_curve.overfit_batches_*``    see       ``Trainer(overfit_batches=...)``: ``_passed`` (info),
-                                        above     ``_failed`` (warning), ``_partial`` and ``_too_short``
-                                                  (info)
+                                        above     ``_failed`` (warning), ``_partial``, ``_uninformative``
+                                                  and ``_too_short`` (info)
     ==================================  ========  ========================================================
 
     Args:
@@ -173,6 +179,9 @@ class LossCurveMonitor(DiagnosticCallback):
         self._host_epoch = [0.0, 0.0]
         self._early: list[Tensor] = []
         self._early_host: list[float] = []  # the same, from NaNGuard's loss feed
+        # the run's first two and latest per-step losses (host floats or device tensors), for the overfit verdict
+        self._head: list[Tensor | float] = []
+        self._tail: deque[Tensor | float] = deque(maxlen=_TAIL)
         self._last_step = -1
         self._no_loss = False
         self._seen_loss = False  # some batch returned a loss
@@ -223,6 +232,8 @@ class LossCurveMonitor(DiagnosticCallback):
         feed.clear()
         if self.hockey is None and self.hockey_steps and len(self._early_host) < 5 * self.hockey_steps:
             self._early_host.extend(values[: 5 * self.hockey_steps - len(self._early_host)])
+        self._head.extend(values[: 2 - len(self._head)])
+        self._tail.extend(values)
         finite = [value for value in values if math.isfinite(value)]
         total = math.fsum(finite)
         for pair in (self._host_window, self._host_epoch):
@@ -242,7 +253,12 @@ class LossCurveMonitor(DiagnosticCallback):
             # costs no kernel. Under manual optimization the returned tensor is the user's (it may be reused, e.g.
             # by CUDA graphs): then a copy, the only per-step kernel.
             value = loss if pl_module.automatic_optimization else loss.detach().to(dtype=torch.float64, copy=True)
+            if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+                value = value * trainer.accumulate_grad_batches  # Lightning hands over loss / accumulate_grad_batches
             self._losses.append(value)
+            if len(self._head) < 2:
+                self._head.append(value)
+            self._tail.append(value)
             if len(self._losses) >= _FOLD_EVERY:
                 self._fold()
             if self.hockey is None and self.hockey_steps and len(self._early) < 5 * self.hockey_steps:
@@ -357,40 +373,62 @@ class LossCurveMonitor(DiagnosticCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if _overfit_batches(trainer) and "overfit_batches" not in self._reported and not self._no_loss:
             self._drain()
-            self._measure(trainer)  # the losses since the last measured step: where the curve ended
             self._judge_overfit_batches(trainer)
 
     # ------------------------------------------------------------------ judge
     def _judge_overfit_batches(self, trainer: pl.Trainer) -> None:
-        """``Trainer(overfit_batches=...)``: the checklist's "overfit one batch", judged when the run ends."""
-        steps = int(trainer.global_step)
-        if not self.start_losses or not self.recent_losses:
-            return
-        start = (self.hockey or {}).get("start")  # the loss over the first two steps (the hockey-stick check's)
-        first = start if isinstance(start, float) and math.isfinite(start) else self.start_losses[0]
-        final = self.recent_losses[-1][1]
+        """``Trainer(overfit_batches=...)``: the checklist's "overfit one batch", judged when the run ends.
+
+        The start is the mean of the run's first two losses, the end the mean of its last ``_TAIL`` (or the logged
+        ``data_metric``: the task loss without a regularisation term), both averaged over the ranks; the reference
+        is the best constant prediction on the memorised batches themselves (InitLossCallback's task, when it is
+        in the run). A collective under DDP: every rank calls it.
+        """
+        batches = _overfit_batches(trainer)
+        what = f"{batches} batch(es)" if isinstance(batches, int) else f"{batches:.0%} of the batches"
+        first, final, data_final = self._ends(trainer)
+        init = _init_loss_callback(trainer)
+        count = trainer.num_training_batches
+        constant = None
+        if init is not None and math.isfinite(count):
+            constant = init.best_constant_on(trainer, int(count))
         if not (math.isfinite(first) and math.isfinite(final)) or first <= 0:
             return  # non-finite losses are NaNGuard's business; a loss that starts at 0 has nothing to show
         self._reported.add("overfit_batches")
-        batches = _overfit_batches(trainer)
-        what = f"{batches} batch(es)" if isinstance(batches, int) else f"{batches:.0%} of the batches"
-        constant = _best_constant(trainer)
+        task_loss = start_words = ""
+        if math.isfinite(data_final):
+            final, task_loss = data_final, f" (`{self.data_metric}`, the task loss without the regularisation term)"
+            start_words = " (the total loss at the start)"
+        steps = int(trainer.global_step)
         data = {"steps": steps, "first": first, "final": final, "best_constant": constant}
+        constant_words = (
+            "the target mean" if init is not None and init.task == "regression" else "the label frequencies"
+        )
         if steps < _OVERFIT_MIN_STEPS:
             self.report(
                 trainer, "loss_curve.overfit_batches_too_short", "info",
                 f"Trainer(overfit_batches={batches}) ran {steps} optimizer steps: too few to tell whether the model "
-                f"can fit {what} (loss {first:.4g} -> {final:.4g}).",
+                f"can fit {what} (loss {first:.4g} at the start, {final:.4g} at the end{task_loss}).",
                 f"Run at least {_OVERFIT_MIN_STEPS} steps (e.g. max_steps=500): a working model drives one batch's "
                 "loss close to its minimum within a few hundred.",
+                data,
+            )  # fmt: skip
+        elif constant is not None and constant < _OVERFIT_FIT * first:
+            self.report(
+                trainer, "loss_curve.overfit_batches_uninformative", "info",
+                f"Trainer(overfit_batches={batches}): a constant prediction ({constant_words}, no input) already "
+                f"scores {constant:.3g} on {what} (their targets are all alike), so fitting them proves nothing "
+                f"(loss {first:.4g} -> {final:.4g}{task_loss}).",
+                "Overfit batches whose targets differ: shuffle the data once before taking the batch, or use a "
+                "larger batch.",
                 data,
             )  # fmt: skip
         elif final <= _OVERFIT_FIT * first:
             self.report(
                 trainer, "loss_curve.overfit_batches_passed", "info",
-                f"Trainer(overfit_batches={batches}): the training loss fell {first / max(final, 1e-300):,.0f}x, "
-                f"from {first:.4g} to {final:.4g} in {steps} steps: the model, its loss and its labels can fit "
-                f"{what} (checklist: overfit one batch).",
+                f"Trainer(overfit_batches={batches}): the training loss{task_loss} fell "
+                f"{first / max(final, 1e-300):,.0f}x, from {first:.4g}{start_words} to {final:.4g} in {steps} steps: "
+                f"the model, its loss and its labels can fit {what} (checklist: overfit one batch).",
                 "Nothing to fix here: go on to the full data (remove overfit_batches).",
                 data,
             )  # fmt: skip
@@ -398,16 +436,16 @@ class LossCurveMonitor(DiagnosticCallback):
             constant is None and final >= _OVERFIT_STUCK * first
         ):
             baseline = (
-                f"; a constant prediction (the label frequencies, no input) scores {constant:.4g}, and the loss did "
-                "not get 10% below it: the model learned next to nothing from the inputs"
+                f"; a constant prediction ({constant_words}, no input) scores {constant:.4g} on {what}, and the "
+                "loss did not get 10% below it: the model learned next to nothing from the inputs"
                 if constant is not None
                 else f", {final / first:.0%} of where it started"
             )
             self.report(
                 trainer, "loss_curve.overfit_batches_failed", "warning",
-                f"Trainer(overfit_batches={batches}): after {steps} steps the training loss is {final:.4g} (it "
-                f"started at {first:.4g}){baseline}. A model that can learn drives one batch's loss close to its "
-                "minimum (0 for cross-entropy on hard labels).",
+                f"Trainer(overfit_batches={batches}): after {steps} steps the training loss{task_loss} is "
+                f"{final:.4g} (it started at {first:.4g}{start_words}){baseline}. A model that can learn drives one "
+                "batch's loss close to its minimum (0 for cross-entropy on hard labels or for MSE).",
                 "Look for the bug before anything else (checklist: overfit one batch): inputs and labels that do not "
                 "belong together (shuffled apart, a transposed batch), inputs that never reach the model (zeroed, "
                 "detached), a loss fed probabilities instead of logits or the wrong targets, parameters missing from "
@@ -417,13 +455,37 @@ class LossCurveMonitor(DiagnosticCallback):
         else:
             self.report(
                 trainer, "loss_curve.overfit_batches_partial", "info",
-                f"Trainer(overfit_batches={batches}): the training loss fell {first / final:.1f}x, from {first:.4g} "
-                f"to {final:.4g} in {steps} steps, but not to 1% of its start.",
+                f"Trainer(overfit_batches={batches}): the training loss{task_loss} fell {first / final:.1f}x, from "
+                f"{first:.4g}{start_words} to {final:.4g} in {steps} steps, but not to 1% of its start"
+                + (f" (a constant prediction scores {constant:.4g})" if constant is not None else "")
+                + ".",
                 "If the loss has a floor above 0 (label smoothing, a regularisation term in the loss, noisy labels), "
                 "this is it; otherwise train longer, raise the learning rate or the capacity until it fits the "
                 "batch.",
                 data,
             )  # fmt: skip
+
+    def _ends(self, trainer: pl.Trainer) -> tuple[float, float, float]:
+        """(mean of the first two finite losses, mean of the last ones, the logged ``data_metric`` or NaN), each
+        averaged over the ranks (one transfer)."""
+        kept = [*self._head, *self._tail]
+        tensors = [v for v in kept if isinstance(v, Tensor)]
+        host = iter(to_host([t.reshape(()) for t in tensors]) if tensors else [])
+        values = [next(host) if isinstance(v, Tensor) else float(v) for v in kept]
+        head, tail = values[: len(self._head)], values[len(self._head) :]
+        nan = math.nan
+        finite_head, finite_tail = [v for v in head if math.isfinite(v)], [v for v in tail if math.isfinite(v)]
+        data = _metric(trainer.callback_metrics, self.data_metric)
+        local = [
+            sum(finite_head) / len(finite_head) if finite_head else nan,
+            sum(finite_tail) / len(finite_tail) if finite_tail else nan,
+            float(data) if data is not None else nan,
+        ]
+        device = trainer.strategy.root_device
+        first, final, data_final = to_host(
+            list(reduce(trainer, torch.tensor(local, dtype=torch.float64, device=device), "mean").unbind())
+        )
+        return first, final, data_final
 
     def _judge_decrease(self, trainer: pl.Trainer) -> None:
         if "not_decreasing" in self._reported:
@@ -618,6 +680,14 @@ def _overfit_batches(trainer: pl.Trainer) -> int | float:
     return getattr(trainer, "overfit_batches", 0) or 0
 
 
+def _init_loss_callback(trainer: pl.Trainer) -> Any | None:
+    """The run's InitLossCallback, if any."""
+    from lightning_debug.init_loss import InitLossCallback
+
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    return next((callback for callback in callbacks if isinstance(callback, InitLossCallback)), None)
+
+
 def _best_constant(trainer: pl.Trainer) -> float | None:
     """The best constant predictor's loss measured by an InitLossCallback of the run (None without one)."""
     from lightning_debug.init_loss import InitLossCallback
@@ -636,13 +706,15 @@ def _with_host(folded: Tensor | None, host: list[float], device: torch.device) -
     return pair.to(device) if folded is None else folded.to(device) + pair.to(device)
 
 
-_FOLD_EVERY = 1024
+_FOLD_EVERY = 1024  # losses kept between folds: bounds memory when measured steps are far apart
 # Trainer(overfit_batches=...): steps before a verdict; fitted at 1% of the first loss; failed at 90% of the best
-# constant predictor's loss (InitLossCallback's), or without one at half the first loss
+# constant predictor's loss on the memorised batches (InitLossCallback's task), or without one at half the first
+# loss; the end of the run is the mean of its last _TAIL losses
+_TAIL = 10
 _OVERFIT_MIN_STEPS = 100
 _OVERFIT_FIT = 0.01
 _OVERFIT_CONSTANT = 0.9
-_OVERFIT_STUCK = 0.5  # losses kept between folds: bounds memory when measured steps are far apart
+_OVERFIT_STUCK = 0.5
 
 
 def _speed_words(speedup: float) -> str:

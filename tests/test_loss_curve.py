@@ -553,3 +553,81 @@ def test_ddp_ranks_reach_the_same_overfit_verdict(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0] == ranks[1]  # judged on losses reduced across the ranks
     assert [check for check, _ in ranks[0]] == ["loss_curve.overfit_batches_passed"]
+
+
+def test_the_constant_prediction_is_measured_on_the_memorised_batch_itself(tmp_path):
+    # a batch of 8: its own label frequencies score lower than the data set's, and zeroed inputs reach exactly them
+    callback = LossCurveMonitor()
+    pl.seed_everything(0)
+    trainer = quiet_trainer(
+        tmp_path, [callback, InitLossCallback(task="multiclass", num_classes=10)], max_steps=300, max_epochs=300,
+        overfit_batches=1, log_every_n_steps=50,
+    )  # fmt: skip
+    trainer.fit(DigitsMLP(input_mask=0.0), datamodule=DigitsDataModule(batch_size=8))
+    [finding] = [f for f in callback.findings if f.check.startswith("loss_curve.overfit_batches")]
+    assert finding.check == "loss_curve.overfit_batches_failed"
+    assert finding.data["best_constant"] < 2.1  # 8 labels: fewer classes than the data set's 2.28
+    assert finding.data["final"] == pytest.approx(finding.data["best_constant"], rel=0.02)
+
+
+def test_a_batch_whose_labels_are_all_alike_proves_nothing(tmp_path):
+    images, labels = load_digits_tensors()
+    order = torch.argsort(labels, stable=True)  # sorted by label: the first batch is all zeros
+    loader = DataLoader(TensorDataset(images[order], labels[order]), batch_size=32)
+    callback = LossCurveMonitor()
+    pl.seed_everything(0)
+    trainer = quiet_trainer(
+        tmp_path, [callback, InitLossCallback(task="multiclass", num_classes=10)], max_steps=150, max_epochs=150,
+        overfit_batches=1, log_every_n_steps=50,
+    )  # fmt: skip
+    trainer.fit(DigitsMLP(input_mask=0.0), loader)  # zeroed inputs still "fit" a batch of one class
+    [finding] = [f for f in callback.findings if f.check.startswith("loss_curve.overfit_batches")]
+    assert finding.check == "loss_curve.overfit_batches_uninformative" and finding.severity == "info"
+    assert finding.data["best_constant"] == 0.0 and "their targets are all alike" in finding.message
+
+
+def test_gradient_accumulation_does_not_shrink_the_losses(tmp_path):
+    # Lightning hands on_train_batch_end the loss divided by accumulate_grad_batches
+    callback = LossCurveMonitor()
+    pl.seed_everything(0)
+    trainer = quiet_trainer(
+        tmp_path, [callback, InitLossCallback(task="multiclass", num_classes=10)], max_steps=150, max_epochs=300,
+        overfit_batches=2, accumulate_grad_batches=2, log_every_n_steps=50,
+    )  # fmt: skip
+    trainer.fit(DigitsMLP(input_mask=0.0), datamodule=DigitsDataModule(batch_size=32))
+    [finding] = [f for f in callback.findings if f.check.startswith("loss_curve.overfit_batches")]
+    assert finding.check == "loss_curve.overfit_batches_failed"
+    assert finding.data["first"] == pytest.approx(math.log(10), rel=0.05)  # not halved
+    assert callback.start_losses[0] == pytest.approx(math.log(10), rel=0.1)  # the logged curve too
+
+
+def test_the_verdict_reads_the_last_steps_not_the_last_measurement_window(tmp_path):
+    callback = LossCurveMonitor(every_n_steps=300, hockey_steps=0)  # one window over the whole run, no hockey start
+    overfit(tmp_path, DigitsMLP(optimizer="adam", lr=1e-3), [callback])
+    [finding] = [f for f in callback.findings if f.check.startswith("loss_curve.overfit_batches")]
+    assert finding.check == "loss_curve.overfit_batches_passed"
+    assert finding.data["first"] == pytest.approx(math.log(10), rel=0.05)  # the first two steps, not the window
+    assert finding.data["final"] < 0.01
+
+
+class Regularised(DigitsMLP):
+    """Cross-entropy plus an L2 term large enough to keep the total loss far above 0."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        data = F.cross_entropy(self(x), y)
+        reg = 0.02 * sum((p * p).sum() for p in self.parameters())
+        self.log("data_loss", data)
+        self.log("reg_loss", reg)
+        return data + reg
+
+
+def test_a_logged_task_loss_is_judged_without_the_regularisation_term(tmp_path):
+    callback = LossCurveMonitor(reg_ratio=1e9)
+    trainer = overfit(tmp_path, Regularised(optimizer="adam", lr=1e-3), [callback])
+    [finding] = [f for f in callback.findings if f.check.startswith("loss_curve.overfit_batches")]
+    # the L2 term keeps the weights small: the task loss falls ~30x, not to 0; judged on it, the run is not failed
+    assert finding.check == "loss_curve.overfit_batches_partial"
+    assert "`data_loss`, the task loss without the regularisation term" in finding.message
+    assert "(the total loss at the start)" in finding.message
+    assert finding.data["final"] == pytest.approx(float(trainer.callback_metrics["data_loss"]), rel=1e-6)
