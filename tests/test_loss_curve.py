@@ -465,13 +465,23 @@ class SmoothedLabels(DigitsMLP):
         return F.cross_entropy(self(x), y, label_smoothing=0.1)  # its minimum is ~0.5, not 0
 
 
-def overfit(tmp_path, model, callbacks, max_steps=300):
+def overfit(tmp_path, model, callbacks, max_steps=300, data=None, **kwargs):
+    """``Trainer(overfit_batches=1)`` (or ``kwargs``'s) on the digits in batches of 32, or on ``data`` (a loader)."""
     pl.seed_everything(0)
+    kwargs.setdefault("overfit_batches", 1)
     trainer = quiet_trainer(
-        tmp_path, callbacks, max_steps=max_steps, max_epochs=max_steps, overfit_batches=1, log_every_n_steps=50
+        tmp_path, callbacks, max_steps=max_steps, max_epochs=2 * max_steps, log_every_n_steps=50, **kwargs
     )
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    if isinstance(data, DataLoader):
+        trainer.fit(model, data)
+    else:
+        trainer.fit(model, datamodule=data or DigitsDataModule(batch_size=32))
     return trainer
+
+
+def verdict(callback):
+    [finding] = [f for f in callback.findings if f.check.startswith("loss_curve.overfit_batches")]
+    return finding
 
 
 def test_overfitting_one_batch_that_fits_is_an_info_and_the_whole_suite_stays_quiet(tmp_path):
@@ -481,11 +491,11 @@ def test_overfitting_one_batch_that_fits_is_an_info_and_the_whole_suite_stays_qu
     overfit(tmp_path, DigitsMLP(optimizer="adam", lr=1e-3), callbacks)
     findings = [f for cb in callbacks for f in getattr(cb, "findings", [])]
     assert [f.format() for f in findings if f.severity != "info"] == []
-    [verdict] = [f for f in findings if f.check.startswith("loss_curve.overfit_batches")]
-    assert verdict.check == "loss_curve.overfit_batches_passed" and verdict.step == 300
-    assert verdict.data["final"] <= 0.01 * verdict.data["first"]
-    assert verdict.data["first"] == pytest.approx(math.log(10), rel=0.1)  # the loss over the first two steps
-    assert "can fit 1 batch(es)" in verdict.message and "remove overfit_batches" in verdict.hint
+    [found] = [f for f in findings if f.check.startswith("loss_curve.overfit_batches")]
+    assert found.check == "loss_curve.overfit_batches_passed" and found.step == 300
+    assert found.data["final"] <= 0.01 * found.data["first"]
+    assert found.data["first"] == pytest.approx(math.log(10), rel=0.1)  # the loss over the first two steps
+    assert "can fit 1 batch(es)" in found.message and "remove overfit_batches" in found.hint
 
 
 def test_a_model_that_cannot_use_its_inputs_fails_against_the_best_constant_prediction(tmp_path):
@@ -558,13 +568,9 @@ def test_ddp_ranks_reach_the_same_overfit_verdict(tmp_path):
 def test_the_constant_prediction_is_measured_on_the_memorised_batch_itself(tmp_path):
     # a batch of 8: its own label frequencies score lower than the data set's, and zeroed inputs reach exactly them
     callback = LossCurveMonitor()
-    pl.seed_everything(0)
-    trainer = quiet_trainer(
-        tmp_path, [callback, InitLossCallback(task="multiclass", num_classes=10)], max_steps=300, max_epochs=300,
-        overfit_batches=1, log_every_n_steps=50,
-    )  # fmt: skip
-    trainer.fit(DigitsMLP(input_mask=0.0), datamodule=DigitsDataModule(batch_size=8))
-    [finding] = [f for f in callback.findings if f.check.startswith("loss_curve.overfit_batches")]
+    init = InitLossCallback(task="multiclass", num_classes=10)
+    overfit(tmp_path, DigitsMLP(input_mask=0.0), [callback, init], data=DigitsDataModule(batch_size=8))
+    finding = verdict(callback)
     assert finding.check == "loss_curve.overfit_batches_failed"
     assert finding.data["best_constant"] < 2.1  # 8 labels: fewer classes than the data set's 2.28
     assert finding.data["final"] == pytest.approx(finding.data["best_constant"], rel=0.02)
@@ -575,13 +581,9 @@ def test_a_batch_whose_labels_are_all_alike_proves_nothing(tmp_path):
     order = torch.argsort(labels, stable=True)  # sorted by label: the first batch is all zeros
     loader = DataLoader(TensorDataset(images[order], labels[order]), batch_size=32)
     callback = LossCurveMonitor()
-    pl.seed_everything(0)
-    trainer = quiet_trainer(
-        tmp_path, [callback, InitLossCallback(task="multiclass", num_classes=10)], max_steps=150, max_epochs=150,
-        overfit_batches=1, log_every_n_steps=50,
-    )  # fmt: skip
-    trainer.fit(DigitsMLP(input_mask=0.0), loader)  # zeroed inputs still "fit" a batch of one class
-    [finding] = [f for f in callback.findings if f.check.startswith("loss_curve.overfit_batches")]
+    init = InitLossCallback(task="multiclass", num_classes=10)
+    overfit(tmp_path, DigitsMLP(input_mask=0.0), [callback, init], max_steps=150, data=loader)  # zeroed inputs
+    finding = verdict(callback)  # still "fit" a batch of one class
     assert finding.check == "loss_curve.overfit_batches_uninformative" and finding.severity == "info"
     assert finding.data["best_constant"] == 0.0 and "their targets are all alike" in finding.message
 
@@ -589,13 +591,12 @@ def test_a_batch_whose_labels_are_all_alike_proves_nothing(tmp_path):
 def test_gradient_accumulation_does_not_shrink_the_losses(tmp_path):
     # Lightning hands on_train_batch_end the loss divided by accumulate_grad_batches
     callback = LossCurveMonitor()
-    pl.seed_everything(0)
-    trainer = quiet_trainer(
-        tmp_path, [callback, InitLossCallback(task="multiclass", num_classes=10)], max_steps=150, max_epochs=300,
-        overfit_batches=2, accumulate_grad_batches=2, log_every_n_steps=50,
+    init = InitLossCallback(task="multiclass", num_classes=10)
+    overfit(
+        tmp_path, DigitsMLP(input_mask=0.0), [callback, init], max_steps=150, overfit_batches=2,
+        accumulate_grad_batches=2,
     )  # fmt: skip
-    trainer.fit(DigitsMLP(input_mask=0.0), datamodule=DigitsDataModule(batch_size=32))
-    [finding] = [f for f in callback.findings if f.check.startswith("loss_curve.overfit_batches")]
+    finding = verdict(callback)
     assert finding.check == "loss_curve.overfit_batches_failed"
     assert finding.data["first"] == pytest.approx(math.log(10), rel=0.05)  # not halved
     assert callback.start_losses[0] == pytest.approx(math.log(10), rel=0.1)  # the logged curve too
@@ -604,7 +605,7 @@ def test_gradient_accumulation_does_not_shrink_the_losses(tmp_path):
 def test_the_verdict_reads_the_last_steps_not_the_last_measurement_window(tmp_path):
     callback = LossCurveMonitor(every_n_steps=300, hockey_steps=0)  # one window over the whole run, no hockey start
     overfit(tmp_path, DigitsMLP(optimizer="adam", lr=1e-3), [callback])
-    [finding] = [f for f in callback.findings if f.check.startswith("loss_curve.overfit_batches")]
+    finding = verdict(callback)
     assert finding.check == "loss_curve.overfit_batches_passed"
     assert finding.data["first"] == pytest.approx(math.log(10), rel=0.05)  # the first two steps, not the window
     assert finding.data["final"] < 0.01
@@ -625,7 +626,7 @@ class Regularised(DigitsMLP):
 def test_a_logged_task_loss_is_judged_without_the_regularisation_term(tmp_path):
     callback = LossCurveMonitor(reg_ratio=1e9)
     trainer = overfit(tmp_path, Regularised(optimizer="adam", lr=1e-3), [callback])
-    [finding] = [f for f in callback.findings if f.check.startswith("loss_curve.overfit_batches")]
+    finding = verdict(callback)
     # the L2 term keeps the weights small: the task loss falls ~30x, not to 0; judged on it, the run is not failed
     assert finding.check == "loss_curve.overfit_batches_partial"
     assert "`data_loss`, the task loss without the regularisation term" in finding.message
