@@ -547,13 +547,15 @@ def test_ddp_ranks_reach_the_same_overfit_verdict(tmp_path):
         """
         import json, lightning.pytorch as pl
         from lightning_debug.loss_curve import LossCurveMonitor
+        from lightning_debug.init_loss import InitLossCallback
         from lightning_debug.data import DigitsDataModule
         from lightning_debug.zoo import DigitsMLP
 
         pl.seed_everything(0)
         callback = LossCurveMonitor()
+        init = InitLossCallback(task="multiclass", num_classes=10)
         trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=150, max_epochs=150,
-                             overfit_batches=1, log_every_n_steps=50, callbacks=[callback], default_root_dir=".",
+                             overfit_batches=1, log_every_n_steps=50, callbacks=[callback, init], default_root_dir=".",
                              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
         trainer.fit(DigitsMLP(optimizer="adam", lr=1e-3), datamodule=DigitsDataModule(batch_size=16))
         with open(f"rank{trainer.global_rank}.json", "w") as handle:
@@ -561,8 +563,9 @@ def test_ddp_ranks_reach_the_same_overfit_verdict(tmp_path):
         """,
     )
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert ranks[0] == ranks[1]  # judged on losses reduced across the ranks
+    assert ranks[0] == ranks[1]  # judged on losses and targets reduced across the ranks
     assert [check for check, _ in ranks[0]] == ["loss_curve.overfit_batches_passed"]
+    assert 1.5 < ranks[0][0][1]["best_constant"] < 2.3  # both ranks' batches of 16: 32 labels
 
 
 def test_the_constant_prediction_is_measured_on_the_memorised_batch_itself(tmp_path):
