@@ -639,7 +639,14 @@ class LossCurveMonitor(DiagnosticCallback):
             "hockey": self.hockey,
             "reg_run": self._reg_run,
             "reported": sorted(self._reported),
+            "head": self._head_values(),  # the run's first losses: the overfit verdict's start after a resume
         }
+
+    def _head_values(self) -> list[float]:
+        tensors = [v for v in self._head if isinstance(v, Tensor)]
+        host = iter(to_host([t.reshape(()) for t in tensors]) if tensors else [])  # (only when checkpointing)
+        self._head = [next(host) if isinstance(v, Tensor) else float(v) for v in self._head]
+        return [float(v) for v in self._head]
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.start_losses = [float(v) for v in state.get("start_losses", [])]
@@ -652,6 +659,7 @@ class LossCurveMonitor(DiagnosticCallback):
         self.hockey = state.get("hockey") or ({"status": "resumed"} if self.measurements else None)
         self._reg_run = int(state.get("reg_run", 0))
         self._reported = set(state.get("reported", []))
+        self._head = [float(v) for v in state.get("head", [])]
 
 
 def _by_epoch(points: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -635,3 +635,19 @@ def test_a_logged_task_loss_is_judged_without_the_regularisation_term(tmp_path):
     assert "`data_loss`, the task loss without the regularisation term" in finding.message
     assert "(the total loss at the start)" in finding.message
     assert finding.data["final"] == pytest.approx(float(trainer.callback_metrics["data_loss"]), rel=1e-6)
+
+
+def test_a_resumed_overfit_run_keeps_its_start(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    overfit(tmp_path, DigitsMLP(optimizer="adam", lr=1e-3), [LossCurveMonitor(), checkpoint], max_steps=60,
+            enable_checkpointing=True)  # fmt: skip
+    resumed = LossCurveMonitor()
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [resumed], max_steps=300, max_epochs=600, overfit_batches=1, log_every_n_steps=50)
+    trainer.fit(
+        DigitsMLP(optimizer="adam", lr=1e-3), datamodule=DigitsDataModule(batch_size=32),
+        ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+    )  # fmt: skip
+    finding = verdict(resumed)
+    assert finding.check == "loss_curve.overfit_batches_passed"
+    assert finding.data["first"] == pytest.approx(math.log(10), rel=0.05)  # the run's start, not the resumed part's
