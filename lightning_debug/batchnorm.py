@@ -426,7 +426,7 @@ def _last_batch(loader: Any) -> int | None:
         return None
     try:
         examples = len(loader.sampler)  # type: ignore[arg-type]  # (per device under a DistributedSampler)
-    except TypeError:
+    except Exception:  # a sampler without a length (an iterable dataset's, a custom one)
         return None
     remainder = examples % loader.batch_size
     return remainder or None
