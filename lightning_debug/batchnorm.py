@@ -68,7 +68,8 @@ class BatchNormCheck(DiagnosticCallback):
     ==================================  ===================================================================
     ``batchnorm/eval_std_ratio``        the largest shift: std a BatchNorm's outputs have at evaluation
                                         relative to training, the square root of the variance ratio
-    ``batchnorm/examples_per_device``   the fewest examples a BatchNorm normalises over (train mode)
+    ``batchnorm/examples_per_device``   the fewest examples a BatchNorm normalises over (train mode; across
+                                        the devices for ``SyncBatchNorm``)
     ==================================  ===================================================================
 
     Findings:
@@ -202,7 +203,7 @@ class BatchNormCheck(DiagnosticCallback):
             ratio_t = torch.full((count,), math.nan, dtype=torch.float64, device=device)
         examples = local.get("examples") or {}
         # a BatchNorm not measured in train mode counts as +inf examples for the min; last: the epoch's last batch
-        last = _last_batch(trainer.train_dataloader)
+        last = _last_batch(trainer)
         counts = [float(examples.get(name, math.inf)) for name, _ in norms] + [math.inf if last is None else last]
         examples_t = torch.tensor(counts, dtype=torch.float64)
         problem = torch.tensor([float("problem" in local)], dtype=torch.float64, device=device)
@@ -419,9 +420,11 @@ def _rate(module: nn.Module) -> float:
     return float(getattr(module, "p", 0.0))
 
 
-def _last_batch(loader: Any) -> int | None:
-    """Examples in the epoch's last batch on this device when it is not a full one (a plain DataLoader that keeps
-    its last batch), else None."""
+def _last_batch(trainer: pl.Trainer) -> int | None:
+    """Examples in the epoch's last batch on this device when it is not a full one and training reaches it (a plain
+    DataLoader that keeps its last batch; not cut off by ``overfit_batches``, ``limit_train_batches`` or a
+    ``max_steps`` within the first epoch), else None."""
+    loader = trainer.train_dataloader
     if not isinstance(loader, DataLoader) or loader.batch_size is None or loader.drop_last:
         return None
     try:
@@ -429,4 +432,10 @@ def _last_batch(loader: Any) -> int | None:
     except Exception:  # a sampler without a length (an iterable dataset's, a custom one)
         return None
     remainder = examples % loader.batch_size
-    return remainder or None
+    batches = math.ceil(examples / loader.batch_size)
+    if not remainder or trainer.num_training_batches != batches:
+        return None  # no partial batch, or the epoch stops before it
+    max_steps = trainer.max_steps
+    if max_steps is not None and max_steps >= 0 and max_steps * trainer.accumulate_grad_batches < batches:
+        return None
+    return remainder

@@ -266,25 +266,30 @@ class InitLossCallback(DiagnosticCallback):
         """The best constant prediction's loss on the first ``count`` training batches, from their own targets
         (label frequencies, positive rate or target variance; not the ``class_priors`` etc. passed in), summed over
         the ranks; None when the task's targets are not found. A collective under DDP: call it on every rank.
+        Targets with several columns (multi-output regression, multi-label) are pooled: the reference is then
+        higher than a per-column constant reaches, which errs towards no warning.
 
         LossCurveMonitor's "overfit one batch" verdict compares the loss on the memorised batches with it.
         """
         pl_module = trainer.lightning_module
         device = trainer.strategy.root_device
         stats = torch.zeros(self._target_stats_size(), dtype=torch.float64, device=device)
-        probe = training_batches(trainer)
-        found = probe is not None and stats.numel() > 0
-        if found and probe is not None:
-            batches, loaders = probe
-            with isolated(pl_module, train_mode=pl_module.training, loaders=loaders):
-                for index, batch in enumerate(batches):
-                    if index >= count:
-                        break
-                    target = self._target(batch)
-                    if target is None:
-                        found = False
-                        break
-                    stats += self._target_stats(target.to(device))
+        try:
+            probe = training_batches(trainer)
+            found = probe is not None and stats.numel() > 0
+            if found and probe is not None:
+                batches, loaders = probe
+                with isolated(pl_module, train_mode=pl_module.training, loaders=loaders):
+                    for index, batch in enumerate(batches):
+                        if index >= count:
+                            break
+                        target = self._target(trainer.strategy.batch_to_device(batch))
+                        if target is None:
+                            found = False
+                            break
+                        stats += self._target_stats(target.to(device))
+        except Exception:  # an unusual loader or target_fn: no reference, never the user's training
+            found = False
         found = all_ranks(trainer, found)
         totals = reduce(trainer, stats).cpu().tolist()
         return _constant_loss(self.task, totals) if found else None

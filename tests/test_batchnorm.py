@@ -282,6 +282,16 @@ def test_a_full_last_batch_or_drop_last_is_not_reported(tmp_path):
     assert "last_batch_examples" not in dropped.result and dropped.findings == []
 
 
+@pytest.mark.parametrize(
+    "limit", [{"overfit_batches": 1}, {"limit_train_batches": 10}, {"max_steps": 20, "max_epochs": 1}]
+)
+def test_a_last_batch_training_never_reaches_is_not_reported(tmp_path, limit):
+    callback = BatchNormCheck()
+    kwargs = {"max_steps": -1, "max_epochs": 1, **limit}  # each case alone keeps the last batch from running
+    fit(tmp_path, DigitsMLP(batchnorm=True), [callback], batch_size=22, limit_val_batches=0, **kwargs)
+    assert "last_batch_examples" not in callback.result and callback.findings == []
+
+
 def test_dropout_the_run_keeps_in_eval_mode_is_not_switched_on(tmp_path):
     class FrozenDropout(Callback):
         def on_train_start(self, trainer, pl_module):
