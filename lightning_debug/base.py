@@ -454,6 +454,22 @@ PER_BATCH_HOOKS = (
 )
 
 
+class OneShotCheck(DiagnosticCallback):
+    """A check that runs once per run (at its start, or on its first batches) and keeps its verdict in ``result``:
+    the end-of-run summary, and saved in checkpoints, so a resumed run does not check again."""
+
+    result: dict[str, Any] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.result or {})
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"result": self.result}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.result = state.get("result")
+
+
 class _Conductor:
     """The ``on_train_batch_start`` of a trainer's first lightning_debug callback: puts the others' per-batch hooks to
     sleep between their busy steps and wakes them before they are due.

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_debug.base import DiagnosticCallback
+from lightning_debug.base import OneShotCheck
 from lightning_debug.batches import check_probe_fns, default_input
 from lightning_debug.distributed import reduce
 from lightning_debug.isolation import isolated, training_batches
@@ -20,7 +20,7 @@ InputFn = Callable[[Any], Tensor]
 ForwardFn = Callable[[pl.LightningModule, Any], Any]
 
 
-class BatchMixingCheck(DiagnosticCallback):
+class BatchMixingCheck(OneShotCheck):
     r"""Checklist item "use backprop to chart dependencies": prove that examples do not leak into each other.
 
     At ``on_train_start`` it takes one training batch, makes the input a leaf that requires gradients,
@@ -315,16 +315,6 @@ class BatchMixingCheck(DiagnosticCallback):
             f"The output at position t depends on inputs after t along dim {self.causal_dim}{where}: "
             f"{_ratio_words(causal_leak, 'the past')}, expected exactly 0 on the future."
         )
-
-    # ------------------------------------------------------------------ report / resume
-    def summary(self) -> dict[str, Any]:
-        return dict(self.result or {})
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"result": self.result}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.result = state.get("result")
 
 
 class _EmbeddingProbe:

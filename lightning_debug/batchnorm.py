@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.utils.data import DataLoader
 
-from lightning_debug.base import DiagnosticCallback
+from lightning_debug.base import OneShotCheck
 from lightning_debug.batches import check_probe_fns, default_input
 from lightning_debug.distributed import reduce
 from lightning_debug.isolation import isolated, training_batches
@@ -25,7 +25,7 @@ _NORM = nn.modules.batchnorm._BatchNorm
 _DROPOUT = nn.modules.dropout._DropoutNd
 
 
-class BatchNormCheck(DiagnosticCallback):
+class BatchNormCheck(OneShotCheck):
     r"""Checklist items on batch normalisation: dropout before BatchNorm, and batch statistics from too few examples.
 
     **Variance shift** (checklist: "if you're using both dropout and batch norm together, be cautious of the order";
@@ -316,16 +316,6 @@ class BatchNormCheck(DiagnosticCallback):
             "training examples per device.",
             {"last_batch_examples": last, "min_batch": self.min_batch},
         )  # fmt: skip
-
-    # ------------------------------------------------------------------ report / resume
-    def summary(self) -> dict[str, Any]:
-        return dict(self.result or {})
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"result": self.result}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.result = state.get("result")
 
 
 class _NoInput(Exception):

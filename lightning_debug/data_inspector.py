@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_debug.base import DiagnosticCallback
+from lightning_debug.base import OneShotCheck
 from lightning_debug.batches import default_input
 from lightning_debug.distributed import reduce
 from lightning_debug.validation import check_float, check_int
@@ -22,7 +22,7 @@ _TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 _UNKNOWN_CLASSES = 1024  # label-count bins when num_classes is not given; larger labels are counted apart
 
 
-class DataInspector(DiagnosticCallback):
+class DataInspector(OneShotCheck):
     r"""Checklist item "visualize just before the net": statistics and pictures of the batches the model gets.
 
     On the first ``num_batches`` training batches it reads the batch Lightning hands to ``training_step``
@@ -588,12 +588,6 @@ class DataInspector(DiagnosticCallback):
     # ------------------------------------------------------------------ report / resume
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in (self.result or {}).items() if k != "class_counts"}
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"result": self.result}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.result = state.get("result")
 
 
 def _features(x: Tensor) -> Tensor:

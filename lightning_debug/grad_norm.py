@@ -552,8 +552,7 @@ class GradNormMonitor(DiagnosticCallback):
             f"Gradient norm spike{which} at step {int(worst['step'])}: {worst['norm']:.3g} is {worst['ratio']:.0f}x "
             f"the running median {worst['reference']:.3g} of the last {self.window} steps (threshold "
             f"{self.spike_factor:g}x; healthy runs stay within ~10x){peak_text}. {len(spikes)} spike(s) at steps "
-            f"{steps[:10]}, "
-            f"{len(log.spikes)} in total.",
+            f"{steps[:10]}, {len(log.spikes)} in total.",
             f"Look for corrupted or unnormalised records in the batches of steps {steps[:10]} (inputs or targets "
             f"orders of magnitude larger than the rest). Meanwhile clip: "
             f"{clip_args} ({clip.get('statistic', 'not enough steps yet')}), or lower the learning rate.",

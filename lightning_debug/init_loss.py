@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_debug.base import DiagnosticCallback
+from lightning_debug.base import OneShotCheck
 from lightning_debug.distributed import all_ranks, any_rank, reduce
 from lightning_debug.isolation import isolated, training_batches
 
@@ -22,7 +22,7 @@ class InitLossError(RuntimeError):
     """Raised by ``InitLossCallback(strict=True)`` when the loss at init fails the check."""
 
 
-class InitLossCallback(DiagnosticCallback):
+class InitLossCallback(OneShotCheck):
     r"""Checklist item "verify loss @ init": measure the loss of the initial model before any update.
 
     At ``on_train_start`` it runs your own ``training_step`` (so any loss function works) on the first
@@ -305,7 +305,7 @@ class InitLossCallback(DiagnosticCallback):
                 priors = [c / sum(target_stats) for c in target_stats]
             refs["expected"] = self.expected_loss if self.expected_loss is not None else math.log(num_classes)
             if priors is not None:
-                refs["best_constant"] = -sum(p * math.log(p) for p in priors if p > 0)
+                refs["best_constant"] = _entropy(priors)
                 floor = 1e-6
                 log_p = [math.log(max(p, floor)) for p in priors]
                 refs["bias"] = [round(v - sum(log_p) / len(log_p), 3) for v in log_p]
@@ -317,7 +317,7 @@ class InitLossCallback(DiagnosticCallback):
                 rate = target_stats[0] / target_stats[1]
             refs["expected"] = self.expected_loss if self.expected_loss is not None else math.log(2)
             if rate is not None and 0 < rate < 1:
-                refs["best_constant"] = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+                refs["best_constant"] = _entropy([rate, 1 - rate])
                 refs["bias"] = round(math.log(rate / (1 - rate)), 4)
                 refs["positive_rate"] = round(rate, 4)
                 refs["majority_rate"] = max(rate, 1 - rate)
@@ -510,29 +510,24 @@ class InitLossCallback(DiagnosticCallback):
         }
         self.log_scalars(trainer, scalars, step=0)
 
-    # ------------------------------------------------------------------ report / resume
-    def summary(self) -> dict[str, Any]:
-        return dict(self.result or {})
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"result": self.result}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.result = state.get("result")
-
 
 def _constant_loss(task: str | None, stats: list[float]) -> float | None:
     """The best constant predictor's loss from ``_target_stats`` sums: the label entropy (cross-entropy), the
     binary entropy of the positive rate, or the target variance (MSE)."""
     if task == "multiclass" and sum(stats) > 0:
-        return -sum(c / sum(stats) * math.log(c / sum(stats)) for c in stats if c > 0)
+        return _entropy([count / sum(stats) for count in stats])
     if task == "binary" and len(stats) == 2 and stats[1] > 0:
         rate = stats[0] / stats[1]
-        return -sum(p * math.log(p) for p in (rate, 1 - rate) if p > 0)
+        return _entropy([rate, 1 - rate])
     if task == "regression" and len(stats) == 3 and stats[2] > 1:
         total, squares, count = stats
         return max(squares / count - (total / count) ** 2, 0.0)
     return None
+
+
+def _entropy(probabilities: Sequence[float]) -> float:
+    """The cross-entropy of always predicting ``probabilities`` against labels drawn from them."""
+    return -sum(p * math.log(p) for p in probabilities if p > 0)
 
 
 def _hits(task: str | None, output: Tensor, target: Tensor, num_classes: int | None) -> Tensor:

@@ -468,10 +468,7 @@ class LossCurveMonitor(DiagnosticCallback):
     def _ends(self, trainer: pl.Trainer) -> tuple[float, float, float]:
         """(mean of the first two finite losses, mean of the last ones, the logged ``data_metric`` or NaN), each
         averaged over the ranks (one transfer)."""
-        kept = [*self._head, *self._tail]
-        tensors = [v for v in kept if isinstance(v, Tensor)]
-        host = iter(to_host([t.reshape(()) for t in tensors]) if tensors else [])
-        values = [next(host) if isinstance(v, Tensor) else float(v) for v in kept]
+        values = _host_floats([*self._head, *self._tail])
         head, tail = values[: len(self._head)], values[len(self._head) :]
         nan = math.nan
         finite_head, finite_tail = [v for v in head if math.isfinite(v)], [v for v in tail if math.isfinite(v)]
@@ -643,9 +640,7 @@ class LossCurveMonitor(DiagnosticCallback):
         }
 
     def _head_values(self) -> list[float]:
-        tensors = [v for v in self._head if isinstance(v, Tensor)]
-        host = iter(to_host([t.reshape(()) for t in tensors]) if tensors else [])  # (only when checkpointing)
-        self._head = [next(host) if isinstance(v, Tensor) else float(v) for v in self._head]
+        self._head = list(_host_floats(self._head))  # (a transfer only when checkpointing)
         return [float(v) for v in self._head]
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -692,19 +687,23 @@ def _init_loss_callback(trainer: pl.Trainer) -> Any | None:
     """The run's InitLossCallback, if any."""
     from lightning_debug.init_loss import InitLossCallback
 
-    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    callbacks = getattr(trainer, "callbacks", [])
     return next((callback for callback in callbacks if isinstance(callback, InitLossCallback)), None)
+
+
+def _host_floats(values: list[Tensor | float]) -> list[float]:
+    """``values`` (0-d tensors and floats) as floats: one transfer for the tensors among them."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    host = iter(to_host([t.reshape(()) for t in tensors]) if tensors else [])
+    return [next(host) if isinstance(v, Tensor) else float(v) for v in values]
 
 
 def _best_constant(trainer: pl.Trainer) -> float | None:
     """The best constant predictor's loss measured by an InitLossCallback of the run (None without one)."""
-    from lightning_debug.init_loss import InitLossCallback
-
-    for callback in getattr(trainer, "callbacks", []):
-        if isinstance(callback, InitLossCallback) and callback.result:
-            value = callback.result.get("best_constant")
-            if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
-                return float(value)
+    callback = _init_loss_callback(trainer)
+    value = (callback.result or {}).get("best_constant") if callback is not None else None
+    if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+        return float(value)
     return None
 
 

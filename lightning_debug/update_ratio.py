@@ -326,6 +326,10 @@ class UpdateRatioMonitor(DiagnosticCallback):
                 self._flagged.discard(f"{check}:{name}")  # recovered: may be reported again
         return [n for n in names if f"{check}:{n}" not in self._flagged]
 
+    def _small_median(self, name: str, at_peak: bool = False) -> float:
+        """The median ratio of ``name``'s too-small streak, as measured or scaled to the peak LR."""
+        return statistics.median(ratio * scale if at_peak else ratio for ratio, scale in self._small[name])
+
     def _fitted(self) -> bool:
         """Whether the training loss fell ``_FITTED_DROP``-fold or more since the first measurement (median of the
         last ``patience`` measured steps): the model fits its training data, and small updates follow from that."""
@@ -379,7 +383,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         lr_of = dict(zip(snapshot.names, snapshot.lrs))
         lowered = False
         if check == "too_small":  # as at the peak LR (the same numbers without a schedule that lowered it)
-            medians = {name: statistics.median(r * scale for r, scale in self._small[name]) for name in names}
+            medians = {name: self._small_median(name, at_peak=True) for name in names}
             lowered = any(self._peak_lr.get(n, lr_of.get(n, math.nan)) > lr_of.get(n, math.nan) for n in names)
             lr_of = {n: self._peak_lr.get(n, lr) for n, lr in lr_of.items()}
         else:
@@ -453,7 +457,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._flagged.add("fitted")
         first, recent = self._first_loss, statistics.median(self._recent_losses)
         assert first is not None
-        median = statistics.median(statistics.median(r for r, _ in self._small[n]) for n in names)
+        median = statistics.median(self._small_median(n) for n in names)
         drop = first / recent if recent > 0 else math.inf
         self.report(
             trainer,
@@ -481,9 +485,9 @@ class UpdateRatioMonitor(DiagnosticCallback):
         lr_of = dict(zip(snapshot.names, snapshot.lrs))
         lr = statistics.median(lr_of[n] for n in names)
         peak = statistics.median(self._peak_lr.get(n, lr_of[n]) for n in names)
-        median = statistics.median(statistics.median(r for r, _ in self._small[n]) for n in names)
-        at_peak = statistics.median(statistics.median(r * scale for r, scale in self._small[n]) for n in names)
-        shown = {n: round_significant(statistics.median(r for r, _ in self._small[n]), 2) for n in names[:10]}
+        median = statistics.median(self._small_median(n) for n in names)
+        at_peak = statistics.median(self._small_median(n, at_peak=True) for n in names)
+        shown = {n: round_significant(self._small_median(n), 2) for n in names[:10]}
         self.report(
             trainer,
             "update_ratio.lr_decayed_early",
