@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce
-from lightning_debug.optimizers import OptimizerParams, max_lr
+from lightning_debug.optimizers import OptimizerParams, float16_eps_problems, float16_eps_text, max_lr
 from lightning_debug.stats import StepNorms, foreach_norms, fused_norms, is_uniform, shared_grad_norms, to_host
 
 OnHalt = Literal["stop", "raise"]
@@ -809,7 +809,14 @@ class NaNGuard(DiagnosticCallback):
             f"Restart with lr between {lowest_bad_lr / 10:.3g} and {lowest_bad_lr / 3:.3g} (3-10x below the lowest LR "
             f"that still gave NaNs, {lowest_bad_lr:.3g})."
         )
-        if self.lr_scale <= 0.01:
+        eps_problems = float16_eps_problems(trainer.optimizers)
+        if eps_problems:  # the LR is not the cause: a learning-rate range would send the user the wrong way
+            data["float16_eps"] = eps_problems
+            hint = (
+                f"The learning rate is not the cause: {float16_eps_text(eps_problems)} makes float16 updates NaN "
+                "(update_ratio.eps_underflow). Train with precision='16-mixed' or 'bf16-mixed', or set eps=1e-4."
+            )
+        elif self.lr_scale <= 0.01:
             hint += (
                 f" NaNs persisted over a {1 / self.lr_scale:.0f}x LR reduction, so the LR is likely not the cause: "
                 "check "

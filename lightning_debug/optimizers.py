@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -55,3 +58,55 @@ def optimizer_params(optimizer: Optimizer) -> list[nn.Parameter]:
                 seen.add(id(param))
                 params.append(param)
     return params
+
+
+# Optimizers that add ``eps`` to the denominator of their update (sqrt(v) + eps, or |g| + eps for Adamax): with
+# float16 weights their state and arithmetic are float16 too, and an eps below float16's smallest normal number
+# (6.1e-05) rounds to 0 or to a coarse subnormal. Adadelta is not here: its eps goes inside a square root.
+_EPS_IN_DENOMINATOR = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+)
+
+
+def float16_eps_problems(optimizers: Sequence[Optimizer]) -> list[dict[str, Any]]:
+    """Param groups whose ``eps`` is below float16's smallest normal number while they hold float16 parameters.
+
+    Such an optimizer divides by ``sqrt(v) + eps`` in float16: a gradient element below ~2.4e-4 squares to 0, the
+    denominator is then eps alone (0 for Adam's default 1e-8), and the update is 0/0 = NaN or overflows 65504.
+    One entry per param group: the optimizer's class name, its index, the group's index, eps and the number of
+    float16 parameters.
+    """
+    tiny = torch.finfo(torch.float16).smallest_normal
+    problems = []
+    for index, optimizer in enumerate(optimizers):
+        inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
+        if not isinstance(inner, _EPS_IN_DENOMINATOR):
+            continue
+        for group_index, group in enumerate(inner.param_groups):
+            eps = group.get("eps")
+            if not isinstance(eps, (int, float)) or eps >= tiny:
+                continue
+            count = sum(1 for p in group["params"] if p.dtype == torch.float16 and p.requires_grad)
+            if count:
+                problems.append(
+                    {"optimizer": type(inner).__name__, "optimizer_index": index, "group": group_index,
+                     "eps": float(eps), "as_float16": float(torch.tensor(eps, dtype=torch.float16)),
+                     "float16_params": count}
+                )  # fmt: skip
+    return problems
+
+
+def float16_eps_text(problems: Sequence[Mapping[str, Any]]) -> str:
+    """One phrase naming the offending optimizers and their eps, e.g. "Adam's eps=1e-08 (0 in float16)"."""
+    parts = []
+    for problem in problems:
+        as_half = problem["as_float16"]
+        rounded = "0 in float16" if as_half == 0 else f"a float16 subnormal, {as_half:.3g}"
+        parts.append(f"{problem['optimizer']}'s eps={problem['eps']:g} ({rounded})")
+    return ", ".join(dict.fromkeys(parts))

@@ -20,8 +20,10 @@ from helpers import (
 )
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+import lightning_debug
 from lightning_debug import zoo
 from lightning_debug.data import DigitsDataModule
+from lightning_debug.nan_guard import NaNGuard
 from lightning_debug.update_ratio import UpdateRatioMonitor
 
 
@@ -365,3 +367,138 @@ def test_the_peak_lr_survives_checkpoint_and_resume(tmp_path: Path) -> None:
     trainer.fit(model(), datamodule=DigitsDataModule(batch_size=32), ckpt_path=ckpt)
     assert _checks(second) == ["update_ratio.lr_decayed_early"]
     assert math.isclose(second.findings[0].data["peak_lr"], 1e-3)
+
+
+# ------------------------------------------------------------------ 16-bit weights (precision="16-true"/"bf16-true")
+def test_adam_default_eps_with_float16_weights_warns_at_the_start(tmp_path: Path) -> None:
+    """Adam's eps=1e-8 is 0 in float16: the weights go NaN on the first steps, and no learning rate fixes it."""
+    monitor, guard = UpdateRatioMonitor(every_n_steps=5), NaNGuard()
+    _fit(tmp_path, zoo.DigitsMLP(optimizer="adam", lr=1e-3), [monitor, guard], max_steps=60, precision="16-true")
+    (finding,) = [f for f in monitor.findings if f.check == "update_ratio.eps_underflow"]
+    assert finding.severity == "warning" and finding.step == 0
+    assert finding.data["problems"] == [
+        {"optimizer": "Adam", "optimizer_index": 0, "group": 0, "eps": 1e-8, "as_float16": 0.0, "float16_params": 6}
+    ]
+    assert "eps=1e-08 (0 in float16)" in finding.message and "eps=1e-4" in finding.hint
+    # what it predicts happens, and NaNGuard's halt does not send the user to a smaller learning rate
+    assert guard.first_bad is not None and guard.first_bad["step"] <= 2
+    (halt,) = [f for f in guard.findings if f.check == "nan_guard.halt"]
+    assert halt.hint.startswith("The learning rate is not the cause") and halt.data["float16_eps"]
+
+
+def test_float16_weights_with_a_float16_safe_eps_or_sgd_get_no_warning(tmp_path: Path) -> None:
+    class SafeEps(zoo.DigitsMLP):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3, eps=1e-4)
+
+    for name, model in (("adam", SafeEps()), ("sgd", zoo.DigitsMLP())):
+        callbacks = lightning_debug.suite(num_classes=10, every_n_steps=5)
+        _fit(tmp_path / name, model, callbacks, max_steps=60, precision="16-true")
+        findings = [f for cb in callbacks for f in getattr(cb, "findings", [])]
+        assert [f.check for f in findings if f.severity != "info"] == [], name
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_eps_check_needs_float16_weights(tmp_path: Path) -> None:
+    """Adam's default eps is fine in float32, bfloat16 (float32's exponent range) and 16-mixed (float32 weights)."""
+    configs: dict[str, dict[str, Any]] = {
+        "32-true": {},
+        "bf16-true": {"precision": "bf16-true"},
+        "16-mixed": {"plugins": [fp16_cpu_plugin()]},
+    }
+    for name, kwargs in configs.items():
+        monitor = UpdateRatioMonitor(every_n_steps=5)
+        _fit(tmp_path / name, zoo.DigitsMLP(optimizer="adam", lr=1e-3), [monitor], max_steps=10, **kwargs)
+        assert [f.check for f in monitor.findings] == [], name
+
+
+class _UnchangedProbe(pl.Callback):
+    """An independent count, on one step: of the elements with a non-zero gradient, the share the step left equal."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.before, self.fraction = step, None, None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if trainer.global_step == self.step:
+            self.before = [(p, p.detach().clone(), p.grad.detach().clone()) for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.before is not None and self.fraction is None:
+            nonzero = sum(int((g != 0).sum()) for _, _, g in self.before)
+            same = sum(int(((g != 0) & (p.detach() == b)).sum()) for p, b, g in self.before)
+            self.fraction = same / nonzero
+
+
+def test_bf16_weights_updates_rounded_away_are_measured_and_reported(tmp_path: Path) -> None:
+    """Adam at lr 1e-4 on bfloat16 weights: most per-element updates are below half a bf16 ulp of the weight."""
+    monitor, probe = UpdateRatioMonitor(every_n_steps=5), _UnchangedProbe(step=20)
+    trainer = _fit(tmp_path, zoo.DigitsMLP(optimizer="adam", lr=1e-4), [monitor, probe], max_steps=30,
+                   precision="bf16-true")  # fmt: skip
+    assert probe.fraction is not None and 0.25 < probe.fraction < 1.0
+    assert math.isclose(monitor._rounded[-2], probe.fraction, rel_tol=1e-9)  # the measurement of step 20
+    (finding,) = [f for f in monitor.findings if f.check == "update_ratio.rounded_away"]
+    assert finding.severity == "info" and finding.step == 21  # the 5th measurement: steps 0, 5, ..., 20
+    assert finding.data["dtypes"] == ["bfloat16"] and finding.data["median_fraction"] >= 0.25
+    assert "8 significant bits" in finding.message and "bf16-mixed" in finding.hint
+    events = [p for p in Path(trainer.log_dir).glob("events.out.tfevents.*")]
+    assert events and b"update_ratio/rounded_away" in events[0].read_bytes()
+
+
+def test_float32_weights_are_not_counted(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor(every_n_steps=5)
+    _fit(tmp_path, zoo.DigitsMLP(optimizer="adam", lr=1e-4), [monitor], max_steps=30)
+    assert list(monitor._rounded) == [] and monitor.findings == []
+
+
+def test_bf16_weights_training_stays_bit_identical(tmp_path: Path) -> None:
+    def make() -> pl.LightningModule:
+        return zoo.DigitsMLP(dropout=0.2, optimizer="adam", lr=1e-4)
+
+    kwargs = dict(max_steps=25, precision="bf16-true")
+    plain = train_state(tmp_path / "a", make, **kwargs)
+    watched = train_state(tmp_path / "b", make, [UpdateRatioMonitor(every_n_steps=2)], **kwargs)
+    assert_bit_identical(plain, watched)
+
+
+def test_rounded_away_history_survives_checkpoint_and_resume(tmp_path: Path) -> None:
+    def model() -> pl.LightningModule:
+        return zoo.DigitsMLP(optimizer="adam", lr=1e-4)
+
+    first = UpdateRatioMonitor(every_n_steps=5)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=15, save_top_k=-1)
+    _fit(tmp_path, model(), [first, checkpoint], max_steps=15, enable_checkpointing=True, precision="bf16-true")
+    assert len(first._rounded) == 3 and first.findings == []
+    second = UpdateRatioMonitor(every_n_steps=5)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [second], max_steps=25, precision="bf16-true")
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=15.ckpt"
+    trainer.fit(model(), datamodule=DigitsDataModule(batch_size=32), ckpt_path=ckpt)
+    assert list(second._rounded)[:3] == list(first._rounded)
+    # the 5th measurement (step 20) completes the restored history of 3 + step 15's
+    (finding,) = [f for f in second.findings if f.check == "update_ratio.rounded_away"]
+    assert finding.step == 21
+
+
+def test_ddp_ranks_agree_on_rounded_away(tmp_path: Path) -> None:
+    run_ddp_script(
+        tmp_path,
+        """
+        import json
+        import lightning.pytorch as pl
+        from lightning_debug import zoo
+        from lightning_debug.data import DigitsDataModule
+        from lightning_debug.update_ratio import UpdateRatioMonitor
+
+        pl.seed_everything(0)
+        monitor = UpdateRatioMonitor(every_n_steps=5)
+        trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=30, callbacks=[monitor],
+                             precision="bf16-true", enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, logger=False, default_root_dir=".")
+        trainer.fit(zoo.DigitsMLP(optimizer="adam", lr=1e-4), datamodule=DigitsDataModule(batch_size=32))
+        out = {"rounded": list(monitor._rounded), "checks": sorted(f.check for f in monitor.findings)}
+        json.dump(out, open(f"rank{trainer.global_rank}.json", "w"))
+        """,
+    )
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1
+    assert rank0["checks"] == ["update_ratio.rounded_away"] and len(rank0["rounded"]) == 5
