@@ -386,14 +386,19 @@ def test_adam_default_eps_with_float16_weights_warns_at_the_start(tmp_path: Path
     assert halt.hint.startswith("The learning rate is not the cause") and halt.data["float16_eps"]
 
 
-def test_float16_weights_with_a_float16_safe_eps_or_sgd_get_no_warning(tmp_path: Path) -> None:
+def test_16_bit_weights_in_sound_recipes_get_no_warning_from_the_suite(tmp_path: Path) -> None:
     class SafeEps(zoo.DigitsMLP):
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.Adam(self.parameters(), lr=1e-3, eps=1e-4)
 
-    for name, model in (("adam", SafeEps()), ("sgd", zoo.DigitsMLP())):
+    recipes = (
+        ("16-true", "adam eps=1e-4", SafeEps()),
+        ("16-true", "sgd", zoo.DigitsMLP()),
+        ("bf16-true", "adam", zoo.DigitsMLP(optimizer="adam", lr=1e-3)),
+    )
+    for precision, name, model in recipes:
         callbacks = lightning_debug.suite(num_classes=10, every_n_steps=5)
-        _fit(tmp_path / name, model, callbacks, max_steps=60, precision="16-true")
+        _fit(tmp_path / f"{precision}-{name}", model, callbacks, max_steps=60, precision=precision)
         findings = [f for cb in callbacks for f in getattr(cb, "findings", [])]
         assert [f.check for f in findings if f.severity != "info"] == [], name
         assert all(torch.isfinite(p).all() for p in model.parameters())
