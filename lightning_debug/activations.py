@@ -129,6 +129,8 @@ class _ActivationRecorder(TorchFunctionMode):
         self._last_weighted: str | None = None
         self._root_name = "model"
         self._capture = False
+        self._paused: nn.Module | None = None
+        self.compiled: list[str] = []  # torch.compile'd submodules: run as compiled, their activations not seen
 
     # ------------------------------------------------------------------ switch on / off
     def attach(self, model: nn.Module, capture_samples: bool) -> None:
@@ -140,7 +142,16 @@ class _ActivationRecorder(TorchFunctionMode):
         self._outer_calls.clear()
         self._forward_outputs.clear()
         self._axis_hint = self._last_weighted = None
+        compiled = [(name, module) for name, module in model.named_modules() if _is_compiled(module)]
+        self.compiled = [name for name, _ in compiled]
+        inside = {id(inner) for _, module in compiled for inner in module.modules() if inner is not module}
         for name, module in model.named_modules():
+            if _is_compiled(module):  # run it as compiled: no mode, no hooks inside (either would change its graph)
+                self._handles.append(module.register_forward_pre_hook(self._pause))
+                self._handles.append(module.register_forward_hook(self._resume, always_call=True))
+                continue
+            if id(module) in inside:  # (also when it is registered outside the compiled module too)
+                continue
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
             self._handles.append(module.register_forward_hook(self._post_hook(name), always_call=True))
         self.__enter__()
@@ -149,7 +160,9 @@ class _ActivationRecorder(TorchFunctionMode):
     def detach(self) -> None:
         if not self.active:
             return
-        self.__exit__(None, None, None)
+        if self._paused is None:
+            self.__exit__(None, None, None)
+        self._paused = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -159,6 +172,18 @@ class _ActivationRecorder(TorchFunctionMode):
 
     def reset_window(self) -> None:
         self.sites.clear()
+
+    def _pause(self, module: nn.Module, args: Any) -> None:
+        """Before a ``torch.compile``d submodule: leave the mode (when it is the innermost one), so the compiled
+        graph runs as it does between measured steps; :meth:`_resume` enters it again."""
+        if self.active and not self._paused and _current_function_mode() is self:
+            self.__exit__(None, None, None)
+            self._paused = module
+
+    def _resume(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._paused is module:
+            self._paused = None
+            self.__enter__()
 
     # ------------------------------------------------------------------ module stack
     def _pre_hook(self, name: str) -> Callable[..., None]:
@@ -286,6 +311,17 @@ class _ActivationRecorder(TorchFunctionMode):
         self._forward_outputs.append((output, name))
 
 
+def _is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is the wrapper ``torch.compile(module)`` returns."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
+def _current_function_mode() -> Any:
+    """The innermost torch function mode now active (None without one)."""
+    stack_len = torch._C._len_torch_function_stack()
+    return torch._C._get_function_stack_at(stack_len - 1) if stack_len else None
+
+
 # ---------------------------------------------------------------------------------------------- callback
 class DeadActivationMonitor(DiagnosticCallback):
     r"""Checklist items "dead ReLUs" and "saturated tanh / sigmoid": which units stopped learning, per layer.
@@ -365,6 +401,9 @@ class DeadActivationMonitor(DiagnosticCallback):
                                                   as is (the model's output, e.g. sigmoid probabilities) is
                                                   logged but not judged: a confident model saturates it by design
     ``activations.none_found``          info      no activation ran inside any module's ``forward``
+    ``activations.compiled``            info      ``torch.compile``\ d submodules run as compiled: the activations
+                                                  inside them are not seen (instrumenting them would change
+                                                  their graph and the training's numerics)
     ``activations.inconsistent_ranks``  info      the ranks saw different activation sites in a window (e.g.
                                                   data-dependent branches); that window is skipped
     ==================================  ========  =============================================================
@@ -443,6 +482,7 @@ class DeadActivationMonitor(DiagnosticCallback):
         self.flagged: dict[str, list[str]] = {"dead": [], "saturated": []}
         self.windows = 0
         self._none_found_reported = False
+        self._compiled_reported = False
         self._inconsistent_reported = False
 
     # ------------------------------------------------------------------ hooks
@@ -457,6 +497,18 @@ class DeadActivationMonitor(DiagnosticCallback):
         if self.is_measured_step(trainer):
             self._measuring_step = int(trainer.global_step)
             self._recorder.attach(pl_module, capture_samples=self.log_histograms and trainer.is_global_zero)
+            if self._recorder.compiled and not self._compiled_reported:
+                self._compiled_reported = True
+                self.report(
+                    trainer, "activations.compiled", "info",
+                    f"{len(self._recorder.compiled)} torch.compile'd submodule(s) run as compiled on measured steps, "
+                    "so "
+                    f"the activations inside them are not seen: {self._recorder.compiled[:10]} (watching them would "
+                    "change their compiled graph, and with it the training's numerics).",
+                    "To check them for dead or saturated units, train a few hundred steps without torch.compile "
+                    "(same seed); the activations outside them are watched as usual.",
+                    {"compiled": self._recorder.compiled},
+                )  # fmt: skip
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self._recorder.detach()  # backward and the optimizer step run without the mode
@@ -723,6 +775,7 @@ class DeadActivationMonitor(DiagnosticCallback):
             "flagged": self.flagged,
             "windows": self.windows,
             "none_found_reported": self._none_found_reported,
+            "compiled_reported": self._compiled_reported,
             "inconsistent_reported": self._inconsistent_reported,
         }
 
@@ -733,6 +786,7 @@ class DeadActivationMonitor(DiagnosticCallback):
         self.flagged = {"dead": list(flagged.get("dead", [])), "saturated": list(flagged.get("saturated", []))}
         self.windows = int(state.get("windows", 0))
         self._none_found_reported = bool(state.get("none_found_reported", False))
+        self._compiled_reported = bool(state.get("compiled_reported", False))
         self._inconsistent_reported = bool(state.get("inconsistent_reported", False))
 
 

@@ -1,5 +1,6 @@
 import csv
 import json
+import shutil
 
 import lightning.pytorch as pl
 import pytest
@@ -441,3 +442,68 @@ def test_ddp_unit_dead_on_one_rank_only_is_not_dead(tmp_path):
         assert result["summary"]["windows"] == 2
         assert [f for f in result["findings"] if f["severity"] != "info"] == []
     assert [row["check"] for row in all_findings(tmp_path)] == []
+
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler"
+)
+
+
+class CompiledBlockMLP(pl.LightningModule):
+    """The first hidden layer and its ReLU under ``torch.compile``; the second hidden layer and ReLU eager."""
+
+    def __init__(self, compile_block: bool = True) -> None:
+        super().__init__()
+        block = nn.Sequential(nn.Linear(64, 64), nn.ReLU())
+        self.block = torch.compile(block) if compile_block else block
+        self.hidden = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(F.relu(self.hidden(self.block(x))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+@needs_compiler
+def test_a_compiled_submodule_runs_as_compiled_and_training_stays_bit_identical(tmp_path):
+    """Instrumenting inside a compiled module changes its graph (inductor's kernels round differently from the
+    eager ones the hooks and the mode fall back to): the first version of this monitor changed the weights."""
+    kwargs = dict(max_steps=12, limit_val_batches=0)
+    without = train_state(tmp_path / "without", CompiledBlockMLP, **kwargs)
+    callback = DeadActivationMonitor(every_n_steps=2, window=2)
+    with_monitor = train_state(tmp_path / "with", CompiledBlockMLP, [callback], **kwargs)
+    assert_bit_identical(without, with_monitor)
+    # the eager ReLU is watched, the compiled one is named in an info
+    assert set(callback.latest) == {"relu_0"}
+    (info,) = [f for f in callback.findings if f.check == "activations.compiled"]
+    assert info.severity == "info" and info.data["compiled"] == ["block"]
+    assert _get_current_function_mode_stack() == []
+
+
+def test_the_same_model_uncompiled_is_watched_inside_the_block(tmp_path):
+    callback = DeadActivationMonitor(every_n_steps=2, window=2)
+    train_state(tmp_path, lambda: CompiledBlockMLP(compile_block=False), [callback], max_steps=12, limit_val_batches=0)
+    assert set(callback.latest) == {"block.1", "relu_0"}
+    assert [f.check for f in callback.findings] == []
+
+
+def _mlp_with_compiled_first_layer() -> pl.LightningModule:
+    model = DigitsMLP(hidden=(64, 64), optimizer="adam", lr=3e-3)
+    model.layers[0] = torch.compile(model.layers[0])
+    return model
+
+
+@needs_compiler
+def test_a_compiled_linear_layer_keeps_training_bit_identical(tmp_path):
+    kwargs = dict(max_steps=40, limit_val_batches=0)
+    without = train_state(tmp_path / "without", _mlp_with_compiled_first_layer, **kwargs)
+    callback = DeadActivationMonitor(every_n_steps=2, window=2)
+    with_monitor = train_state(tmp_path / "with", _mlp_with_compiled_first_layer, [callback], **kwargs)
+    assert_bit_identical(without, with_monitor)
+    assert set(callback.latest) == {"relu_0", "relu_1"}  # F.relu runs in the eager forward around the layer
