@@ -176,7 +176,7 @@ class _ActivationRecorder(TorchFunctionMode):
     def _pause(self, module: nn.Module, args: Any) -> None:
         """Before a ``torch.compile``d submodule: leave the mode (when it is the innermost one), so the compiled
         graph runs as it does between measured steps; :meth:`_resume` enters it again."""
-        if self.active and not self._paused and _current_function_mode() is self:
+        if self.active and self._paused is None and _current_function_mode() is self:
             self.__exit__(None, None, None)
             self._paused = module
 
@@ -502,9 +502,8 @@ class DeadActivationMonitor(DiagnosticCallback):
                 self.report(
                     trainer, "activations.compiled", "info",
                     f"{len(self._recorder.compiled)} torch.compile'd submodule(s) run as compiled on measured steps, "
-                    "so "
-                    f"the activations inside them are not seen: {self._recorder.compiled[:10]} (watching them would "
-                    "change their compiled graph, and with it the training's numerics).",
+                    f"so the activations inside them are not seen: {self._recorder.compiled[:10]} (watching them "
+                    "would change their compiled graph, and with it the training's numerics).",
                     "To check them for dead or saturated units, train a few hundred steps without torch.compile "
                     "(same seed); the activations outside them are watched as usual.",
                     {"compiled": self._recorder.compiled},

@@ -23,7 +23,7 @@ from lightning_debug.validation import check_float, check_int
 _FITTED_DROP = 100.0  # a training loss this many times below its first measurement: the model fits its data
 _EARLY = 0.5  # a schedule that has made updates too small before this fraction of the run decays too early
 _ROUNDED_AWAY = 0.25  # low-precision weights: an info when the step leaves this fraction of the elements unchanged
-# significant bits of the low-precision dtypes: an update below 2^-bits to 2^-(bits-1) of a weight rounds away
+# significant bits of the 16-bit dtypes: an update below 2^-(bits+1) to 2^-bits of a weight rounds away
 _SIGNIFICANT_BITS = {torch.float16: 11, torch.bfloat16: 8}
 
 
