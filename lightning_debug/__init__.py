@@ -9,6 +9,7 @@ from lightning_debug.findings import SEVERITIES, Finding, Severity
 from lightning_debug.grad_norm import GradNormMonitor
 from lightning_debug.init_loss import InitLossCallback, InitLossError
 from lightning_debug.loss_curve import LossCurveMonitor
+from lightning_debug.loss_function import LossFunctionCheck
 from lightning_debug.nan_guard import NaNGuard, NaNGuardError, NaNGuardHalt
 from lightning_debug.predictions import PredictionDynamicsLogger
 from lightning_debug.preset import suite
@@ -30,6 +31,7 @@ __all__ = [
     "InitLossCallback",
     "InitLossError",
     "LossCurveMonitor",
+    "LossFunctionCheck",
     "NaNGuard",
     "NaNGuardError",
     "NaNGuardHalt",

@@ -13,6 +13,7 @@ from lightning_debug.data_inspector import DataInspector
 from lightning_debug.grad_norm import GradNormMonitor
 from lightning_debug.init_loss import InitLossCallback
 from lightning_debug.loss_curve import LossCurveMonitor
+from lightning_debug.loss_function import LossFunctionCheck
 from lightning_debug.nan_guard import NaNGuard
 from lightning_debug.predictions import PredictionDynamicsLogger
 from lightning_debug.update_ratio import UpdateRatioMonitor
@@ -27,10 +28,11 @@ def suite(
 ) -> list[Callback]:
     """The recommended lightning_debug callbacks with their defaults.
 
-    InitLossCallback (when the task is known), GradNormMonitor, UpdateRatioMonitor, DeadActivationMonitor,
-    PredictionDynamicsLogger, WeightStatsMonitor (without histograms: ``WeightStatsMonitor(histograms=True)``
-    adds them at the cost of copying every weight to the host on measured steps), LossCurveMonitor,
-    DataInspector, BatchMixingCheck, BatchNormCheck, and NaNGuard. The monitors leave training bit-identical.
+    InitLossCallback (when the task is known), LossFunctionCheck, GradNormMonitor, UpdateRatioMonitor,
+    DeadActivationMonitor, PredictionDynamicsLogger, WeightStatsMonitor (without histograms:
+    ``WeightStatsMonitor(histograms=True)`` adds them at the cost of copying every weight to the host on measured
+    steps), LossCurveMonitor, DataInspector, BatchMixingCheck, BatchNormCheck, and NaNGuard. The monitors leave
+    training bit-identical.
 
     Args:
         num_classes: number of classes of a classifier (implies ``task="multiclass"`` when task is None).
@@ -56,6 +58,7 @@ def suite(
     if task is not None:
         callbacks.append(InitLossCallback(task=task, num_classes=num_classes if task == "multiclass" else None))
     callbacks += [
+        LossFunctionCheck(),
         GradNormMonitor(every_n_steps=every_n_steps),
         UpdateRatioMonitor(every_n_steps=every_n_steps),
         DeadActivationMonitor(every_n_steps=every_n_steps),

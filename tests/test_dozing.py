@@ -58,9 +58,10 @@ def test_hooks_are_dispatched_on_busy_steps_only(tmp_path: Path) -> None:
     assert _calls(profiler, "UpdateRatioMonitor.on_before_optimizer_step") == busy
     assert _calls(profiler, "WeightStatsMonitor.on_train_batch_end") == busy
     assert _calls(profiler, "DataInspector.on_train_batch_start") == 8  # its batches, then never again
-    for hook in ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end"):
-        assert _calls(profiler, f"BatchNormCheck.{hook}") == 0  # works at on_train_start only: never dispatched
-    assert _calls(profiler, "BatchNormCheck.on_train_start") == 1
+    for check in ("BatchNormCheck", "LossFunctionCheck"):  # work at on_train_start only: never dispatched after
+        for hook in ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end"):
+            assert _calls(profiler, f"{check}.{hook}") == 0, (check, hook)
+        assert _calls(profiler, f"{check}.on_train_start") == 1
     # NaNGuard brings every step's gradient norms to the host: GradNormMonitor wakes on its measured steps only
     assert _calls(profiler, "GradNormMonitor.on_before_optimizer_step") == measured
     # the ones that need every step never doze
