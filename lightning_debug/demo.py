@@ -120,6 +120,21 @@ BUGS: dict[str, Bug] = {
             max_epochs=1,
         ),
         Bug(
+            "softmax_twice",
+            "forward ends with a softmax and training_step passes its output to F.cross_entropy",
+            lambda: DigitsMLP(output_softmax=True),
+            ("loss_fn.softmax_before_cross_entropy",),
+            max_epochs=1,
+        ),
+        Bug(
+            "fp16_adam_eps",
+            "precision='16-true' (float16 weights) with Adam's default eps=1e-8",
+            lambda: DigitsMLP(optimizer="adam", lr=1e-3),
+            ("update_ratio.eps_underflow",),
+            max_epochs=1,
+            trainer_kwargs={"precision": "16-true"},
+        ),
+        Bug(
             "bad_init",
             "hidden weights initialised 20x too large",
             lambda: DigitsMLP(weight_scale=20.0),

@@ -34,6 +34,7 @@ class DigitsMLP(pl.LightningModule):
         detach_first: ``.detach()`` the first layer's output (bug: the first layer never learns).
         lr_lambda: optional LambdaLR multiplier of the step.
         input_mask: multiply the inputs by this (bug: 0.0 feeds the model nothing but its biases).
+        output_softmax: end ``forward`` with a softmax (bug: ``F.cross_entropy`` applies one itself).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class DigitsMLP(pl.LightningModule):
         lr_lambda: Any = None,
         num_classes: int = 10,
         input_mask: float = 1.0,
+        output_softmax: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["lr_lambda"])
@@ -79,7 +81,8 @@ class DigitsMLP(pl.LightningModule):
             if index == 0 and self.hparams["detach_first"]:
                 x = x.detach()
             x = self.drop(x)
-        return self.head(x)
+        logits = self.head(x)
+        return logits.softmax(dim=-1) if self.hparams["output_softmax"] else logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
