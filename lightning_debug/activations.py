@@ -142,16 +142,14 @@ class _ActivationRecorder(TorchFunctionMode):
         self._outer_calls.clear()
         self._forward_outputs.clear()
         self._axis_hint = self._last_weighted = None
-        compiled = [(name, module) for name, module in model.named_modules() if _is_compiled(module)]
-        self.compiled = [name for name, _ in compiled]
-        inside = {id(inner) for _, module in compiled for inner in module.modules() if inner is not module}
+        self.compiled = [name for name, module in model.named_modules() if _is_compiled(module)]
         for name, module in model.named_modules():
-            if _is_compiled(module):  # run it as compiled: no mode, no hooks inside (either would change its graph)
+            if isinstance(module, _OptimizedModule):  # torch.compile(module): its call runs without the mode
                 self._handles.append(module.register_forward_pre_hook(self._pause))
                 self._handles.append(module.register_forward_hook(self._resume, always_call=True))
                 continue
-            if id(module) in inside:  # (also when it is registered outside the compiled module too)
-                continue
+            if getattr(module, "_compiled_call_impl", None) is not None:  # module.compile(): hooks would run inside
+                self._handles.append(_PausedCall(self, module))
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
             self._handles.append(module.register_forward_hook(self._post_hook(name), always_call=True))
         self.__enter__()
@@ -188,6 +186,8 @@ class _ActivationRecorder(TorchFunctionMode):
     # ------------------------------------------------------------------ module stack
     def _pre_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
+            if torch.compiler.is_compiling():  # traced into a compiled graph: leave the graph as it is
+                return
             calls = self._stack[-1].child_calls if self._stack else self._outer_calls
             index = calls.get(name, 0)
             calls[name] = index + 1
@@ -198,6 +198,8 @@ class _ActivationRecorder(TorchFunctionMode):
 
     def _post_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if torch.compiler.is_compiling():
+                return
             if not self._stack or self._stack[-1].module is not module:
                 return
             frame = self._stack[-1]
@@ -243,6 +245,8 @@ class _ActivationRecorder(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # traced into a compiled graph: the call as it is
+            return func(*args, **kwargs)
         try:
             op = _FUNCTIONS.get(func)
         except TypeError:  # an unhashable callable
@@ -311,9 +315,34 @@ class _ActivationRecorder(TorchFunctionMode):
         self._forward_outputs.append((output, name))
 
 
+_OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
+
+
+class _PausedCall:
+    """Wraps the compiled call of a module compiled in place (``module.compile()``) so that it runs without the
+    recorder's mode, as a ``torch.compile`` wrapper's pre/post hooks arrange; ``remove()`` puts the call back."""
+
+    def __init__(self, recorder: _ActivationRecorder, module: nn.Module) -> None:
+        self.module = module
+        compiled: Callable[..., Any] = module._compiled_call_impl  # type: ignore[assignment]
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            recorder._pause(module, args)
+            try:
+                return compiled(*args, **kwargs)
+            finally:
+                recorder._resume(module, args, None)
+
+        self.compiled = compiled
+        module._compiled_call_impl = call
+
+    def remove(self) -> None:
+        self.module._compiled_call_impl = self.compiled
+
+
 def _is_compiled(module: nn.Module) -> bool:
-    """Whether ``module`` is the wrapper ``torch.compile(module)`` returns."""
-    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+    """Whether ``module`` runs compiled: the wrapper ``torch.compile(module)`` returns, or ``module.compile()``."""
+    return isinstance(module, _OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
 
 
 def _current_function_mode() -> Any:
@@ -502,8 +531,9 @@ class DeadActivationMonitor(DiagnosticCallback):
                 self.report(
                     trainer, "activations.compiled", "info",
                     f"{len(self._recorder.compiled)} torch.compile'd submodule(s) run as compiled on measured steps, "
-                    f"so the activations inside them are not seen: {self._recorder.compiled[:10]} (watching them "
-                    "would change their compiled graph, and with it the training's numerics).",
+                    "so the activations inside their compiled calls are not seen: "
+                    f"{self._recorder.compiled[:10]} (watching them would change their compiled graph, and with it the "
+                    "training's numerics).",
                     "To check them for dead or saturated units, train a few hundred steps without torch.compile "
                     "(same seed); the activations outside them are watched as usual.",
                     {"compiled": self._recorder.compiled},

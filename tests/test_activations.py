@@ -507,3 +507,49 @@ def test_a_compiled_linear_layer_keeps_training_bit_identical(tmp_path):
     with_monitor = train_state(tmp_path / "with", _mlp_with_compiled_first_layer, [callback], **kwargs)
     assert_bit_identical(without, with_monitor)
     assert set(callback.latest) == {"relu_0", "relu_1"}  # F.relu runs in the eager forward around the layer
+
+
+class InPlaceCompiled(CompiledBlockMLP):
+    """``module.compile()`` compiles in place: no wrapper module, the module's own call is compiled."""
+
+    def __init__(self) -> None:
+        super().__init__(compile_block=False)
+        self.block.compile()
+
+
+@needs_compiler
+def test_a_module_compiled_in_place_stays_bit_identical(tmp_path):
+    kwargs = dict(max_steps=12, limit_val_batches=0)
+    without = train_state(tmp_path / "without", InPlaceCompiled, **kwargs)
+    callback = DeadActivationMonitor(every_n_steps=2, window=2)
+    with_monitor = train_state(tmp_path / "with", InPlaceCompiled, [callback], **kwargs)
+    assert_bit_identical(without, with_monitor)
+    assert set(callback.latest) == {"relu_0"}
+    assert callback.findings[0].data["compiled"] == ["block"]
+    assert _get_current_function_mode_stack() == []
+
+
+class EagerWithCompiledAlias(pl.LightningModule):
+    """The encoder trains eagerly; a compiled alias of it (for inference, say) is never called in training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(64, 64), nn.ReLU())
+        with torch.no_grad():
+            self.enc[0].bias.fill_(-10.0)  # dead ReLUs
+        self.enc_compiled = torch.compile(self.enc)
+        self.head = nn.Linear(64, 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.head(self.enc(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_module_used_eagerly_is_watched_although_a_compiled_alias_exists(tmp_path):
+    callback = DeadActivationMonitor(every_n_steps=2, window=2)
+    train_state(tmp_path, EagerWithCompiledAlias, [callback], max_steps=12, limit_val_batches=0)
+    assert "activations.dead" in [f.check for f in callback.findings]
+    assert set(callback.latest) == {"enc.1"}
