@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_debug.base import OneShotCheck
 from lightning_debug.distributed import all_ranks, any_rank, reduce
-from lightning_debug.isolation import isolated, training_batches
+from lightning_debug.isolation import call_training_step, isolated, training_batches
 
 Task = Literal["multiclass", "binary", "regression"]
 TASKS: tuple[str, ...] = ("multiclass", "binary", "regression")
@@ -168,7 +168,7 @@ class InitLossCallback(OneShotCheck):
                 batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
                 try:
                     with trainer.precision_plugin.forward_context():
-                        output = pl_module.training_step(batch, batch_idx)
+                        output = call_training_step(pl_module, batch, batch_idx)
                 except Exception as err:  # the user's step: their training will meet it again, not our crash
                     problem = f"training_step raised {type(err).__name__}: {err}"
                     break

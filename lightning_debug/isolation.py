@@ -3,11 +3,14 @@
 A monitor that evaluates the model (the loss at init, predictions on a fixed batch, a batch-mixing
 probe) must leave training bit-identical: the global RNG streams (which dropout and every new
 DataLoader iterator draw from), the loaders' own generators, BatchNorm running statistics, each
-module's train/eval flag and the user's ``self.log`` results are all put back exactly.
+module's train/eval flag, the user's ``self.log`` results and the state of torchmetrics ``Metric`` submodules are
+all put back exactly. Python attributes a ``training_step`` changes (a list of outputs, a counter, a scheduler
+stepped inside it) cannot be restored: keep such state in buffers or metrics.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch.utils.data import DataLoader, IterableDataset
 
 
@@ -102,6 +106,29 @@ def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
         del pl_module.log_dict
 
 
+def call_training_step(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Any:
+    """``pl_module.training_step`` on ``batch``, passing ``batch_idx`` only when it takes one (as Lightning does)."""
+    if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
+        return pl_module.training_step(batch, batch_idx)
+    return pl_module.training_step(batch)
+
+
+_METRIC_ATTRIBUTES = ("_update_count", "_computed", "_forward_cache", "_is_synced", "_cache")
+
+
+def _metric_states(pl_module: pl.LightningModule) -> list[tuple[Any, dict[str, Any]]]:
+    """A copy of the accumulated state of every torchmetrics ``Metric`` in the module (``update`` calls in
+    ``training_step`` add to it: an extra step must not count in the user's epoch metrics)."""
+    from torchmetrics import Metric
+
+    states = []
+    for module in pl_module.modules():
+        if isinstance(module, Metric):
+            names = [*module._defaults, *(n for n in _METRIC_ATTRIBUTES if n in vars(module))]
+            states.append((module, {name: copy.deepcopy(getattr(module, name)) for name in names}))
+    return states
+
+
 @contextmanager
 def isolated(
     pl_module: pl.LightningModule, train_mode: bool, loaders: Iterable[Any] = (), restore_parameters: bool = False
@@ -121,6 +148,7 @@ def isolated(
     training_flags = [(module, module.training) for module in pl_module.modules()]
     tensors = list(pl_module.buffers()) + (list(pl_module.parameters()) if restore_parameters else [])
     buffers = [(tensor, tensor.detach().clone()) for tensor in tensors]
+    metrics = _metric_states(pl_module)
     try:
         pl_module.train(train_mode)
         with torch.no_grad(), muted_logging(pl_module):
@@ -129,6 +157,9 @@ def isolated(
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
+        for metric, saved_state in metrics:
+            for name, value in saved_state.items():
+                setattr(metric, name, value)
         for module, flag in training_flags:
             module.training = flag
         for generator, state in generator_states:

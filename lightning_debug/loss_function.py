@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_debug.base import OneShotCheck
 from lightning_debug.distributed import reduce
-from lightning_debug.isolation import isolated, training_batches
+from lightning_debug.isolation import call_training_step, isolated, training_batches
 from lightning_debug.stats import to_host
 
 _SOFTMAX = {torch.softmax, F.softmax, Tensor.softmax}
@@ -102,7 +102,7 @@ class LossFunctionCheck(OneShotCheck):
                 batch = next(iter(batches))
                 batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
                 with trainer.precision_plugin.forward_context(), recorder:
-                    pl_module.training_step(batch, 0)
+                    call_training_step(pl_module, batch, 0)
         except StopIteration:
             return {"problem": "the training dataloader is empty"}
         except Exception as err:  # the user's training_step: training will meet it again, not our crash

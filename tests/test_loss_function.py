@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+import torchmetrics
 from helpers import assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -231,3 +232,43 @@ def test_ddp_ranks_report_the_same(tmp_path: Path) -> None:
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1
     assert rank0["checks"] == ["loss_fn.nll_without_log_probs"]
+
+
+class WithMetric(zoo.DigitsMLP):
+    """A torchmetrics metric updated in training_step and logged per epoch, as Lightning's docs teach."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        self.train_acc(logits, y)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return F.cross_entropy(logits, y)
+
+
+def test_the_probes_leave_a_metric_updated_in_training_step_as_it_was(tmp_path: Path) -> None:
+    """The suite runs training_step outside the loop twice (InitLossCallback, LossFunctionCheck): the metric's
+    accumulated state is put back, so the epoch's value counts the training batches only."""
+
+    def epoch_accuracy(callbacks: list) -> float:
+        pl.seed_everything(0)
+        model = WithMetric()
+        trainer = _fit(tmp_path / str(len(callbacks)), model, callbacks, max_steps=-1, max_epochs=1,
+                       limit_train_batches=3, limit_val_batches=0)  # fmt: skip
+        return float(trainer.callback_metrics["train_acc"])
+
+    assert epoch_accuracy(lightning_debug.suite(num_classes=10)) == epoch_accuracy([])
+
+
+def test_a_training_step_without_batch_idx_is_checked(tmp_path: Path) -> None:
+    class NoBatchIdx(zoo.DigitsMLP):
+        def training_step(self, batch: Any) -> torch.Tensor:  # type: ignore[override]
+            x, y = batch
+            return F.cross_entropy(self(x).softmax(dim=1), y)
+
+    check = LossFunctionCheck()
+    _fit(tmp_path, NoBatchIdx(), [check])
+    assert _checks(check) == [("loss_fn.softmax_before_cross_entropy", "warning")]
