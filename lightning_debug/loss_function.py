@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,7 +22,9 @@ _SIGMOID = {torch.sigmoid, F.sigmoid, Tensor.sigmoid}
 _LOG = {torch.log, Tensor.log}
 _LOG_SOFTMAX = {torch.log_softmax, F.log_softmax, Tensor.log_softmax}
 _SUM_TOLERANCE = 1e-2  # rows of probabilities sum to 1 within this (bf16 autocast rounds softmax outputs)
-_LSE_TOLERANCE = 1e-2  # log-probabilities have logsumexp 0 within this
+# log-probabilities have logsumexp 0; log(p + eps) over a large vocabulary drifts above it (32,000 classes with
+# eps 1e-6: 0.03), raw scores of C >= 2 classes near init sit at ln C >= 0.69
+_LSE_TOLERANCE = 0.1
 
 # Every flag the probe can raise, in the order they travel through the ranks' reduction.
 _FLAGS = ("softmax_before_cross_entropy", "nll_on_probabilities", "nll_without_log_probs", "log_of_softmax",
@@ -114,8 +117,14 @@ class LossFunctionCheck(OneShotCheck):
         device = trainer.strategy.root_device
         flags = local.get("flags", {})
         numbers = local.get("numbers", {})
+        # the numbers ride along, max-reduced (a rank without one sends -inf): every rank words its findings alike
+        sent = [numbers.get("classes"), numbers.get("nll_logsumexp"), _negated(numbers.get("smallest_probability"))]
         values = [float("problem" in local)] + [float(flags.get(name, 0)) for name in _FLAGS]
+        values += [-math.inf if value is None else float(value) for value in sent]
         combined = to_host(list(reduce(trainer, torch.tensor(values, dtype=torch.float64, device=device), "max")))
+        classes, logsumexp, negated_smallest = (v if math.isfinite(v) else None for v in combined[1 + len(_FLAGS) :])
+        numbers = {"classes": None if classes is None else int(classes), "nll_logsumexp": logsumexp,
+                   "smallest_probability": _negated(negated_smallest)}  # fmt: skip
         if combined[0] > 0:
             reason = local.get("problem", "another rank could not run it")
             self.report(
@@ -125,7 +134,7 @@ class LossFunctionCheck(OneShotCheck):
                 "batch outside the training loop (it is called under torch.no_grad with self.log muted).",
             )  # fmt: skip
             return {"status": "not_checked", "reason": reason}
-        raised = {name for name, value in zip(_FLAGS, combined[1:]) if value > 0}
+        raised = {name for name, value in zip(_FLAGS, combined[1 : 1 + len(_FLAGS)]) if value > 0}
         result: dict[str, Any] = {"status": "ok", "flags": sorted(raised)}
         if "softmax_before_cross_entropy" in raised:
             self._report_double_softmax(trainer, numbers.get("classes"))
@@ -178,15 +187,14 @@ class LossFunctionCheck(OneShotCheck):
         )  # fmt: skip
 
     def _report_unstable_log(self, trainer: pl.Trainer, ops: list[str], smallest: float | None) -> None:
-        tiny = torch.finfo(torch.float32).tiny
         seen = f" The smallest probability in this batch is {smallest:.3g}." if smallest is not None else ""
         fixes = {"softmax": "F.log_softmax(x, dim=...) for torch.log(F.softmax(x, dim=...))",
                  "sigmoid": "F.logsigmoid(x) for torch.log(torch.sigmoid(x))"}  # fmt: skip
         self.report(
             trainer, "loss_fn.unstable_log", "warning",
-            f"torch.log is applied to the output of {' and '.join(ops)}: a probability that rounds to 0 (below "
-            f"{tiny:.3g} in float32, 6.1e-05 in float16) gives -inf and NaN gradients, which log_softmax / logsigmoid "
-            f"avoid (checklist: NaNs from an unstable softmax).{seen}",
+            f"torch.log is applied to the output of {' and '.join(ops)}: a probability that rounds to 0 (a logit about "
+            "104 below the largest in float32, about 17 in float16) gives -inf and NaN gradients, which log_softmax / "
+            f"logsigmoid avoid (checklist: NaNs from an unstable softmax).{seen}",
             f"Use {'; '.join(fixes[op] for op in ops)}; for a classification loss pass the logits to F.cross_entropy "
             "or F.binary_cross_entropy_with_logits.",
             {"ops": ops, "smallest_probability": smallest},
@@ -196,8 +204,8 @@ class LossFunctionCheck(OneShotCheck):
     def _report_bce(self, trainer: pl.Trainer) -> None:
         self.report(
             trainer, "loss_fn.bce_on_sigmoid", "info",
-            "F.binary_cross_entropy (nn.BCELoss) gets the output of sigmoid: beyond a logit of about 17 a float32 "
-            "sigmoid is exactly 0 or 1, BCE clamps its log at -100 and the gradient of such an example is lost; "
+            "F.binary_cross_entropy (nn.BCELoss) gets the output of sigmoid: above a logit of about 17 a float32 "
+            "sigmoid rounds to exactly 1, BCE clamps log(1 - p) at -100 and the gradient of such an example is lost; "
             "under autocast (16-mixed, bf16-mixed) torch refuses binary_cross_entropy.",
             "Return logits and use F.binary_cross_entropy_with_logits (nn.BCEWithLogitsLoss): the same loss, "
             "computed stably.",
@@ -210,9 +218,10 @@ class _LossCalls(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.softmax_outputs: list[Tensor] = []
-        self.sigmoid_outputs: list[Tensor] = []
-        self.log_softmax_outputs: list[Tensor] = []
+        # weak references: a step that produces many softmaxes (attention) keeps only the ones still alive
+        self.softmax_outputs: list[weakref.ref[Tensor]] = []
+        self.sigmoid_outputs: list[weakref.ref[Tensor]] = []
+        self.log_softmax_outputs: list[weakref.ref[Tensor]] = []
         self.flags: dict[str, int] = {}
         self.numbers: dict[str, Any] = {}
 
@@ -234,23 +243,23 @@ class _LossCalls(TorchFunctionMode):
             return
         first = args[0] if args else kwargs.get("input")
         if func in _SOFTMAX and isinstance(output, Tensor):
-            self.softmax_outputs.append(output)
+            self.softmax_outputs.append(weakref.ref(output))
         elif func in _SIGMOID and isinstance(output, Tensor):
-            self.sigmoid_outputs.append(output)
+            self.sigmoid_outputs.append(weakref.ref(output))
         elif func in _LOG_SOFTMAX and isinstance(output, Tensor):
-            self.log_softmax_outputs.append(output)
+            self.log_softmax_outputs.append(weakref.ref(output))
         elif func in _LOG and isinstance(first, Tensor):
             for op, outputs in (("softmax", self.softmax_outputs), ("sigmoid", self.sigmoid_outputs)):
-                if any(first is t for t in outputs):
+                if _among(first, outputs):
                     self.flags[f"log_of_{op}"] = 1
                     smallest = float(first.detach().float().min())
                     self.numbers["smallest_probability"] = min(self.numbers.get("smallest_probability", 1.0), smallest)
         elif func is F.cross_entropy and isinstance(first, Tensor):
             dim = 1 if first.ndim >= 2 else 0
-            if any(first is t for t in self.softmax_outputs) or _probabilities(first, dim):
+            if _among(first, self.softmax_outputs) or _probabilities(first, dim):
                 self.flags["softmax_before_cross_entropy"] = 1
                 self.numbers["classes"] = int(first.shape[dim])
-        elif func is F.nll_loss and isinstance(first, Tensor) and not any(first is t for t in self.log_softmax_outputs):
+        elif func is F.nll_loss and isinstance(first, Tensor) and not _among(first, self.log_softmax_outputs):
             dim = 1 if first.ndim >= 2 else 0
             if _probabilities(first, dim):
                 self.flags["nll_on_probabilities"] = 1
@@ -260,8 +269,16 @@ class _LossCalls(TorchFunctionMode):
                     self.flags["nll_without_log_probs"] = 1
                     self.numbers["nll_logsumexp"] = logsumexp
         elif func is F.binary_cross_entropy and isinstance(first, Tensor):
-            if any(first is t for t in self.sigmoid_outputs):
+            if _among(first, self.sigmoid_outputs):
                 self.flags["bce_on_sigmoid"] = 1
+
+
+def _negated(value: float | None) -> float | None:
+    return None if value is None else -value
+
+
+def _among(tensor: Tensor, refs: list[weakref.ref[Tensor]]) -> bool:
+    return any(ref() is tensor for ref in refs)
 
 
 def _probabilities(values: Tensor, dim: int) -> bool:

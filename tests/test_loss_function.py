@@ -217,7 +217,9 @@ def test_ddp_ranks_report_the_same(tmp_path: Path) -> None:
         class NllOnLogits(zoo.DigitsMLP):
             def training_step(self, batch, batch_idx):
                 x, y = batch
-                return F.nll_loss(self(x), y)
+                if self.global_rank == 1:  # only rank 1 takes the wrong branch: rank 0 reports it all the same
+                    return F.nll_loss(self(x), y)
+                return F.cross_entropy(self(x), y)
 
         pl.seed_everything(0)
         check = LossFunctionCheck()
@@ -225,13 +227,14 @@ def test_ddp_ranks_report_the_same(tmp_path: Path) -> None:
                              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                              logger=False, default_root_dir=".")
         trainer.fit(NllOnLogits(), datamodule=DigitsDataModule(batch_size=32))
-        json.dump({"result": check.result, "checks": [f.check for f in check.findings]},
+        json.dump({"result": check.result, "findings": [f.to_dict() for f in check.findings]},
                   open(f"rank{trainer.global_rank}.json", "w"))
         """,
     )
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert rank0 == rank1
-    assert rank0["checks"] == ["loss_fn.nll_without_log_probs"]
+    assert rank0 == rank1  # the same findings, numbers and words included
+    (finding,) = rank0["findings"]
+    assert finding["check"] == "loss_fn.nll_without_log_probs" and finding["data"]["logsumexp"] > 1.0
 
 
 class WithMetric(zoo.DigitsMLP):
@@ -272,3 +275,18 @@ def test_a_training_step_without_batch_idx_is_checked(tmp_path: Path) -> None:
     check = LossFunctionCheck()
     _fit(tmp_path, NoBatchIdx(), [check])
     assert _checks(check) == [("loss_fn.softmax_before_cross_entropy", "warning")]
+
+
+def test_log_probabilities_padded_with_an_eps_over_a_large_vocabulary_are_log_probabilities() -> None:
+    """log(p + 1e-6) over 32,000 classes has logsumexp ln(1.032) = 0.03: normalised enough, not raw scores."""
+    from lightning_debug.loss_function import _LossCalls
+
+    logits = torch.randn(8, 32_000, generator=torch.Generator().manual_seed(0))
+    target = torch.zeros(8, dtype=torch.long)
+    recorder = _LossCalls()
+    with recorder:
+        F.nll_loss(torch.log(F.softmax(logits, dim=1) + 1e-6), target)
+    assert recorder.flags == {}
+    with recorder:
+        F.nll_loss(logits, target)
+    assert recorder.flags == {"nll_without_log_probs": 1}
