@@ -110,3 +110,36 @@ def float16_eps_text(problems: Sequence[Mapping[str, Any]]) -> str:
         rounded = "0 in float16" if as_half == 0 else f"a float16 subnormal, {as_half:.3g}"
         parts.append(f"{problem['optimizer']}'s eps={problem['eps']:g} ({rounded})")
     return ", ".join(dict.fromkeys(parts))
+
+
+# significant bits of the 16-bit dtypes: an update below 2^-(bits+1) to 2^-bits of a weight rounds away
+SIGNIFICANT_BITS = {torch.float16: 11, torch.bfloat16: 8}
+
+
+def rounded_away(params: Mapping[str, Tensor]) -> list[str]:
+    """The 16-bit parameters among ``params`` whose gradient is non-zero now: if such a parameter never changes, its
+    updates round away (one ``any()`` per parameter: for a report, not for every step)."""
+    return [
+        name
+        for name, p in params.items()
+        if p.dtype in SIGNIFICANT_BITS and p.grad is not None and not p.grad.is_sparse and bool(p.grad.any())
+    ]
+
+
+def rounded_away_text(names: Sequence[str], params: Mapping[str, Tensor]) -> tuple[str, str]:
+    """The message and the hint for 16-bit parameters that never changed although they have a gradient."""
+    dtypes = sorted({str(params[n].dtype).removeprefix("torch.") for n in names})
+    bits = min(SIGNIFICANT_BITS[params[n].dtype] for n in names)
+    listed = ", ".join(f"`{n}`" for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    message = (
+        f"{len(names)} {' and '.join(dtypes)} parameter(s) never changed although their gradient is non-zero: every "
+        f"update rounded away ({' and '.join(dtypes)} keeps {bits} significant bits, so a weight moves only by more "
+        f"than 2^-{bits + 1} to 2^-{bits} of itself; a norm scale at 1.0 needs updates above {2.0 ** -(bits + 1):.2g}, "
+        f"and Adam's are about its lr): {listed}."
+    )
+    hint = (
+        "Keep float32 master weights (precision='bf16-mixed' or '16-mixed' instead of '-true'), or keep these "
+        "parameters in float32, or use an optimizer that rounds stochastically or keeps Kahan-compensated 16-bit "
+        "weights; a larger learning rate for them would also move them."
+    )
+    return message, hint

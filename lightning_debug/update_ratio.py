@@ -16,15 +16,21 @@ from torch.optim import Optimizer
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import is_sharded, reduce_squares
-from lightning_debug.optimizers import float16_eps_problems, float16_eps_text, optimizer_index, optimizer_params
+from lightning_debug.optimizers import (
+    SIGNIFICANT_BITS,
+    float16_eps_problems,
+    float16_eps_text,
+    optimizer_index,
+    optimizer_params,
+    rounded_away,
+    rounded_away_text,
+)
 from lightning_debug.stats import fused_norms, round_significant, shared_grad_norms, stacked, to_host
 from lightning_debug.validation import check_float, check_int
 
 _FITTED_DROP = 100.0  # a training loss this many times below its first measurement: the model fits its data
 _EARLY = 0.5  # a schedule that has made updates too small before this fraction of the run decays too early
 _ROUNDED_AWAY = 0.25  # low-precision weights: an info when the step leaves this fraction of the elements unchanged
-# significant bits of the 16-bit dtypes: an update below 2^-(bits+1) to 2^-bits of a weight rounds away
-_SIGNIFICANT_BITS = {torch.float16: 11, torch.bfloat16: 8}
 
 
 @dataclass
@@ -226,7 +232,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         if not params:
             return
         grads = [p.grad for p in params if p.grad is not None]
-        low = [i for i, p in enumerate(params) if p.dtype in _SIGNIFICANT_BITS]
+        low = [i for i, p in enumerate(params) if p.dtype in SIGNIFICANT_BITS]
         grad_sq = stacked(shared_grad_norms(grads)).double().square().sum() if grads else None
         with torch.no_grad():  # fused over the tensors: one copy call and one norm pass, no per-tensor Python
             copies = list(torch._foreach_mul(list[Tensor](params), 1.0))  # x * 1.0: x bit for bit
@@ -409,9 +415,17 @@ class UpdateRatioMonitor(DiagnosticCallback):
             and not self._changed.get(name, False)
             and f"frozen:{name}" not in self._flagged
         ]
+        for name in frozen:
+            self._flagged.add(f"frozen:{name}")
+        by_name = dict(zip(snapshot.names, snapshot.params))
+        rounded = rounded_away({name: by_name[name] for name in frozen})
+        frozen = [name for name in frozen if name not in rounded]
+        if rounded:  # 16-bit weights with a gradient: the updates round away, nothing cuts the gradient
+            message, hint = rounded_away_text(rounded, by_name)
+            self.report(trainer, "update_ratio.frozen", "warning", message, hint,
+                        {"parameters": rounded, "measurements": self.patience, "rounded_away": True},
+                        step=snapshot.step + 1)  # fmt: skip
         if frozen:
-            for name in frozen:
-                self._flagged.add(f"frozen:{name}")
             self.report(
                 trainer,
                 "update_ratio.frozen",
@@ -587,7 +601,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
             return
         self._flagged.add("rounded_away")
         dtypes = sorted(self._low_dtypes)
-        bits = min(_SIGNIFICANT_BITS[getattr(torch, d)] for d in dtypes)
+        bits = min(SIGNIFICANT_BITS[getattr(torch, d)] for d in dtypes)
         low_names = [snapshot.names[i] for i in snapshot.low]
         self.report(
             trainer,

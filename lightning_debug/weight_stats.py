@@ -7,9 +7,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_debug.base import DiagnosticCallback
+from lightning_debug.optimizers import rounded_away, rounded_away_text
 from lightning_debug.stats import foreach_norms, fused_norms, to_host
 from lightning_debug.validation import check_float
 
@@ -268,9 +269,9 @@ class WeightStatsMonitor(DiagnosticCallback):
         if self.histograms and self.tensorboard(trainer) is not None:
             for name, p in named:
                 self.log_histogram(trainer, f"weight_stats/{name}", p)
-        self._judge_frozen(trainer, unchanged)
+        self._judge_frozen(trainer, unchanged, dict(named))
 
-    def _judge_frozen(self, trainer: pl.Trainer, unchanged: list[str]) -> None:
+    def _judge_frozen(self, trainer: pl.Trainer, unchanged: list[str], params: dict[str, Tensor]) -> None:
         if self._measurements <= self.patience or not any(self._changed.values()):
             return  # too early, or nothing moved at all (skipped steps, lr 0): not one parameter's problem
         new = [name for name in unchanged if name not in self._frozen_reported]
@@ -289,6 +290,12 @@ class WeightStatsMonitor(DiagnosticCallback):
                 "Harmless; create those layers with bias=False to save the parameters.",
                 {"parameters": before_norm},
             )
+        rounded = rounded_away({name: params[name] for name in new if name in params})
+        new = [name for name in new if name not in rounded]
+        if rounded:  # 16-bit weights with a gradient: the updates round away, nothing cuts the gradient
+            message, hint = rounded_away_text(rounded, params)
+            self.report(trainer, "weight_stats.frozen", "warning", message, hint,
+                        {"parameters": rounded, "measurements": self._measurements, "rounded_away": True})  # fmt: skip
         if not new:
             return
         self.report(

@@ -25,6 +25,7 @@ from lightning_debug import zoo
 from lightning_debug.data import DigitsDataModule
 from lightning_debug.nan_guard import NaNGuard
 from lightning_debug.update_ratio import UpdateRatioMonitor
+from lightning_debug.weight_stats import WeightStatsMonitor
 
 
 def _fit(tmp_path: Path, model: pl.LightningModule, callbacks: list, **kwargs: Any) -> pl.Trainer:
@@ -507,3 +508,21 @@ def test_ddp_ranks_agree_on_rounded_away(tmp_path: Path) -> None:
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1
     assert rank0["checks"] == ["update_ratio.rounded_away"] and len(rank0["rounded"]) == 5
+
+
+def test_bf16_norm_scales_whose_updates_all_round_away_are_frozen_for_that_reason(tmp_path: Path) -> None:
+    """BatchNorm scales start at 1.0, where bfloat16 moves in steps of 2^-8 to 2^-7: Adam's ~1e-3 updates never move
+    them. They are frozen, but not for the usual reasons (no gradient, lr 0), and the findings say so."""
+    callbacks = [UpdateRatioMonitor(every_n_steps=5), WeightStatsMonitor(every_n_steps=5)]
+    model = zoo.DigitsMLP(batchnorm=True, detach_first=True, optimizer="adam", lr=1e-3)
+    _fit(tmp_path, model, callbacks, max_steps=60, precision="bf16-true")
+    assert torch.equal(model.norms[1].weight, torch.ones_like(model.norms[1].weight))  # really never moved
+    for callback in callbacks:
+        frozen = [f for f in callback.findings if f.check.endswith(".frozen")]
+        rounded = [f for f in frozen if f.data.get("rounded_away")]
+        (finding,) = rounded
+        assert finding.data["parameters"] == ["norms.1.weight"], type(callback).__name__
+        assert "rounded away" in finding.message and "bf16-mixed" in finding.hint
+        # the layer cut off by .detach() has no gradient: frozen for the usual reason, with the usual advice
+        others = [f for f in frozen if not f.data.get("rounded_away")]
+        assert others and "layers.0.weight" in others[0].data["parameters"] and ".detach()" in others[0].hint
