@@ -135,7 +135,9 @@ class UpdateRatioMonitor(DiagnosticCallback):
     starts. bfloat16 keeps 8 significant bits, so updates below ~0.2-0.4% of a weight are lost: on the digits MLP
     (5 epochs, bf16 against float32) Adam at lr 1e-3 left 46% of the elements with a gradient unchanged (median) and
     reached 94% like float32, SGD at lr 0.01 58% (95%), while Adam at lr 1e-4 left 88% unchanged and reached 20%
-    against 73% in float32. The share is logged and reported as an info; whether it matters shows in the loss.
+    against 73% in float32. The share is logged and reported as an info (per optimizer: ``update_ratio/rounded_away``,
+    ``…_opt1`` for the second); whether it matters shows in the loss. A 16-bit parameter that never changes although
+    it has a gradient (a norm scale at 1.0 under Adam at lr 1e-3) is ``update_ratio.frozen`` with rounding as the cause.
 
     Args:
         every_n_steps: measure every this many optimizer steps; ``None``: every ``2 * Trainer(log_every_n_steps)``
@@ -190,8 +192,8 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self.skipped_steps = 0
         self._flagged: set[str] = set()  # "check:name" currently reported
         self.last_ratios: dict[str, float] = {}
-        self._rounded: deque[float] = deque(maxlen=patience)  # low-precision weights: fraction of updates lost
-        self._low_dtypes: set[str] = set()
+        # 16-bit weights, per optimizer: the fractions of their elements with a gradient that the step left unchanged
+        self._rounded: dict[int, deque[float]] = {}
 
     # ------------------------------------------------------------------ hooks
     def doze_hooks(self) -> tuple[str, ...]:
@@ -330,7 +332,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._unchanged_run = 0
         self._ingest(trainer, snapshot, weight_sq, delta_host)
         if snapshot.low and with_grad > 0:  # (NaN without low-precision weights)
-            self._judge_rounding(trainer, snapshot, unchanged / with_grad)
+            self._judge_rounding(trainer, index, snapshot, unchanged / with_grad)
 
     def _skip(self, trainer: pl.Trainer) -> None:
         self.skipped_steps += 1
@@ -587,36 +589,41 @@ class UpdateRatioMonitor(DiagnosticCallback):
             step=snapshot.step + 1,
         )
 
-    def _judge_rounding(self, trainer: pl.Trainer, snapshot: _Snapshot, fraction: float) -> None:
-        """Low-precision weights: how many of the elements that had a gradient the step left exactly as they were
-        (an update below half a unit in the last place of the weight rounds away; with float32 weights ~0)."""
+    def _judge_rounding(self, trainer: pl.Trainer, index: int, snapshot: _Snapshot, fraction: float) -> None:
+        """Low-precision weights of optimizer ``index``: how many of the elements that had a gradient the step left
+        exactly as they were (an update below half a unit in the last place of the weight rounds away; with float32
+        weights ~0). Each optimizer has its own history: their learning rates and weights differ."""
         assert snapshot.low is not None
-        self._rounded.append(fraction)
-        self._low_dtypes.update(str(snapshot.params[i].dtype).removeprefix("torch.") for i in snapshot.low)
-        self.log_scalars(trainer, {"update_ratio/rounded_away": fraction}, step=snapshot.step)
-        if len(self._rounded) < self.patience or "rounded_away" in self._flagged:
+        history = self._rounded.setdefault(index, deque(maxlen=self.patience))
+        history.append(fraction)
+        suffix = f"_opt{index}" if index else ""
+        self.log_scalars(trainer, {f"update_ratio/rounded_away{suffix}": fraction}, step=snapshot.step)
+        flag = f"rounded_away{suffix}"
+        if len(history) < self.patience or flag in self._flagged:
             return
-        median = statistics.median(self._rounded)
+        median = statistics.median(history)
         if median < _ROUNDED_AWAY:
             return
-        self._flagged.add("rounded_away")
-        dtypes = sorted(self._low_dtypes)
-        bits = min(SIGNIFICANT_BITS[getattr(torch, d)] for d in dtypes)
+        self._flagged.add(flag)
+        low = [snapshot.params[i] for i in snapshot.low]
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in low})
+        bits = min(SIGNIFICANT_BITS[p.dtype] for p in low)
         low_names = [snapshot.names[i] for i in snapshot.low]
+        whose = f"optimizer {index}'s " if len(trainer.optimizers) > 1 else ""
         self.report(
             trainer,
             "update_ratio.rounded_away",
             "info",
-            f"The optimizer step left {100 * median:.0f}% of the {' and '.join(dtypes)} weights' elements that had a "
-            f"non-zero gradient exactly unchanged (median of {self.patience} measured steps; ~0% with float32 "
-            f"weights): {' and '.join(dtypes)} keeps {bits} significant bits, so an update smaller than "
+            f"The optimizer step left {100 * median:.0f}% of the elements of {whose}{' and '.join(dtypes)} weights "
+            f"that had a non-zero gradient exactly unchanged (median of {self.patience} measured steps; ~0% with "
+            f"float32 weights): {' and '.join(dtypes)} keeps {bits} significant bits, so an update smaller than "
             f"2^-{bits + 1} to 2^-{bits} ({100 * 2.0 ** -(bits + 1):.2g}-{100 * 2.0**-bits:.2g}%) of a weight rounds "
             f"away. {len(low_names)} parameter(s), e.g. {low_names[:5]}.",
             "Nothing to change while the loss falls as a float32 run's would. If training stalls or lags, keep "
             "float32 master weights (precision='bf16-mixed' or '16-mixed' instead of '-true'), use an optimizer "
             "that rounds stochastically or keeps Kahan-compensated bf16 weights, or raise the learning rate.",
-            {"median_fraction": round_significant(median), "fractions": [round_significant(f) for f in self._rounded],
-             "dtypes": dtypes, "parameters": low_names},
+            {"median_fraction": round_significant(median), "fractions": [round_significant(f) for f in history],
+             "dtypes": dtypes, "parameters": low_names, "optimizer_index": index},
             step=snapshot.step + 1,
         )  # fmt: skip
 
@@ -646,8 +653,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
             "last_lr": dict(self._last_lr),
             "first_loss": self._first_loss,
             "recent_losses": list(self._recent_losses),
-            "rounded": list(self._rounded),
-            "low_dtypes": sorted(self._low_dtypes),
+            "rounded": {str(index): list(history) for index, history in self._rounded.items()},
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -670,8 +676,10 @@ class UpdateRatioMonitor(DiagnosticCallback):
         first = state.get("first_loss")
         self._first_loss = None if first is None else float(first)
         self._recent_losses = deque((float(v) for v in state.get("recent_losses", [])), maxlen=self.patience)
-        self._rounded = deque((float(v) for v in state.get("rounded", [])), maxlen=self.patience)
-        self._low_dtypes = {str(d) for d in state.get("low_dtypes", [])}
+        self._rounded = {
+            int(index): deque((float(v) for v in history), maxlen=self.patience)
+            for index, history in state.get("rounded", {}).items()
+        }
 
 
 def _times(factor: float) -> str:

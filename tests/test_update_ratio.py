@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (
     SparseEmbedding,
     assert_bit_identical,
@@ -441,7 +442,7 @@ def test_bf16_weights_updates_rounded_away_are_measured_and_reported(tmp_path: P
     trainer = _fit(tmp_path, zoo.DigitsMLP(optimizer="adam", lr=1e-4), [monitor, probe], max_steps=30,
                    precision="bf16-true")  # fmt: skip
     assert probe.fraction is not None and 0.25 < probe.fraction < 1.0
-    assert math.isclose(monitor._rounded[-2], probe.fraction, rel_tol=1e-9)  # the measurement of step 20
+    assert math.isclose(monitor._rounded[0][-2], probe.fraction, rel_tol=1e-9)  # the measurement of step 20
     (finding,) = [f for f in monitor.findings if f.check == "update_ratio.rounded_away"]
     assert finding.severity == "info" and finding.step == 21  # the 5th measurement: steps 0, 5, ..., 20
     assert finding.data["dtypes"] == ["bfloat16"] and finding.data["median_fraction"] >= 0.25
@@ -453,7 +454,7 @@ def test_bf16_weights_updates_rounded_away_are_measured_and_reported(tmp_path: P
 def test_float32_weights_are_not_counted(tmp_path: Path) -> None:
     monitor = UpdateRatioMonitor(every_n_steps=5)
     _fit(tmp_path, zoo.DigitsMLP(optimizer="adam", lr=1e-4), [monitor], max_steps=30)
-    assert list(monitor._rounded) == [] and monitor.findings == []
+    assert monitor._rounded == {} and monitor.findings == []
 
 
 def test_bf16_weights_training_stays_bit_identical(tmp_path: Path) -> None:
@@ -473,13 +474,13 @@ def test_rounded_away_history_survives_checkpoint_and_resume(tmp_path: Path) -> 
     first = UpdateRatioMonitor(every_n_steps=5)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=15, save_top_k=-1)
     _fit(tmp_path, model(), [first, checkpoint], max_steps=15, enable_checkpointing=True, precision="bf16-true")
-    assert len(first._rounded) == 3 and first.findings == []
+    assert len(first._rounded[0]) == 3 and first.findings == []
     second = UpdateRatioMonitor(every_n_steps=5)
     pl.seed_everything(0)
     trainer = quiet_trainer(tmp_path, [second], max_steps=25, precision="bf16-true")
     ckpt = tmp_path / "ckpt" / "epoch=0-step=15.ckpt"
     trainer.fit(model(), datamodule=DigitsDataModule(batch_size=32), ckpt_path=ckpt)
-    assert list(second._rounded)[:3] == list(first._rounded)
+    assert list(second._rounded[0])[:3] == list(first._rounded[0])
     # the 5th measurement (step 20) completes the restored history of 3 + step 15's
     (finding,) = [f for f in second.findings if f.check == "update_ratio.rounded_away"]
     assert finding.step == 21
@@ -501,7 +502,7 @@ def test_ddp_ranks_agree_on_rounded_away(tmp_path: Path) -> None:
                              precision="bf16-true", enable_progress_bar=False, enable_model_summary=False,
                              enable_checkpointing=False, logger=False, default_root_dir=".")
         trainer.fit(zoo.DigitsMLP(optimizer="adam", lr=1e-4), datamodule=DigitsDataModule(batch_size=32))
-        out = {"rounded": list(monitor._rounded), "checks": sorted(f.check for f in monitor.findings)}
+        out = {"rounded": list(monitor._rounded[0]), "checks": sorted(f.check for f in monitor.findings)}
         json.dump(out, open(f"rank{trainer.global_rank}.json", "w"))
         """,
     )
@@ -526,3 +527,38 @@ def test_bf16_norm_scales_whose_updates_all_round_away_are_frozen_for_that_reaso
         # the layer cut off by .detach() has no gradient: frozen for the usual reason, with the usual advice
         others = [f for f in frozen if not f.data.get("rounded_away")]
         assert others and "layers.0.weight" in others[0].data["parameters"] and ".detach()" in others[0].hint
+
+
+def test_two_optimizers_keep_their_own_rounded_away_history(tmp_path: Path) -> None:
+    """Manual optimization, SGD on the hidden layers and Adam on the head, bf16 weights: each optimizer's share of
+    rounded-away updates is its own (one shared history mixed them by the order they stepped in)."""
+
+    class TwoOptimizers(zoo.DigitsMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            for optimizer in self.optimizers():
+                optimizer.zero_grad()
+            self.manual_backward(F.cross_entropy(self(x), y))
+            for optimizer in self.optimizers():
+                optimizer.step()
+
+        def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+            return [
+                torch.optim.SGD(self.layers.parameters(), lr=0.05),
+                torch.optim.Adam(self.head.parameters(), lr=1e-4),
+            ]
+
+    monitor = UpdateRatioMonitor(every_n_steps=5)
+    _fit(tmp_path, TwoOptimizers(), [monitor], max_steps=60, precision="bf16-true")
+    assert set(monitor._rounded) == {0, 1}
+    findings = {f.data["optimizer_index"]: f for f in monitor.findings if f.check == "update_ratio.rounded_away"}
+    assert 1 in findings and findings[1].data["parameters"] == ["head.weight", "head.bias"]
+    assert "optimizer 1's" in findings[1].message
+    if 0 in findings:
+        assert all(name.startswith("layers.") for name in findings[0].data["parameters"])
+    # each history holds its own optimizer's steps: Adam at lr 1e-4 loses far more updates than SGD at 0.05
+    assert min(monitor._rounded[1]) > max(monitor._rounded[0])
