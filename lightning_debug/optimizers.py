@@ -122,8 +122,12 @@ def rounded_away(params: Mapping[str, Tensor]) -> list[str]:
     return [
         name
         for name, p in params.items()
-        if p.dtype in SIGNIFICANT_BITS and p.grad is not None and not p.grad.is_sparse and bool(p.grad.any())
+        if p.dtype in SIGNIFICANT_BITS and p.grad is not None and bool(_grad_values(p.grad).any())
     ]
+
+
+def _grad_values(grad: Tensor) -> Tensor:
+    return grad.coalesce().values() if grad.is_sparse else grad
 
 
 def rounded_away_text(names: Sequence[str], params: Mapping[str, Tensor]) -> tuple[str, str]:
