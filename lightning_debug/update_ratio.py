@@ -27,6 +27,7 @@ from lightning_debug.optimizers import (
 )
 from lightning_debug.stats import fused_norms, round_significant, shared_grad_norms, stacked, to_host
 from lightning_debug.validation import check_float, check_int
+from lightning_debug.weight_stats import BiasBeforeNormProbe
 
 _FITTED_DROP = 100.0  # a training loss this many times below its first measurement: the model fits its data
 _EARLY = 0.5  # a schedule that has made updates too small before this fraction of the run decays too early
@@ -194,6 +195,10 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self.last_ratios: dict[str, float] = {}
         # 16-bit weights, per optimizer: the fractions of their elements with a gradient that the step left unchanged
         self._rounded: dict[int, deque[float]] = {}
+        # biases feeding a normalisation layer: their gradient is 0 up to rounding, so they never change (harmless:
+        # WeightStatsMonitor's weight_stats.bias_before_norm), found in the run's first forward
+        self._before_norm: set[str] = set()
+        self._norm_probe: BiasBeforeNormProbe | None = None
 
     # ------------------------------------------------------------------ hooks
     def doze_hooks(self) -> tuple[str, ...]:
@@ -202,6 +207,8 @@ class UpdateRatioMonitor(DiagnosticCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         self._remove_hooks()
+        self._close_norm_probe()
+        self._norm_probe = BiasBeforeNormProbe(pl_module)  # watches the first training forward only
         problems = float16_eps_problems(trainer.optimizers)
         if problems and "eps_underflow" not in self._flagged:
             self._flagged.add("eps_underflow")
@@ -223,6 +230,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        self._close_norm_probe()
         index = optimizer_index(trainer, optimizer)
         steps = self._optimizer_steps.get(index, 0)
         self._optimizer_steps[index] = steps + 1
@@ -279,11 +287,18 @@ class UpdateRatioMonitor(DiagnosticCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pending.clear()
         self._remove_hooks()
+        self._close_norm_probe()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         self._pending.clear()
         self._remove_hooks()
+        self._close_norm_probe()
+
+    def _close_norm_probe(self) -> None:
+        if self._norm_probe is not None:
+            self._before_norm |= self._norm_probe.close()
+            self._norm_probe = None
 
     def _remove_hooks(self) -> None:
         for handle in self._hooks.values():
@@ -415,6 +430,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
             for name in snapshot.names
             if self._valid_measurements.get(name, 0) >= self.patience
             and not self._changed.get(name, False)
+            and name not in self._before_norm
             and f"frozen:{name}" not in self._flagged
         ]
         for name in frozen:

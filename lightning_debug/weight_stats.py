@@ -112,7 +112,7 @@ class WeightStatsMonitor(DiagnosticCallback):
         self._frozen_reported: set[str] = set()
         self._last_measured_step = -1
         self._before_norm: set[str] = set()  # biases feeding a normalisation layer (their gradient is 0)
-        self._norm_probe: _BiasBeforeNormProbe | None = None
+        self._norm_probe: BiasBeforeNormProbe | None = None
 
     # ------------------------------------------------------------------ hooks
     def doze_hooks(self) -> tuple[str, ...]:
@@ -136,7 +136,7 @@ class WeightStatsMonitor(DiagnosticCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.check_init and self.init_result is None and trainer.global_step == 0:
             self.init_result = self._check_init(trainer, pl_module)
-        self._norm_probe = _BiasBeforeNormProbe(pl_module)  # watches the first training forward only
+        self._norm_probe = BiasBeforeNormProbe(pl_module)  # watches the first training forward only
         if not self._reference:  # the reference for "never changed" is the weights at fit start
             self._last_measured_step = int(trainer.global_step)
             self._measure(trainer, pl_module)
@@ -341,7 +341,7 @@ class WeightStatsMonitor(DiagnosticCallback):
         self._frozen_reported = set(state.get("frozen_reported", []))
 
 
-class _BiasBeforeNormProbe:
+class BiasBeforeNormProbe:
     """During one forward: which modules' outputs go straight into a normalisation layer (their bias is moot)."""
 
     _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)

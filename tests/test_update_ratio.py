@@ -562,3 +562,17 @@ def test_two_optimizers_keep_their_own_rounded_away_history(tmp_path: Path) -> N
         assert all(name.startswith("layers.") for name in findings[0].data["parameters"])
     # each history holds its own optimizer's steps: Adam at lr 1e-4 loses far more updates than SGD at 0.05
     assert min(monitor._rounded[1]) > max(monitor._rounded[0])
+
+
+def test_biases_before_batchnorm_in_16_bit_weights_are_not_frozen_warnings(tmp_path: Path) -> None:
+    """A conv bias feeding BatchNorm has a zero gradient up to rounding noise and, in 16 bits, never moves: harmless
+    (WeightStatsMonitor says so as an info), so no frozen warning, neither 'rounded away' nor 'no gradient'."""
+    for precision in ("bf16-true", "16-true"):
+        callbacks = lightning_debug.suite(num_classes=10)
+        pl.seed_everything(0)
+        trainer = quiet_trainer(tmp_path / precision, callbacks, max_epochs=3, precision=precision)
+        trainer.fit(zoo.DigitsCNN(), datamodule=DigitsDataModule(batch_size=32, image_shape=True))
+        findings = [f for cb in callbacks for f in getattr(cb, "findings", [])]
+        assert [f.check for f in findings if f.severity != "info"] == [], precision
+        (monitor,) = [cb for cb in callbacks if isinstance(cb, UpdateRatioMonitor)]
+        assert monitor._before_norm >= {"features.3.bias"}
