@@ -186,7 +186,7 @@ class _ActivationRecorder(TorchFunctionMode):
     # ------------------------------------------------------------------ module stack
     def _pre_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
-            if torch.compiler.is_compiling():  # traced into a compiled graph: leave the graph as it is
+            if _is_compiling():  # traced into a compiled graph: leave the graph as it is
                 return
             calls = self._stack[-1].child_calls if self._stack else self._outer_calls
             index = calls.get(name, 0)
@@ -198,7 +198,7 @@ class _ActivationRecorder(TorchFunctionMode):
 
     def _post_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if torch.compiler.is_compiling():
+            if _is_compiling():
                 return
             if not self._stack or self._stack[-1].module is not module:
                 return
@@ -245,7 +245,7 @@ class _ActivationRecorder(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if torch.compiler.is_compiling():  # traced into a compiled graph: the call as it is
+        if _is_compiling():  # traced into a compiled graph: the call as it is
             return func(*args, **kwargs)
         try:
             op = _FUNCTIONS.get(func)
@@ -316,6 +316,8 @@ class _ActivationRecorder(TorchFunctionMode):
 
 
 _OptimizedModule = torch._dynamo.eval_frame.OptimizedModule
+# True while dynamo traces (torch >= 2.3; older versions: never, the hooks then behave as before)
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 class _PausedCall:
