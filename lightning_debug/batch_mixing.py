@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lightning_debug.base import OneShotCheck
 from lightning_debug.batches import check_probe_fns, default_input
 from lightning_debug.distributed import reduce
-from lightning_debug.isolation import isolated, training_batches
+from lightning_debug.isolation import isolated, probe_batches
 from lightning_debug.stats import to_host
 
 InputFn = Callable[[Any], Tensor]
@@ -132,9 +132,9 @@ class BatchMixingCheck(OneShotCheck):
 
     # ------------------------------------------------------------------ measure (local, no collectives)
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        probe = training_batches(trainer)
-        if probe is None:
-            return {"problem": "there is no training dataloader"}
+        probe = probe_batches(trainer)
+        if isinstance(probe, str):
+            return {"problem": probe}
         batches, loaders = probe
         try:
             with isolated(pl_module, train_mode=False, loaders=loaders), torch.enable_grad():

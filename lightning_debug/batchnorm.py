@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from lightning_debug.base import OneShotCheck
 from lightning_debug.batches import check_probe_fns, default_input
 from lightning_debug.distributed import reduce
-from lightning_debug.isolation import isolated, training_batches
+from lightning_debug.isolation import isolated, probe_batches
 from lightning_debug.stats import to_host
 
 InputFn = Callable[[Any], Tensor]
@@ -152,12 +152,9 @@ class BatchNormCheck(OneShotCheck):
                 "problem": f"the model has lazy modules not initialised yet (`{lazy[0]}`)",
                 "hint": "Initialise lazy modules before fit, e.g. with one forward pass on a batch in setup().",
             }
-        try:
-            probe = training_batches(trainer)
-        except Exception as err:  # an unusual loader: the check says so, training goes on
-            return {"problem": f"the training batches could not be read for a probe ({type(err).__name__}: {err})"}
-        if probe is None:
-            return {"problem": "there is no training dataloader"}
+        probe = probe_batches(trainer)
+        if isinstance(probe, str):
+            return {"problem": probe}
         batches, loaders = probe
         modes = [(module, module.training) for module in pl_module.modules()]  # the run's own train/eval flags
         dropouts = [m for m in pl_module.modules() if isinstance(m, _DROPOUT) and _rate(m) > 0 and m.training]

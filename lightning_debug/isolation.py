@@ -73,6 +73,16 @@ def training_batches(trainer: pl.Trainer) -> tuple[Iterable[Any], list[Any]] | N
     return batches(), CombinedLoader(loaders).flattened
 
 
+def probe_batches(trainer: pl.Trainer) -> tuple[Iterable[Any], list[Any]] | str:
+    """:func:`training_batches` for a check that probes at the start of the run, or the reason there are none (a
+    phrase for its ``not_checked`` finding): an unusual loader must not stop the user's training."""
+    try:
+        probe = training_batches(trainer)
+    except Exception as err:
+        return f"the training batches could not be read for a probe ({type(err).__name__}: {err})"
+    return "there is no training dataloader" if probe is None else probe
+
+
 def loader_generators(loaders: Iterable[Any]) -> list[torch.Generator]:
     """The ``torch.Generator`` objects a DataLoader and its samplers draw from."""
     generators: list[torch.Generator] = []

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_debug.base import OneShotCheck
 from lightning_debug.distributed import reduce
-from lightning_debug.isolation import call_training_step, isolated, training_batches
+from lightning_debug.isolation import call_training_step, isolated, probe_batches
 from lightning_debug.stats import to_host
 
 _SOFTMAX = {torch.softmax, F.softmax, Tensor.softmax}
@@ -92,12 +92,9 @@ class LossFunctionCheck(OneShotCheck):
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         if not pl_module.automatic_optimization:
             return {"problem": "under manual optimization training_step steps the optimizer"}
-        try:
-            probe = training_batches(trainer)
-        except Exception as err:  # an unusual loader: the check says so, training goes on
-            return {"problem": f"the training batches could not be read for a probe ({type(err).__name__}: {err})"}
-        if probe is None:
-            return {"problem": "there is no training dataloader"}
+        probe = probe_batches(trainer)
+        if isinstance(probe, str):
+            return {"problem": probe}
         batches, loaders = probe
         recorder = _LossCalls()
         try:
