@@ -79,7 +79,10 @@ class NaNGuard(DiagnosticCallback):
     5. **Halt.** When another backoff is needed after ``max_backoffs``, or it would bring the largest LR
        below ``min_lr``, or non-finite weights cannot be rolled back, training stops through
        ``trainer.should_stop`` (or :class:`NaNGuardHalt` is raised with ``on_halt="raise"``), with an error
-       finding that gives the LR history, the LR at which NaNs began and the LR range to try.
+       finding that gives the LR history, the LR at which NaNs began and the LR range to try. With float16
+       weights and an optimizer whose ``eps`` is 0 in float16 (Adam's default 1e-8 under ``precision="16-true"``:
+       ``update_ratio.eps_underflow``) the first bad step halts at once, without backoffs: the update is 0/0, and
+       no learning rate fixes that; the finding gives the eps to use instead.
 
     **fp16 rule.** A GradScaler skips steps whose scaled gradients overflow: a run of them while it calibrates
     (every step until the first good one) and about one per ``growth_interval`` after. That is normal, so no
@@ -749,6 +752,14 @@ class NaNGuard(DiagnosticCallback):
 
     def _maybe_backoff(self, trainer: pl.Trainer, reason: str, step: int) -> None:
         if self.halted_reason is not None:
+            return
+        eps_problems = float16_eps_problems(trainer.optimizers)
+        if eps_problems:  # 0/0 in the optimizer's float16 update: a smaller learning rate scales a NaN
+            self._halt(
+                trainer,
+                f"{float16_eps_text(eps_problems)} makes the float16 updates NaN, which no learning-rate backoff can "
+                "fix",
+            )
             return
         if self._last_backoff_step is not None and step - self._last_backoff_step < self.cooldown_steps:
             return

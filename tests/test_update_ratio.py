@@ -386,6 +386,9 @@ def test_adam_default_eps_with_float16_weights_warns_at_the_start(tmp_path: Path
     assert guard.first_bad is not None and guard.first_bad["step"] <= 2
     (halt,) = [f for f in guard.findings if f.check == "nan_guard.halt"]
     assert halt.hint.startswith("The learning rate is not the cause") and halt.data["float16_eps"]
+    # ...and it halts on the first bad step: backing the learning rate off cannot fix a 0/0 update
+    assert halt.step == guard.first_bad["step"] and "no learning-rate backoff can fix" in halt.message
+    assert guard.backoffs == 0 and guard.lr_scale == 1.0 and not guard.lr_history
 
 
 def test_16_bit_weights_in_sound_recipes_get_no_warning_from_the_suite(tmp_path: Path) -> None:
