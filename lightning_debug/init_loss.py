@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_debug.base import OneShotCheck
 from lightning_debug.distributed import all_ranks, any_rank, reduce
-from lightning_debug.isolation import call_training_step, isolated, training_batches
+from lightning_debug.isolation import OneShotLoader, call_training_step, isolated, training_batches
 
 Task = Literal["multiclass", "binary", "regression"]
 TASKS: tuple[str, ...] = ("multiclass", "binary", "regression")
@@ -149,7 +149,19 @@ class InitLossCallback(OneShotCheck):
 
     # ------------------------------------------------------------------ measure
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
-        probe = training_batches(trainer)
+        try:
+            probe = training_batches(trainer)
+        except OneShotLoader as err:
+            self.report(
+                trainer,
+                "init_loss.not_measured",
+                "info",
+                f"The loss at init was not measured: {err}.",
+                "Pass fit a DataLoader (or any object whose __iter__ starts a new pass), or check the loss of one "
+                "batch before training yourself.",
+            )
+            self.result = {"status": "not_measured"}
+            return None
         if probe is None:
             return None
         batches_in, loaders = probe

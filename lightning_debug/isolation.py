@@ -46,17 +46,35 @@ def probe_loader(loader: Any) -> Any:
     return DataLoader(loader.dataset, batch_size=None, collate_fn=loader.collate_fn, num_workers=0)
 
 
+class OneShotLoader(ValueError):
+    """The training data is an iterator that yields each batch once: a probe's read would take batches from training."""
+
+
+def one_shot(loader: Any) -> bool:
+    """Whether iterating ``loader`` consumes it: a generator or other iterator (``iter(x) is x``), or a DataLoader over
+    an IterableDataset that is its own iterator. Checked without calling ``iter``: no side effect."""
+    if isinstance(loader, DataLoader):
+        return isinstance(loader.dataset, IterableDataset) and isinstance(loader.dataset, Iterator)
+    return isinstance(loader, Iterator)
+
+
 def training_batches(trainer: pl.Trainer) -> tuple[Iterable[Any], list[Any]] | None:
     """The batches ``training_step`` receives, for a probe, and the loaders they are drawn from (None: no loader).
 
     One loader: :func:`probe_loader` of it. Several (a dict or list of loaders, or a ``CombinedLoader``, given to
     ``fit``): combined as the fit loop combines them, in its mode, so each batch is the dict or list of batches
     ``training_step`` gets.
+
+    Raises:
+        OneShotLoader: when a training loader is an iterator that yields each batch once (a generator, a stream
+            whose ``__iter__`` returns itself): the batches a probe read would never reach training.
     """
     loaders = trainer.train_dataloader
     if loaders is None:
         return None
     if not isinstance(loaders, (Mapping, list, tuple)):
+        if one_shot(loaders):
+            raise OneShotLoader(_ONE_SHOT.format(type(loaders).__name__))
         return probe_loader(loaders), [loaders]
     from lightning.pytorch.utilities.combined_loader import CombinedLoader
     from lightning_utilities.core.apply_func import apply_to_collection
@@ -64,6 +82,9 @@ def training_batches(trainer: pl.Trainer) -> tuple[Iterable[Any], list[Any]] | N
     mode = getattr(getattr(trainer.fit_loop, "_combined_loader", None), "_mode", "max_size_cycle")
     if mode not in ("min_size", "max_size"):
         mode = "max_size_cycle"  # the fit loop's default (and "sequential" does not train)
+    for loader in CombinedLoader(loaders).flattened:
+        if one_shot(loader):
+            raise OneShotLoader(_ONE_SHOT.format(type(loader).__name__))
     combined = CombinedLoader(apply_to_collection(loaders, DataLoader, probe_loader), mode=mode)  # type: ignore[arg-type]
 
     def batches() -> Iterator[Any]:
@@ -73,11 +94,19 @@ def training_batches(trainer: pl.Trainer) -> tuple[Iterable[Any], list[Any]] | N
     return batches(), CombinedLoader(loaders).flattened
 
 
+_ONE_SHOT = (
+    "the training data ({}) is an iterator that yields each batch once, so a probe would take batches from training; "
+    "pass a DataLoader or another re-iterable object to fit"
+)
+
+
 def probe_batches(trainer: pl.Trainer) -> tuple[Iterable[Any], list[Any]] | str:
     """:func:`training_batches` for a check that probes at the start of the run, or the reason there are none (a
     phrase for its ``not_checked`` finding): an unusual loader must not stop the user's training."""
     try:
         probe = training_batches(trainer)
+    except OneShotLoader as err:
+        return str(err)
     except Exception as err:
         return f"the training batches could not be read for a probe ({type(err).__name__}: {err})"
     return "there is no training dataloader" if probe is None else probe

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_debug.base import DiagnosticCallback
-from lightning_debug.isolation import isolated, probe_loader
+from lightning_debug.isolation import isolated, one_shot, probe_loader
 
 Task = Literal["auto", "classification", "regression", "summary"]
 Source = Literal["auto", "val", "train"]
@@ -262,7 +262,8 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             self.fixed_batch, self.fixed_batch_source = self._choose_fixed_batch(trainer, pl_module)
             if self.fixed_batch is None:
                 self._disable(
-                    trainer, "There is no validation or training loader to take a fixed batch from.",
+                    trainer, "There is no validation or training DataLoader to take a fixed batch from (a loader whose "
+                    "dataset is its own one-shot iterator is not read: its examples would be lost to training).",
                     "Pass fixed_batch=(inputs, targets) to PredictionDynamicsLogger.",
                 )  # fmt: skip
                 return
@@ -325,7 +326,7 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         if self.source in ("auto", "train"):
             candidates.append(("train", _first_loader(trainer.train_dataloader)))
         for name, loader in candidates:
-            if loader is None:
+            if loader is None or one_shot(loader):  # a one-shot stream: the examples read would be lost to training
                 continue
             # Building samples or an iterator may draw from the global RNG and the loader's generators.
             with isolated(pl_module, train_mode=pl_module.training, loaders=[loader]):

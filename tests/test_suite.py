@@ -83,6 +83,47 @@ def test_bit_identical_with_persistent_worker_loaders(tmp_path):
     assert_bit_identical(without, with_suite)
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    """A dataset that is its own one-shot iterator (a stream read once, as from a socket or a queue)."""
+
+    def __init__(self, examples):
+        self.examples = iter(examples)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.examples)
+
+
+@pytest.mark.parametrize("one_shot", ["generator", "self-iterating dataset"])
+def test_one_shot_training_data_reaches_training_whole_and_the_probes_say_why_they_did_not_look(tmp_path, one_shot):
+    """A generator or a stream yields each batch once: a probe that read it would take batches from training."""
+    data = DigitsDataModule(batch_size=32)
+    data.setup("fit")
+    examples = [data.train_set[i] for i in range(12 * 32)]
+
+    def run(root, callbacks):
+        pl.seed_everything(0)
+        model = DigitsMLP(dropout=0.2)
+        trainer = quiet_trainer(root, callbacks, max_epochs=1, limit_val_batches=0)
+        if one_shot == "generator":
+            batches = (torch.utils.data.default_collate(examples[i : i + 32]) for i in range(0, len(examples), 32))
+        else:
+            batches = DataLoader(_Stream(examples), batch_size=32)
+        trainer.fit(model, train_dataloaders=batches)
+        return trainer.global_step, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    steps_without, without = run(tmp_path / "a", [])
+    callbacks = lightning_debug.suite(num_classes=10)
+    steps_with, with_suite = run(tmp_path / "b", callbacks)
+    assert steps_without == steps_with == 12
+    assert_bit_identical(without, with_suite)
+    assert warnings_of(callbacks) == []
+    skipped = {f.check for cb in callbacks if isinstance(cb, DiagnosticCallback) for f in cb.findings}
+    assert {"init_loss.not_measured", "loss_fn.not_checked", "batch_mixing.not_checked"} <= skipped
+
+
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 
 
