@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import operator
@@ -14,6 +15,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from torch import Tensor
 
 from lightning_debug.base import DiagnosticCallback
@@ -26,7 +28,7 @@ ON_HALT: tuple[str, ...] = ("stop", "raise")
 
 # scheduler attributes and param-group keys a scheduler computes the learning rate from
 _SCHEDULER_LR_ATTRIBUTES = ("base_lrs", "max_lrs", "min_lrs", "eta_min")
-_GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+_GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "swa_lr")  # swa_lr: SWALR anneals towards it
 
 
 class NaNGuardHalt(RuntimeError):
@@ -72,10 +74,12 @@ class NaNGuard(DiagnosticCallback):
        consecutive good steps. The step counter and the LR schedule go on; the skipped batches are lost.
     4. **Back off.** The learning rate of every param group of every optimizer is multiplied by
        ``backoff_factor``, together with what the schedulers compute it from (``base_lrs``, ``max_lrs``,
-       ``min_lrs``, ``eta_min`` and the groups' ``initial_lr``/``max_lr``/``min_lr``), so the reduction survives
-       LambdaLR, OneCycleLR, cosine, step, cyclic and plateau schedulers (also inside SequentialLR /
-       ChainedScheduler). No second backoff within ``cooldown_steps`` optimizer steps of the previous one;
-       bad steps in the cooldown are still skipped (and rolled back).
+       ``min_lrs``, ``eta_min`` and the groups' ``initial_lr``/``max_lr``/``min_lr``/``swa_lr``), so the reduction
+       survives LambdaLR, OneCycleLR, cosine, step, cyclic and plateau schedulers (also inside SequentialLR /
+       ChainedScheduler) and SWALR once it runs (Lightning's ``StochasticWeightAveraging`` sets its ``swa_lrs``
+       when averaging starts: a backoff before then does not carry into them). No second backoff within
+       ``cooldown_steps`` optimizer steps of the previous one; bad steps in the cooldown are still skipped (and
+       rolled back).
     5. **Halt.** When another backoff is needed after ``max_backoffs``, or it would bring the largest LR
        below ``min_lr``, or non-finite weights cannot be rolled back, training stops through
        ``trainer.should_stop`` (or :class:`NaNGuardHalt` is raised with ``on_halt="raise"``), with an error
@@ -261,7 +265,7 @@ class NaNGuard(DiagnosticCallback):
         self._has_scaler = False  # the run has an enabled GradScaler (read once per run: the plugin is fixed)
         self._single_process = True
         self._automatic = True
-        self._optimizer_params = OptimizerParams()  # the fast path's, re-read once per measurement interval
+        self._optimizer_params = OptimizerParams(trainable_only=False)  # the fast path's; frozen ones may be unfrozen
         self._uniform: dict[int, bool] = {}  # per optimizer: its gradients share a device, dtype and layout (same)
         self._norms_read_after = True  # a monitor after this guard reads the step's gradient norms (on_train_start)
         self._norm_feeds: list[list[tuple[int, list[float], int]]] = []  # grad_norm_feed()'s subscribers
@@ -270,6 +274,7 @@ class NaNGuard(DiagnosticCallback):
     # ------------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._loss_sum, self._loss_count, self._clean_steps, self._stepped_good = None, 0, 0, False
+        self.halted_reason = None  # another fit on the same Trainer is guarded again (its LR keeps the backoffs)
         self._has_scaler = _grad_scaler(trainer) is not None
         self._single_process = trainer.world_size <= 1
         self._automatic = pl_module.automatic_optimization
@@ -475,7 +480,8 @@ class NaNGuard(DiagnosticCallback):
         if self._loss_feeds:
             self._send_loss(trainer, loss_value)
         self._loss_sum, self._loss_count = None, 0
-        self._consecutive_bad = 0
+        if self._consecutive_bad:
+            self._end_bad_run(trainer)
         self._stepped_good = True
         self._clean_steps += 1
         self._recent_losses.append(loss_value)
@@ -640,11 +646,19 @@ class NaNGuard(DiagnosticCallback):
         if self._is_spike(m):
             self._bad_step(trainer, pl_module, optimizer, "loss_spike", m)
             return
-        self._consecutive_bad = 0
+        if self._consecutive_bad:
+            self._end_bad_run(trainer)
         self._stepped_good = True
         self._clean_steps += 1
         if m["has_loss"] and math.isfinite(m["loss"]):
             self._recent_losses.append(m["loss"])
+
+    def _end_bad_run(self, trainer: pl.Trainer) -> None:
+        """A good step ends the run of bad training batches, unless it is on the batch of the last bad step (another
+        optimizer's step on it, or another closure evaluation): that batch was bad."""
+        batch = getattr(trainer.fit_loop.epoch_loop, "total_batch_idx", None)
+        if batch is None or batch != self._last_bad_batch:
+            self._consecutive_bad = 0
 
     def _is_spike(self, m: dict[str, Any]) -> bool:
         if self.spike_factor is None or not m["has_loss"] or len(self._recent_losses) < max(5, self.spike_window // 5):
@@ -673,6 +687,8 @@ class NaNGuard(DiagnosticCallback):
             self._skip_pending[id(optimizer)] = True
         if kind == "scaler_collapse":
             self.scaler_collapses += 1
+        if not m["grad_norms"] and m["grad_params"]:  # a scaler's step: the norms were not needed to decide
+            m["grad_norms"] = _unscaled_norms(optimizer, m)
         data = self._forensics(trainer, kind, m, step, lr)
         self.bad_steps.append({"step": step, "kind": kind, "lr": lr})
         if self.first_bad is None:
@@ -1215,12 +1231,31 @@ def _scaler_backoff(trainer: pl.Trainer) -> float:
     return float(getattr(_grad_scaler(trainer), "_backoff_factor", 0.5))
 
 
+def _unscaled_norms(optimizer: torch.optim.Optimizer, m: dict[str, Any]) -> list[float]:
+    """The gradients' norms for a finding, on a bad step of a GradScaler run (where the decision did not need them);
+    divided by the loss scale for an optimizer that unscales inside its own ``step``."""
+    norms = to_host(foreach_norms([p.grad for p in m["grad_params"]]))
+    scale = m.get("loss_scale", math.nan)
+    if _optimizer_handles_unscaling(optimizer) and math.isfinite(scale) and scale > 0:
+        norms = [n / scale for n in norms]
+    return norms
+
+
 def _scaler_found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:
-    """The GradScaler's ``found_inf`` for this optimizer once it unscaled the gradients, else None."""
+    """The GradScaler's ``found_inf`` for this optimizer once it unscaled the gradients, else None.
+
+    Optimizers that unscale inside their own ``step`` (``fused=True``) are not unscaled before this hook: their
+    gradients are still scaled, and an overflow is the scaler's to skip. The scaler's own check (a multiplication by
+    1.0 in place, which leaves every value as it is) gives their ``found_inf`` now; ``scaler.step`` repeats it.
+    """
     scaler = _grad_scaler(trainer)
     if scaler is None:
         return None
     state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
+    if (not state or not state.get("found_inf_per_device")) and _optimizer_handles_unscaling(optimizer):
+        with contextlib.suppress(Exception):  # a private API: without it, the gradients are judged as they are
+            scaler._check_inf_per_device(optimizer)
+            state = scaler._per_optimizer_states.get(id(optimizer))
     if not state or not state.get("found_inf_per_device"):
         return None
     found = list(state["found_inf_per_device"].values())

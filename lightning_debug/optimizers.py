@@ -34,27 +34,29 @@ class OptimizerParams:
     """:func:`optimizer_params` per optimizer, kept between steps: re-read when the optimizer's param groups change
     size, or when asked to (``refresh=True``, e.g. once per measurement interval)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trainable_only: bool = True) -> None:
         self._cache: dict[int, tuple[tuple[int, ...], list[nn.Parameter]]] = {}
+        self.trainable_only = trainable_only  # False: frozen ones too (unfreezing changes no group's size)
 
     def get(self, optimizer: Optimizer, refresh: bool = False) -> list[nn.Parameter]:
         signature = tuple(len(group["params"]) for group in optimizer.param_groups)
         cached = self._cache.get(id(optimizer))
         if refresh or cached is None or cached[0] != signature:
-            cached = self._cache[id(optimizer)] = (signature, optimizer_params(optimizer))
+            cached = self._cache[id(optimizer)] = (signature, optimizer_params(optimizer, self.trainable_only))
         return cached[1]
 
     def clear(self) -> None:
         self._cache.clear()
 
 
-def optimizer_params(optimizer: Optimizer) -> list[nn.Parameter]:
-    """The trainable parameters an optimizer updates, in param-group order, each once."""
+def optimizer_params(optimizer: Optimizer, trainable_only: bool = True) -> list[nn.Parameter]:
+    """The trainable parameters an optimizer updates (``trainable_only=False``: every parameter it holds), in
+    param-group order, each once."""
     seen: set[int] = set()
     params: list[nn.Parameter] = []
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if param.requires_grad and id(param) not in seen:
+            if (param.requires_grad or not trainable_only) and id(param) not in seen:
                 seen.add(id(param))
                 params.append(param)
     return params

@@ -544,3 +544,117 @@ def test_lbfgs_bad_later_evaluation_skips_the_whole_step(tmp_path: Path) -> None
     assert snapshot.before["state"]["0.n_iter"] == snapshot.after["state"]["0.n_iter"]
     assert snapshot.before["state"]["0.func_evals"] == snapshot.after["state"]["0.func_evals"]
     assert model.optimizers().optimizer.param_groups[0]["lr"] == pytest.approx(0.5 / 3)  # the backoff stays
+
+
+# ------------------------------------------------------------------ fused optimizers, unfreezing, several optimizers
+class FusedAdamMLP(FaultyMLP):
+    """Adam(fused=True) unscales inside its own step: Lightning leaves its gradients scaled for the hooks."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+
+
+def test_fused_optimizer_under_a_real_grad_scaler_trains_bit_identical_and_quiet(tmp_path: Path) -> None:
+    """The scaler's calibration overflows are its own to skip, also when the optimizer unscales in its step."""
+    kwargs: dict[str, Any] = dict(max_steps=30, datamodule=DigitsDataModule(batch_size=64))
+    plain = train_state(tmp_path / "a", FusedAdamMLP, plugins=[fp16_cpu_plugin()], **kwargs)
+    guard = NaNGuard()
+    guarded = train_state(tmp_path / "b", FusedAdamMLP, [guard], plugins=[fp16_cpu_plugin()], **kwargs)
+    assert guard.findings == [] and guard.skipped_steps == 0 and guard.lr_scale == 1.0
+    assert_bit_identical(plain, guarded)
+
+
+def test_fused_optimizer_under_a_grad_scaler_still_skips_a_nan_loss_and_names_the_unscaled_norm(tmp_path: Path) -> None:
+    class NaNAt20(FusedAdamMLP):
+        nan_loss_at = frozenset({20})
+
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            if self.global_step == 20:  # the gradients as the optimizer will unscale them
+                scale = self.trainer.precision_plugin.scaler.get_scale()
+                norms = torch.stack([p.grad.double().norm() for p in self.parameters()])
+                self.true_norm = float(norms.norm()) / scale
+
+    guard, model = NaNGuard(), NaNAt20()
+    pl.seed_everything(0)
+    plugin = fp16_cpu_plugin(init_scale=2.0**10)  # calibrated: step 20's gradients are finite when scaled
+    quiet_trainer(tmp_path, [guard], max_steps=25, plugins=[plugin]).fit(
+        model, datamodule=DigitsDataModule(batch_size=64)
+    )
+    (finding,) = [f for f in guard.findings if f.check == "nan_guard.nonfinite_loss"]
+    assert finding.step == 20 and guard.skipped_steps == 1
+    assert math.isclose(finding.data["grad_norm"], model.true_norm, rel_tol=1e-3)
+    assert f"grad norm {model.true_norm:.4g}" in finding.message
+
+
+def test_a_parameter_unfrozen_mid_run_has_its_nan_gradient_skipped_on_the_step(tmp_path: Path) -> None:
+    """BaseFinetuning-style: frozen but in the optimizer, then requires_grad_(True): checked from that step on."""
+
+    class Unfrozen(FaultyMLP):
+        nan_grad_at = frozenset({6})
+
+        def on_train_start(self) -> None:
+            self.layers[1].requires_grad_(False)
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            if self.global_step == 3:
+                self.layers[1].requires_grad_(True)
+
+    guard = NaNGuard()
+    pl.seed_everything(0)
+    quiet_trainer(tmp_path, [guard], max_steps=10).fit(Unfrozen(lr=0.05), datamodule=DigitsDataModule(batch_size=64))
+    assert [(f.check, f.step) for f in guard.findings if f.check != "nan_guard.backoff"] == [
+        ("nan_guard.nonfinite_grad", 6)
+    ]
+    assert guard.skipped_steps == 1 and guard.rollbacks == 0
+
+
+class FirstOptimizerGoesBad(TwoOptimizers):
+    """From batch 5 on, only the first optimizer's gradient is NaN; the second one's steps stay good."""
+
+    def on_after_backward(self) -> None:
+        if self.trainer.fit_loop.epoch_loop.batch_idx >= 5:
+            self.layers[0].weight.grad[0, 0] = NAN
+
+
+def test_bad_batches_in_a_row_roll_back_although_another_optimizer_steps_fine_on_them(tmp_path: Path) -> None:
+    guard = NaNGuard(rollback_after=2, snapshot_every_n_steps=2, max_backoffs=100, cooldown_steps=0)
+    pl.seed_everything(0)
+    quiet_trainer(tmp_path, [guard], max_steps=16).fit(
+        FirstOptimizerGoesBad(), datamodule=DigitsDataModule(batch_size=64)
+    )
+    assert len(guard.bad_steps) == 3  # batches 5-7 (two optimizer steps per batch: 16 steps)
+    assert guard.rollbacks >= 1  # the second bad batch in a row rolls back
+
+
+def test_a_second_fit_on_the_same_trainer_after_a_halt_is_guarded_again(tmp_path: Path) -> None:
+    class AlwaysBad(FaultyMLP):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = DigitsMLP.training_step(self, batch, batch_idx)
+            return loss + NAN if self.global_step >= 3 else loss
+
+    guard, model = NaNGuard(max_backoffs=1, cooldown_steps=1), AlwaysBad(lr=0.05)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [guard], max_steps=40, max_epochs=-1)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+    first_halt = trainer.global_step
+    trainer.fit_loop.epoch_loop.max_steps = 60
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+    assert sum(f.check == "nan_guard.halt" for f in guard.findings) == 2
+    assert trainer.global_step < first_halt + 5  # halted again, not 55 silently skipped steps
+
+
+def test_a_backoff_during_stochastic_weight_averaging_survives_swalr(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    class NaNInEpoch3(DigitsMLP):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = super().training_step(batch, batch_idx)
+            return loss + NAN if (self.current_epoch, batch_idx) == (3, 2) else loss
+
+    guard = NaNGuard()
+    swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1, annealing_epochs=1)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [guard, swa], max_epochs=6)
+    trainer.fit(NaNInEpoch3(lr=0.05), datamodule=DigitsDataModule(batch_size=256))
+    assert guard.backoffs == 1
+    assert math.isclose(trainer.optimizers[0].param_groups[0]["lr"], 0.05 / 3)
