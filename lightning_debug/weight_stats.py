@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,22 +19,33 @@ from lightning_debug.validation import check_float
 class WeightStatsMonitor(DiagnosticCallback):
     r"""Checklist item "plot variance of weights": is each layer's weight spread what its init should give?
 
-    **At fit start** (step 0, not on resume) every trainable weight matrix or kernel (``ndim >= 2``; embeddings
-    excluded, their ``N(0, 1)`` init is standard) is compared with the stds the common initialisations give for
-    its fan-in and fan-out: PyTorch's default :math:`1/\sqrt{3\,\mathrm{fan}}`, Kaiming/He
+    **At fit start** (step 0, not on resume) every trainable weight with a fan-in is compared with the stds the
+    common initialisations give for its fan-in and fan-out. Weights with a fan-in are the weights of ``nn.Linear``,
+    ``nn.Bilinear`` and the conv layers, the ``weight_ih``/``weight_hh`` matrices of RNN/LSTM/GRU layers and cells
+    and the projection weights of ``nn.MultiheadAttention``; any other parameter with ``ndim >= 2`` (a custom
+    layer's ``nn.Parameter``) counts as one unless it is shaped to be broadcast and added to activations (a size-1
+    dimension ahead of a larger one: ``(1, 1, d)``, ``(1, T, d)``, ``(T, 1, d)``; trailing size-1 dimensions, as in
+    a ``(out, in, 1, 1)`` kernel, do not count) or its name marks it as an embedding or a token (a word part such as
+    ``emb...``, ``pos``, ``position...``, ``pe``, ``token``, ``cls``, ``query``, ``prompt``, ``latent``,
+    ``register``, ``codebook`` or ``bias``: ``cls_token``, ``pos_embedding``, ``latents``). ``nn.Embedding``
+    weights, class/position tokens and embeddings are skipped: ``N(0, 1)`` and small constant inits are standard for
+    them. Those stds are: PyTorch's default :math:`1/\sqrt{3\,\mathrm{fan}}`, Kaiming/He
     :math:`\sqrt{2/\mathrm{fan}}` (both with fan-in and fan-out) and Xavier/Glorot
     :math:`\sqrt{2/(\mathrm{fan_{in}} + \mathrm{fan_{out}})}`. A weight whose std is above ``too_large`` times the
     largest of these (about 10x PyTorch's default) or below ``too_small`` times the smallest raises
-    ``weight_stats.bad_init``: the init is "not kicking in" (a manual ``randn`` without scaling, a stray
-    multiplier, a tiny constant std in a deep net). All-equal non-zero weights raise ``weight_stats.constant_init``
-    (symmetry is never broken); all-zero weight matrices are an info finding (legitimate for a final or residual
-    layer, a bug anywhere else).
+    ``weight_stats.bad_init``: the init is "not kicking in" (a manual ``randn`` without scaling, a stray multiplier,
+    a tiny constant std in a deep net). All-equal non-zero weights raise ``weight_stats.constant_init`` (symmetry is
+    never broken); all-zero weight matrices are an info finding (legitimate for a final or residual layer, a bug
+    anywhere else).
 
     **On measured steps** it logs each parameter's std (fused norms and sums, one host transfer) so one chart shows
     the spread across depth over training, and histograms to TensorBoard. A trainable parameter that stays exactly
-    unchanged over ``patience`` measurements while others move raises ``weight_stats.frozen``: it is not in the
-    optimizer, a ``.detach()`` cuts its gradient, or it is unused in ``forward``. Parameters with
-    ``requires_grad=False`` are frozen on purpose and never reported.
+    unchanged over ``patience`` of its own measurements while others move raises ``weight_stats.frozen``: it is not
+    in the optimizer, a ``.detach()`` cuts its gradient, or it is unused in ``forward``. Parameters with
+    ``requires_grad=False`` are frozen on purpose and never reported. A parameter's reference is its value at the
+    first measurement where it is trainable, and its count of measurements starts there: a parameter unfrozen
+    mid-run (gradual unfreezing, ``optimizer.add_param_group``) is judged only ``patience`` measurements after it
+    became trainable, and one frozen again drops its reference and gets a fresh one when it is unfrozen.
 
     Under DDP the parameters are identical on every rank, so every rank judges the same numbers without a
     collective; rank 0 logs. The init verdict, the change tracking and the findings survive checkpoint and resume.
@@ -66,7 +78,8 @@ class WeightStatsMonitor(DiagnosticCallback):
             steps (100 at Lightning's default).
         too_large: a weight's std above this multiple of the largest common init std is a bad init.
         too_small: a weight's std below this multiple of the smallest common init std is a bad init.
-        patience: measurements (after the first) without any change before ``weight_stats.frozen``.
+        patience: measurements of a parameter (after its reference) without any change before
+            ``weight_stats.frozen``.
         histograms: log a histogram of every parameter on measured steps (costs one host copy of the weights).
         check_init: run the init check at fit start (set False for pretrained weights).
 
@@ -106,7 +119,8 @@ class WeightStatsMonitor(DiagnosticCallback):
         self.check_init = check_init
         self.init_result: dict[str, Any] | None = None
         self.last_std: dict[str, float] = {}
-        self._reference: dict[str, tuple[float, float]] = {}  # name -> (norm, sum) at the first measurement
+        self._reference: dict[str, tuple[float, float]] = {}  # name -> (norm, sum) when first measured trainable
+        self._counts: dict[str, int] = {}  # name -> measurements since its reference was taken
         self._changed: dict[str, bool] = {}
         self._measurements = 0
         self._frozen_reported: set[str] = set()
@@ -154,10 +168,15 @@ class WeightStatsMonitor(DiagnosticCallback):
     # ------------------------------------------------------------------ init check
     def _check_init(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         embeddings = {id(m.weight) for m in pl_module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+        layer_weights = _layer_weights(pl_module)
         weights = [
             (name, p)
             for name, p in pl_module.named_parameters()
-            if p.requires_grad and p.dim() >= 2 and id(p) not in embeddings and p.numel() > 1
+            if p.requires_grad
+            and p.dim() >= 2
+            and id(p) not in embeddings
+            and p.numel() > 1
+            and (id(p) in layer_weights or _has_fan_in(name, p))
         ]
         if not weights:
             return {}
@@ -256,13 +275,21 @@ class WeightStatsMonitor(DiagnosticCallback):
             self.last_std[name] = std
             if math.isfinite(std):
                 scalars[f"weight_stats/{name}/std"] = std
-            if not p.requires_grad:
+            if not p.requires_grad:  # frozen on purpose: a fresh reference once it is trainable again
+                self._reference.pop(name, None)
+                self._counts.pop(name, None)
+                self._changed.pop(name, None)
                 continue
-            reference = self._reference.setdefault(name, (norm, total))
-            moved = (norm, total) != reference
+            if name not in self._reference:  # first trainable measurement: the reference, nothing to compare yet
+                self._reference[name] = (norm, total)
+                self._counts[name] = 0
+                self._changed[name] = False
+                continue
+            self._counts[name] = self._counts.get(name, 0) + 1
+            moved = (norm, total) != self._reference[name]
             self._changed[name] = self._changed.get(name, False) or moved
             moved_any = moved_any or moved
-            if not self._changed[name]:
+            if not self._changed[name] and self._counts[name] >= self.patience:
                 unchanged.append(name)
         self._measurements += 1
         self.log_scalars(trainer, scalars)
@@ -272,8 +299,8 @@ class WeightStatsMonitor(DiagnosticCallback):
         self._judge_frozen(trainer, unchanged, dict(named))
 
     def _judge_frozen(self, trainer: pl.Trainer, unchanged: list[str], params: dict[str, Tensor]) -> None:
-        if self._measurements <= self.patience or not any(self._changed.values()):
-            return  # too early, or nothing moved at all (skipped steps, lr 0): not one parameter's problem
+        if not unchanged or not any(self._changed.values()):
+            return  # none unchanged for `patience` measurements, or nothing moved at all (skipped steps, lr 0)
         new = [name for name in unchanged if name not in self._frozen_reported]
         if not new:
             return
@@ -294,22 +321,25 @@ class WeightStatsMonitor(DiagnosticCallback):
         new = [name for name in new if name not in rounded]
         if rounded:  # 16-bit weights with a gradient: the updates round away, nothing cuts the gradient
             message, hint = rounded_away_text(rounded, params)
+            counts = {name: self._counts[name] for name in rounded}
             self.report(trainer, "weight_stats.frozen", "warning", message, hint,
-                        {"parameters": rounded, "measurements": self._measurements, "rounded_away": True})  # fmt: skip
+                        {"parameters": rounded, "measurements": min(counts.values()), "per_parameter": counts,
+                         "rounded_away": True})  # fmt: skip
         if not new:
             return
+        counts = {name: self._counts[name] for name in new}
+        low, high = min(counts.values()), max(counts.values())
         self.report(
             trainer,
             "weight_stats.frozen",
             "warning",
-            f"{len(new)} trainable parameter(s) never changed over {self._measurements - 1} measurements "
-            f"while the others did: {', '.join(f'`{n}`' for n in new[:8])}"
-            + (f" and {len(new) - 8} more" if len(new) > 8 else "")
-            + ".",
+            f"{len(new)} trainable parameter(s) never changed over {low if low == high else f'{low} to {high}'} "
+            f"measurements since they became trainable (expected: any change, like the others): "
+            f"{', '.join(f'`{n}`' for n in new[:8])}" + (f" and {len(new) - 8} more" if len(new) > 8 else "") + ".",
             "Check that they are in the optimizer (configure_optimizers uses self.parameters()), that no .detach() "
             "or torch.no_grad() cuts their gradient, and that forward uses them; set requires_grad=False for "
             "parameters you mean to freeze.",
-            {"parameters": new, "measurements": self._measurements},
+            {"parameters": new, "measurements": low, "per_parameter": counts},
         )
 
     # ------------------------------------------------------------------ report / resume
@@ -328,6 +358,7 @@ class WeightStatsMonitor(DiagnosticCallback):
         return {
             "init_result": self.init_result,
             "reference": {k: list(v) for k, v in self._reference.items()},
+            "counts": dict(self._counts),
             "changed": dict(self._changed),
             "measurements": self._measurements,
             "frozen_reported": sorted(self._frozen_reported),
@@ -338,6 +369,10 @@ class WeightStatsMonitor(DiagnosticCallback):
         self._reference = {k: (float(v[0]), float(v[1])) for k, v in state.get("reference", {}).items()}
         self._changed = dict(state.get("changed", {}))
         self._measurements = int(state.get("measurements", 0))
+        # states without per-parameter counts took every reference at the first measurement
+        counts = state.get("counts", dict.fromkeys(self._reference, max(self._measurements - 1, 0)))
+        self._counts = {str(k): int(v) for k, v in counts.items() if k in self._reference}
+        self._counts.update((k, 0) for k in self._reference if k not in self._counts)
         self._frozen_reported = set(state.get("frozen_reported", []))
 
 
@@ -372,6 +407,44 @@ class BiasBeforeNormProbe:
         self._handles.clear()
         self._outputs.clear()
         return self._found
+
+
+_LAYER_WEIGHTS = {
+    nn.MultiheadAttention: ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
+    nn.Linear: ("weight",),
+    nn.Bilinear: ("weight",),
+    nn.modules.conv._ConvNd: ("weight",),
+}
+# word parts of a parameter's name that mark an embedding or a token, added to activations rather than multiplied
+_EMBEDDING_WORDS = re.compile(
+    r"emb\w*|pos|positions?|positional|pe|tokens?|cls|query|queries|prompts?|latents?|registers?|codebooks?|bias(es)?"
+)
+
+
+def _layer_weights(model: nn.Module) -> set[int]:
+    """Ids of the weights of layers known to multiply their input: their fan-in is meaningful."""
+    found: set[int] = set()
+    for module in model.modules():
+        names: tuple[str, ...] = ()
+        if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+            names = tuple(n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_"))
+        for kind, attributes in _LAYER_WEIGHTS.items():
+            if isinstance(module, kind):
+                names += attributes
+        for attribute in names:
+            p = getattr(module, attribute, None)
+            if isinstance(p, Tensor):
+                found.add(id(p))
+    return found
+
+
+def _has_fan_in(name: str, p: Tensor) -> bool:
+    """Whether a parameter of no known layer looks like a matmul/conv weight, not an embedding or a token."""
+    shape = tuple(p.shape)
+    if any(size == 1 and any(later > 1 for later in shape[k + 1 :]) for k, size in enumerate(shape)):
+        return False  # broadcast shape, e.g. (1, 1, d) / (1, T, d): added to activations
+    words = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name.rsplit(".", 1)[-1])  # the parameter's own name
+    return not any(_EMBEDDING_WORDS.fullmatch(word.lower()) for word in words)
 
 
 def _init_stds(fan_in: int, fan_out: int) -> dict[str, float]:

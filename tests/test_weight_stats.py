@@ -120,6 +120,166 @@ def test_a_parameter_missing_from_the_optimizer_is_reported_but_requires_grad_fa
     assert callback.findings[0].data["parameters"] == ["extra.weight", "extra.bias"]
 
 
+# ---------------------------------------------------------------- unfreezing mid-run
+class UnfrozenAtStep12(DigitsMLP):
+    """Gradual unfreezing: the hidden layers train from step 12 on (by requires_grad or by add_param_group)."""
+
+    def __init__(self, add_param_group=False, in_optimizer=True):
+        super().__init__()
+        self.add_group, self.in_optimizer = add_param_group, in_optimizer
+        self.layers.requires_grad_(False)
+
+    def configure_optimizers(self):
+        params = self.head.parameters() if self.add_group or not self.in_optimizer else self.parameters()
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.global_step >= 12 and not self.layers[0].weight.requires_grad:
+            self.layers.requires_grad_(True)
+            if self.add_group:
+                self.optimizers().optimizer.add_param_group({"params": list(self.layers.parameters()), "lr": 0.01})
+
+
+@pytest.mark.parametrize("add_param_group", [False, True], ids=["requires_grad", "add_param_group"])
+def test_layers_unfrozen_mid_run_are_judged_from_when_they_became_trainable(tmp_path, add_param_group):
+    pl.seed_everything(0)
+    callback = WeightStatsMonitor(every_n_steps=5, patience=3)
+    fit(tmp_path, UnfrozenAtStep12(add_param_group), callback)
+    assert callback.findings == []
+    assert all(callback._changed.values())
+    # reference at step 15, the first measurement after the unfreeze; compared at steps 20..40
+    assert callback._counts == {"layers.0.weight": 5, "layers.0.bias": 5, "layers.1.weight": 5,
+                                "layers.1.bias": 5, "head.weight": 8, "head.bias": 8}  # fmt: skip
+
+
+def test_layers_unfrozen_but_missing_from_the_optimizer_are_reported_after_patience_of_their_own(tmp_path):
+    pl.seed_everything(0)
+    callback = WeightStatsMonitor(every_n_steps=5, patience=3)
+    fit(tmp_path, UnfrozenAtStep12(in_optimizer=False), callback)
+    [finding] = callback.findings
+    assert (finding.check, finding.step) == ("weight_stats.frozen", 30)  # reference at 15; unchanged at 20, 25, 30
+    assert finding.data["parameters"] == ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
+    assert finding.data["measurements"] == 3
+    assert "never changed over 3 measurements since they became trainable" in finding.message
+
+
+class RefrozenWithLrZero(DigitsMLP):
+    """The first layer trains, is frozen at step 10 (requires_grad off, lr 0) and unfrozen at 20 with lr still 0."""
+
+    def configure_optimizers(self):
+        rest = [p for n, p in self.named_parameters() if not n.startswith("layers.0.")]
+        groups = [{"params": self.layers[0].parameters()}, {"params": rest}]
+        return torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.global_step == 10:
+            self.layers[0].requires_grad_(False)
+            self.optimizers().optimizer.param_groups[0]["lr"] = 0.0
+        if self.global_step == 20:
+            self.layers[0].requires_grad_(True)  # the group's lr is never restored
+
+
+def test_a_layer_frozen_again_gets_a_fresh_reference_when_unfrozen(tmp_path):
+    pl.seed_everything(0)
+    callback = WeightStatsMonitor(every_n_steps=5, patience=3)
+    fit(tmp_path, RefrozenWithLrZero(), callback)
+    [finding] = callback.findings  # it moved before step 10, but not since it became trainable again
+    assert (finding.check, finding.step) == ("weight_stats.frozen", 40)  # reference at 25; unchanged at 30..40
+    assert finding.data["parameters"] == ["layers.0.weight", "layers.0.bias"]
+    assert finding.data["per_parameter"] == {"layers.0.weight": 3, "layers.0.bias": 3}
+
+
+def test_resume_after_an_unfreeze_keeps_the_counts_per_parameter(tmp_path):
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = WeightStatsMonitor(every_n_steps=5, patience=3)
+    trainer = quiet_trainer(tmp_path, [first, checkpoint], max_steps=20, enable_checkpointing=True, max_epochs=3)
+    trainer.fit(UnfrozenAtStep12(in_optimizer=False), datamodule=DigitsDataModule())
+    assert first._counts["layers.0.weight"] == 1  # reference at 15, compared at 20
+
+    resumed = WeightStatsMonitor(every_n_steps=5, patience=3)
+    trainer = quiet_trainer(tmp_path, [resumed], max_steps=40, max_epochs=5)
+    trainer.fit(
+        UnfrozenAtStep12(in_optimizer=False),
+        datamodule=DigitsDataModule(),
+        ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+    )
+    [finding] = resumed.findings
+    assert (finding.check, finding.step, finding.data["measurements"]) == ("weight_stats.frozen", 30, 3)
+    assert resumed._counts == {"layers.0.weight": 5, "layers.0.bias": 5, "layers.1.weight": 5,
+                               "layers.1.bias": 5, "head.weight": 8, "head.bias": 8}  # fmt: skip
+
+    state = resumed.extra_state()  # a state saved without per-parameter counts: every reference at the first
+    del state["counts"]
+    older = WeightStatsMonitor(every_n_steps=5, patience=3)
+    older.load_extra_state(state)
+    assert older._counts == dict.fromkeys(resumed._reference, state["measurements"] - 1)
+
+
+# ---------------------------------------------------------------- parameters without a fan-in
+class TinyViT(pl.LightningModule):
+    """A ViT on 8x8 digits with cls token and position embedding as nn.Parameter(torch.randn(...))."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.patch = nn.Linear(4, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, 17, dim))
+        layer = nn.TransformerEncoderLayer(dim, 4, 64, batch_first=True, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        patches = x.reshape(-1, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(-1, 16, 4)
+        h = torch.cat([self.cls_token.expand(len(x), -1, -1), self.patch(patches)], 1) + self.pos_embedding
+        return self.head(self.encoder(h)[:, 0])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_vit_tokens_and_position_embeddings_are_not_judged_by_a_fan_in(tmp_path):
+    pl.seed_everything(0)
+    callback = WeightStatsMonitor(every_n_steps=5)
+    fit(tmp_path, TinyViT(), callback, max_steps=5)
+    assert callback.findings == []
+    checked = set(callback.init_result)
+    assert {"cls_token", "pos_embedding"}.isdisjoint(checked)
+    assert {"patch.weight", "encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.0.linear1.weight"} <= checked
+
+
+class CustomMatmul(DigitsMLP):
+    """A custom layer with an unscaled randn weight, next to a learned query and a broadcast offset."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(64, 64))  # the bug: std 1, PyTorch's default would be 0.072
+        self.queries = nn.Parameter(torch.randn(64, 64))
+        self.offset = nn.Parameter(torch.randn(1, 4, 64))
+
+    def forward(self, x):
+        h = ((x @ self.mix).unsqueeze(1) + self.offset).mean(1) + self.queries.mean(0)
+        return super().forward(h)
+
+
+def test_an_unscaled_randn_matmul_weight_is_still_a_bad_init(tmp_path):
+    pl.seed_everything(0)
+    model = CustomMatmul()
+    expected_std = model.mix.detach().std().item()
+    callback = WeightStatsMonitor(every_n_steps=5)
+    fit(tmp_path, model, callback, max_steps=5)
+    [finding] = callback.findings
+    assert (finding.check, finding.severity) == ("weight_stats.bad_init", "warning")
+    [weight] = finding.data["weights"]  # the learned queries and the (1, 4, 64) offset are no matmul weights
+    assert (weight["name"], weight["fan_in"], weight["side"]) == ("mix", 64, "large")
+    assert weight["std"] == pytest.approx(expected_std, rel=1e-4)
+    assert weight["pytorch"] == pytest.approx(1 / (3 * 64) ** 0.5)
+
+
 # ---------------------------------------------------------------- logging
 def test_std_per_layer_and_histograms_reach_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
