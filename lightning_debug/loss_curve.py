@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from torch import Tensor
 
 from lightning_debug.base import DiagnosticCallback
-from lightning_debug.distributed import reduce
+from lightning_debug.distributed import all_ranks, reduce
 from lightning_debug.optimizers import max_lr
 from lightning_debug.stats import to_host
 from lightning_debug.validation import check_float, check_int
@@ -297,8 +297,11 @@ class LossCurveMonitor(DiagnosticCallback):
         if trainer.sanity_checking:
             return
         val = trainer.callback_metrics.get(self.val_metric)
-        if not isinstance(val, Tensor):
+        # the reduction below is a collective: a metric logged on some ranks only (rank_zero_only, or under an
+        # `if self.global_rank == 0`) must not leave the other ranks waiting in it
+        if not all_ranks(trainer, isinstance(val, Tensor)):
             return
+        assert isinstance(val, Tensor)
         device = trainer.strategy.root_device
         self._drain()
         self._fold()
@@ -340,14 +343,16 @@ class LossCurveMonitor(DiagnosticCallback):
         reg = _metric(metrics, self.reg_metric)
         data = _metric(metrics, self.data_metric)
         values = [window.to(device)]
-        has_reg = reg is not None and data is not None
-        if has_reg:
-            assert reg is not None and data is not None
+        if reg is not None and data is not None:  # [reg, data, 1]: the same length on every rank (one reduction)
+            pair = [reg.detach().double().reshape(()), data.detach().double().reshape(())]
             values.append(
-                torch.stack([reg.detach().double().reshape(()), data.detach().double().reshape(())]).to(device)
+                torch.stack([*(t.to(device) for t in pair), torch.ones((), dtype=torch.float64, device=device)])
             )
+        else:
+            values.append(torch.zeros(3, dtype=torch.float64, device=device))
         host = to_host(list(reduce(trainer, torch.cat(values), "sum").unbind()))
         loss_sum, count = host[0], host[1]
+        has_reg = host[4] == max(1, trainer.world_size)  # logged on every rank
         scalars: dict[str, float] = {}
         if count > 0:
             loss = loss_sum / count

@@ -317,6 +317,53 @@ def test_ddp_averages_the_loss_across_ranks(tmp_path):
     assert [f["check"] for f in all_findings(tmp_path)] == ["loss_curve.not_decreasing"]
 
 
+def test_ddp_metrics_logged_on_rank_zero_only_do_not_hang_the_other_rank(tmp_path):
+    """val_loss, reg_loss and data_loss logged under `if self.global_rank == 0`: every rank takes the same
+    collectives (or none), the run finishes, and the ranks agree."""
+    run_ddp_script(
+        tmp_path,
+        """
+        import json, torch, lightning.pytorch as pl
+        import torch.nn.functional as F
+        from torch.utils.data import DataLoader, TensorDataset
+        from lightning_debug.loss_curve import LossCurveMonitor
+
+        class RankZeroLogs(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.layer = torch.nn.Linear(4, 1)
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                data = F.mse_loss(self.layer(x).squeeze(-1), y)
+                reg = 1e-3 * self.layer.weight.square().sum()
+                if self.global_rank == 0:
+                    self.log_dict({"reg_loss": reg, "data_loss": data})
+                return data + reg
+            def validation_step(self, batch, batch_idx):
+                x, y = batch
+                if self.global_rank == 0:
+                    self.log("val_loss", F.mse_loss(self.layer(x).squeeze(-1), y))
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.05)
+
+        torch.manual_seed(0)
+        data = TensorDataset(torch.randn(256, 4), torch.randn(256))
+        callback = LossCurveMonitor(every_n_steps=2, window=4)
+        trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=2, callbacks=[callback],
+                             default_root_dir=".", enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, limit_val_batches=2)
+        trainer.fit(RankZeroLogs(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+        with open(f"rank{trainer.global_rank}.json", "w") as handle:
+            json.dump({"measurements": callback.measurements, "validations": len(callback.validations),
+                       "checks": [f.check for f in callback.findings]}, handle)
+        """,
+        timeout=180,
+    )
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["measurements"] >= 8 and ranks[0]["validations"] == 0  # not on every rank: not judged
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
