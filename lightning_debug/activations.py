@@ -66,6 +66,11 @@ _FEATURES_LAST: tuple[type[nn.Module], ...] = (
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )  # fmt: skip
 
+# Modules with a fused inference path (``torch._transformer_encoder_layer_fwd``, ``torch._native_multi_head_attention``)
+# that PyTorch takes in eval mode only without any torch function mode (and, for the encoder layer, without forward
+# hooks in its subtree): while it may be taken, they run with the recorder paused and unhooked.
+_FAST_PATH: tuple[type[nn.Module], ...] = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
+
 _TANH_GAIN = 5.0 / 3.0  # nn.init.calculate_gain("tanh")
 
 
@@ -73,6 +78,33 @@ def _hardtanh_op(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     """``F.hardtanh`` with a lower bound of 0 (how ``nn.ReLU6`` is written) is a ReLU; other bounds are not tracked."""
     low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
     return "relu6" if isinstance(low, (int, float)) and low >= 0 else None
+
+
+def _negative_slope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+    """The ``negative_slope`` of an ``F.leaky_relu`` call (``nn.LeakyReLU`` passes it positionally)."""
+    slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
+    return float(slope) if isinstance(slope, (int, float)) and not isinstance(slope, bool) else None
+
+
+def _is_loss(module: nn.Module) -> bool:
+    """A loss module: activations in it (a hinge's ``F.relu(margin - pos + neg)``) act on losses, not on features."""
+    return isinstance(module, nn.modules.loss._Loss) or type(module).__name__.endswith("Loss")
+
+
+def _may_take_fast_path(module: nn.Module) -> bool:
+    """Whether PyTorch's fused inference path may run somewhere in ``module`` (an encoder, encoder layer or
+    attention): it needs the fast path enabled and a module in eval mode whose weights are frozen or run without
+    grad. Other conditions (mask layout, batch_first, even heads, the input's ``requires_grad``) are left to
+    PyTorch: the recorder stays out whenever the path is possible."""
+    if not getattr(torch.backends.mha, "get_fastpath_enabled", lambda: True)():
+        return False
+    grad = torch.is_grad_enabled()
+    return any(
+        isinstance(sub, _FAST_PATH)
+        and not sub.training
+        and not (grad and any(p.requires_grad for p in sub.parameters()))
+        for sub in module.modules()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- recording
@@ -88,6 +120,7 @@ class _Site:
     hits: Tensor  # per unit: values > 0 (dead ops) or values in the saturated region (saturating ops)
     abs_sum: Tensor  # per unit: sum of |activation|, for the dormant score
     values_per_unit: int = 0
+    negative_slope: float | None = None  # leaky_relu: for the init gain
 
     @property
     def kind(self) -> str:
@@ -99,6 +132,7 @@ class _Frame:
     path: str
     suffix: str
     module: nn.Module
+    unwatched: bool = False  # a loss module (or inside one), or a module run on its fused path: nothing recorded
     op_calls: dict[str, int] = field(default_factory=dict)
     child_calls: dict[str, int] = field(default_factory=dict)
 
@@ -143,17 +177,68 @@ class _ActivationRecorder(TorchFunctionMode):
         self._forward_outputs.clear()
         self._axis_hint = self._last_weighted = None
         self.compiled = [name for name, module in model.named_modules() if _is_compiled(module)]
+        compiled = {id(sub) for module in model.modules() if _is_compiled(module) for sub in module.modules()}
+        fast_path: set[int] = set()  # encoders / attention (and their submodules): hooked per call, see below
         for name, module in model.named_modules():
-            if isinstance(module, _OptimizedModule):  # torch.compile(module): its call runs without the mode
-                self._handles.append(module.register_forward_pre_hook(self._pause))
-                self._handles.append(module.register_forward_hook(self._resume, always_call=True))
+            if id(module) in fast_path:
                 continue
-            if getattr(module, "_compiled_call_impl", None) is not None:  # module.compile(): hooks would run inside
-                self._handles.append(_PausedCall(self, module))
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
-            self._handles.append(module.register_forward_hook(self._post_hook(name), always_call=True))
+            if isinstance(module, _FAST_PATH) and id(module) not in compiled:
+                fast_path.update(id(sub) for sub in module.modules())
+                self._handles.append(_FastPathCall(self, name, module))
+                continue
+            self._handles += self._hook(name, module)
         self.__enter__()
         self.active = True
+
+    def _hook(self, name: str, module: nn.Module) -> list[Any]:
+        """Put the module-stack hooks on ``module``; returns what to ``remove()``."""
+        if isinstance(module, _OptimizedModule):  # torch.compile(module): its call runs without the mode
+            return [
+                module.register_forward_pre_hook(self._pause),
+                module.register_forward_hook(self._resume, always_call=True),
+            ]
+        handles: list[Any] = []
+        if getattr(module, "_compiled_call_impl", None) is not None:  # module.compile(): hooks would run inside
+            handles.append(_PausedCall(self, module))
+        handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
+        handles.append(module.register_forward_hook(self._post_hook(name), always_call=True))
+        return handles
+
+    def _fast_path_call(
+        self, name: str, module: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Call an encoder / encoder layer / attention module. While PyTorch's fused inference path may run in it
+        (eval mode, e.g. a frozen teacher), it runs with the mode paused and without hooks, as between measured
+        steps: the mode and hooks would send it down the slower path, whose results differ in the last bits.
+        Otherwise (training mode) it is hooked for this call and watched like any other module."""
+        if _is_compiling():
+            return forward(*args, **kwargs)
+        if _may_take_fast_path(module):
+            self._pause(module, args)
+            frame = _Frame(name, "", module, unwatched=True)  # should the mode stay on (another mode above it)
+            self._stack.append(frame)
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                if self._stack and self._stack[-1] is frame:
+                    self._stack.pop()
+                self._resume(module, args, None)
+                self._axis_hint, self._last_weighted = "features", None
+        handles = [
+            handle
+            for sub_name, sub in module.named_modules(prefix=name)
+            if sub is not module
+            for handle in self._hook(sub_name, sub)
+        ]
+        self._pre_hook(name)(module, args)
+        output = None
+        try:
+            output = forward(*args, **kwargs)
+            return output
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._post_hook(name)(module, args, output)
 
     def detach(self) -> None:
         if not self.active:
@@ -191,8 +276,10 @@ class _ActivationRecorder(TorchFunctionMode):
             calls = self._stack[-1].child_calls if self._stack else self._outer_calls
             index = calls.get(name, 0)
             calls[name] = index + 1
-            inherited = self._stack[-1].suffix if self._stack else ""
-            self._stack.append(_Frame(name, inherited + (f"_call{index + 1}" if index else ""), module))
+            outer = self._stack[-1] if self._stack else None
+            suffix = (outer.suffix if outer else "") + (f"_call{index + 1}" if index else "")
+            unwatched = (outer is not None and outer.unwatched) or (bool(name) and _is_loss(module))
+            self._stack.append(_Frame(name, suffix, module, unwatched=unwatched))
 
         return hook
 
@@ -203,10 +290,11 @@ class _ActivationRecorder(TorchFunctionMode):
             if not self._stack or self._stack[-1].module is not module:
                 return
             frame = self._stack[-1]
-            if isinstance(module, nn.RNN) and module.nonlinearity in ("tanh", "relu"):
+            if isinstance(module, nn.RNN) and module.nonlinearity in ("tanh", "relu") and not frame.unwatched:
                 sequence = output[0] if isinstance(output, tuple) else output
                 sequence = getattr(sequence, "data", sequence)  # PackedSequence
-                self._record(sequence, module.nonlinearity, self._module_site(frame), None, name)
+                # the hidden units are the last dim, whatever layer ran before
+                self._record(sequence, module.nonlinearity, self._module_site(frame), None, name, dim=-1)
             self._stack.pop()
             if any(True for _ in module.parameters(recurse=False)):
                 if isinstance(module, _CHANNELS_FIRST):
@@ -222,10 +310,14 @@ class _ActivationRecorder(TorchFunctionMode):
         return hook
 
     def _mark_output_sites(self, output: Any) -> None:
-        """Activations returned as the model's output (e.g. sigmoid probabilities) are saturated by design."""
-        leaves = [leaf for leaf in tree_leaves(output) if isinstance(leaf, Tensor)]
+        """Activations returned as the model's output (e.g. sigmoid probabilities) are saturated by design; so are
+        those returned as a view (``.squeeze(-1)``, ``.view(batch, *shape)``): the same storage."""
+        leaves = [(leaf, _storage(leaf)) for leaf in tree_leaves(output) if isinstance(leaf, Tensor)]
         for tensor, site in self._forward_outputs:
-            if any(leaf is tensor for leaf in leaves):
+            storage = _storage(tensor)
+            if any(
+                leaf is tensor or (storage is not None and leaf_storage == storage) for leaf, leaf_storage in leaves
+            ):
                 self.output_sites.add(site)
         self._forward_outputs.clear()
 
@@ -253,7 +345,7 @@ class _ActivationRecorder(TorchFunctionMode):
             op = None
         if op == "hardtanh":
             op = _hardtanh_op(args, kwargs)
-        if op is None or not self._stack:
+        if op is None or not self._stack or self._stack[-1].unwatched:
             return func(*args, **kwargs)
         frame = self._stack[-1]
         site = self._call_site(frame, op)
@@ -261,7 +353,8 @@ class _ActivationRecorder(TorchFunctionMode):
             # copied before the call: an in-place activation overwrites its input
             self.samples[site] = args[0].detach().flatten()[: self.histogram_samples].clone()
         output = func(*args, **kwargs)
-        self._record(output, op, site, self._last_weighted, frame.path or self._root_name)
+        slope = _negative_slope(args, kwargs) if op == "leaky_relu" else None
+        self._record(output, op, site, self._last_weighted, frame.path or self._root_name, negative_slope=slope)
         return output
 
     def _unit_dim(self, ndim: int) -> int:
@@ -273,12 +366,22 @@ class _ActivationRecorder(TorchFunctionMode):
             return ndim - 1
         return 1 if ndim >= 4 else ndim - 1
 
-    def _record(self, output: Any, op: str, name: str, producer: str | None, caller: str) -> None:
-        if not isinstance(output, Tensor) or not output.is_floating_point() or output.ndim == 0:
+    def _record(
+        self,
+        output: Any,
+        op: str,
+        name: str,
+        producer: str | None,
+        caller: str,
+        dim: int | None = None,
+        negative_slope: float | None = None,
+    ) -> None:
+        # fewer than 2 dims: no feature axis (a per-sample loss term, an unbatched vector), nothing to call a unit
+        if not isinstance(output, Tensor) or not output.is_floating_point() or output.ndim < 2:
             return
         if output.numel() == 0:
             return
-        dim = self._unit_dim(output.ndim)
+        dim = self._unit_dim(output.ndim) if dim is None else dim % output.ndim
         units = int(output.shape[dim])
         site = self.sites.get(name)
         if site is None:
@@ -290,6 +393,7 @@ class _ActivationRecorder(TorchFunctionMode):
                 producer=producer,
                 hits=torch.zeros(units, dtype=torch.int64, device=output.device),
                 abs_sum=torch.zeros(units, dtype=torch.float32, device=output.device),
+                negative_slope=negative_slope,
             )
             self.sites[name] = site
         elif site.units != units or site.hits.device != output.device:
@@ -342,6 +446,37 @@ class _PausedCall:
         self.module._compiled_call_impl = self.compiled
 
 
+class _FastPathCall:
+    """Routes the calls of an encoder / encoder layer / attention module through
+    :meth:`_ActivationRecorder._fast_path_call` (an instance ``forward``: hooks on the module would turn off its fused
+    path); ``remove()`` puts the module's own ``forward`` back."""
+
+    def __init__(self, recorder: _ActivationRecorder, name: str, module: nn.Module) -> None:
+        self.module = module
+        self.own = module.__dict__.get("forward")  # an instance-level forward set before, restored on remove()
+        forward = module.forward
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return recorder._fast_path_call(name, module, forward, args, kwargs)
+
+        module.__dict__["forward"] = call
+
+    def remove(self) -> None:
+        if self.own is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.__dict__["forward"] = self.own
+
+
+def _storage(tensor: Tensor) -> tuple[torch.device, int] | None:
+    """The device and address of ``tensor``'s storage (shared by its views); None where it has none."""
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, tensor subclasses without storage
+        return None
+    return (tensor.device, pointer) if pointer else None
+
+
 def _is_compiled(module: nn.Module) -> bool:
     """Whether ``module`` runs compiled: the wrapper ``torch.compile(module)`` returns, or ``module.compile()``."""
     return isinstance(module, _OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
@@ -385,13 +520,21 @@ class DeadActivationMonitor(DiagnosticCallback):
     ===========================  ====================================================================
 
     Findings also name the layer that feeds the activation (the last module with a weight matrix that
-    ran before it, e.g. ``layers.0``). Activations computed directly in ``training_step``, outside every
-    module's ``forward``, are not seen.
+    ran before it, e.g. ``layers.0``). Not seen:
+
+    - activations computed directly in ``training_step``, outside every module's ``forward``;
+    - activations inside a loss module (an ``nn.modules.loss._Loss``, or any module whose class name ends in
+      ``Loss``), e.g. a hinge's ``F.relu(margin - pos + neg)``: they act on loss terms, not on features;
+    - outputs with fewer than 2 dims (a per-sample term, an unbatched vector): they have no feature axis;
+    - the inside of an ``nn.TransformerEncoder`` / ``TransformerEncoderLayer`` / ``MultiheadAttention`` while
+      PyTorch may run it on its fused inference path (eval mode with frozen weights or no grad, e.g. a frozen
+      teacher): the mode and hooks would send it down the slower path, whose results differ in the last bits,
+      so it runs unwatched as between measured steps. In training mode they are watched like any module.
 
     **Units.** A unit is a feature of a ``(batch, features)`` output, a channel (dim 1) of a
-    ``(batch, channels, ...)`` convolution output, and the last dim of a ``(batch, time, features)``
+    ``(batch, channels, ...)`` convolution output, the last dim of a ``(batch, time, features)``
     sequence (a 3-D output is read as channels-first when the layer before it is a convolution or a
-    Batch/Instance/GroupNorm, else as features-last).
+    Batch/Instance/GroupNorm, else as features-last), and the hidden units (last dim) of an ``nn.RNN``.
 
     **Window.** Counts accumulate over ``window`` measured steps (all samples of all micro-batches, on
     every rank), then they are summed across ranks, judged and logged once. A unit is
@@ -429,8 +572,9 @@ class DeadActivationMonitor(DiagnosticCallback):
     ``activations.saturated``           warning   more than ``saturated_threshold`` of a tanh/sigmoid layer's
                                                   units are saturated, with the weight std vs Xavier init.
                                                   An activation whose result the outermost module call returns
-                                                  as is (the model's output, e.g. sigmoid probabilities) is
-                                                  logged but not judged: a confident model saturates it by design
+                                                  as is or as a view (the model's output, e.g. sigmoid
+                                                  probabilities, ``.squeeze(-1)``-ed or not) is logged but not
+                                                  judged: a confident model saturates it by design
     ``activations.none_found``          info      no activation ran inside any module's ``forward``
     ``activations.compiled``            info      ``torch.compile``\ d submodules run as compiled: the activations
                                                   inside them are not seen (instrumenting them would change
@@ -641,6 +785,8 @@ class DeadActivationMonitor(DiagnosticCallback):
                 "is_output": site.name in self._recorder.output_sites,
                 "dormant_fraction": float(dormant.double().mean()),
             }
+            if site.negative_slope is not None:
+                entry["negative_slope"] = site.negative_slope
             if site.kind == "dead":
                 dead = hits == 0
                 entry.update(dead_units=int(dead.sum()), dead_fraction=float(dead.double().mean()))
@@ -668,7 +814,9 @@ class DeadActivationMonitor(DiagnosticCallback):
             if name in flagged or (kind == "saturated" and entry["is_output"]):
                 continue
             flagged.append(name)
-            weights = _weight_stats(trainer.lightning_module, entry["producer"], entry["op"])
+            weights = _weight_stats(
+                trainer.lightning_module, entry["producer"], entry["op"], entry.get("negative_slope")
+            )
             data = {"layer": name, **self.latest[name], **weights, "history": history[-20:]}
             if kind == "dead":
                 self._report_dead(trainer, name, entry, steps, history, weights, data)
@@ -702,8 +850,8 @@ class DeadActivationMonitor(DiagnosticCallback):
         message = (
             f"`{name}` ({entry['op']} {_where(entry)}): {entry['dead_units']}/{entry['units']} units "
             f"({entry['dead_fraction']:.0%}) never had a positive output in {entry['values_per_unit']} values per "
-            f"unit {_steps_words(steps)}; expected at most {self.dead_threshold:.0%}. Dead units "
-            f"get no gradient and stop learning. {story}"
+            f"unit {_steps_words(steps)}; expected at most {self.dead_threshold:.0%}. "
+            f"{_dead_consequence(entry)} {story}"
         )
         hints: list[str] = []
         producer = entry["producer"]
@@ -716,9 +864,11 @@ class DeadActivationMonitor(DiagnosticCallback):
         else:
             hints.append("start the bias of the layer before it at a small positive value (0.01)")
         if weights.get("weight_std") is not None:
+            slope = entry.get("negative_slope")
+            kaiming = "nonlinearity='relu'" if slope is None else f"a={slope:g}, nonlinearity='leaky_relu'"
             hints.append(
                 f"check `{producer}`'s init scale: weight std {weights['weight_std']:.3g} vs {weights['init_std']:.3g} "
-                f"for Kaiming init (`nn.init.kaiming_normal_(w, nonlinearity='relu')`)"
+                f"for Kaiming init (`nn.init.kaiming_normal_(w, {kaiming})`)"
             )
         learning_rate = "lower the learning rate (3-10x) or add warmup"
         hints.insert(0 if grew_from is not None else len(hints), learning_rate)
@@ -844,7 +994,24 @@ def _growth_start(history: list[list[float]]) -> list[float] | None:
     return earlier[last_low]
 
 
-def _weight_stats(model: nn.Module, producer: str | None, op: str) -> dict[str, Any]:
+def _dead_consequence(entry: dict[str, Any]) -> str:
+    """What a never-positive unit of this op still learns."""
+    op = entry["op"]
+    if op == "leaky_relu" and entry.get("negative_slope") is not None:
+        slope = entry["negative_slope"]
+        return f"Such units pass only {slope:g}x of their gradient (the negative slope) and learn slowly."
+    if op in ("leaky_relu", "prelu"):
+        return "Such units pass only the negative slope's share of their gradient and learn slowly."
+    if op in ("elu", "selu", "celu"):
+        return "Such units sit on the exponential tail, whose gradient vanishes for large negative inputs."
+    if op in ("gelu", "silu", "mish", "hardswish"):
+        return "Such units sit in the negative tail, where the gradient is small and vanishes further out."
+    return "Dead units get no gradient and stop learning."
+
+
+def _weight_stats(
+    model: nn.Module, producer: str | None, op: str, negative_slope: float | None = None
+) -> dict[str, Any]:
     """The feeding layer's weight std and bias mean, and the std its init should have for this activation."""
     if not producer:
         return {}
@@ -857,7 +1024,7 @@ def _weight_stats(model: nn.Module, producer: str | None, op: str) -> dict[str, 
         return {}
     fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
     if op in DEAD_OPS:
-        gain = math.sqrt(2.0)
+        gain = math.sqrt(2.0 / (1.0 + (negative_slope or 0.0) ** 2))  # nn.init.calculate_gain("leaky_relu", a)
         init_std = gain / math.sqrt(fan_in)
     else:
         gain = _TANH_GAIN if op == "tanh" else 1.0

@@ -264,6 +264,88 @@ def test_output_sigmoid_is_logged_but_not_judged_while_a_hidden_one_is(tmp_path)
     assert [f.data["layer"] for f in callback.findings if f.check == "activations.saturated"] == ["sigmoid_0"]
 
 
+class ViewedOutput(pl.LightningModule):
+    """The output activation, saturated by a 50x gain, returned as a view: ``sigmoid(...).squeeze(-1)`` (a binary
+    classifier) or ``tanh(...).view(batch, 8, 8)`` (an image generator)."""
+
+    def __init__(self, view: str) -> None:
+        super().__init__()
+        self.view = view
+        self.hidden = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 1 if view == "squeeze" else 64)
+        self.out = nn.Sigmoid() if view == "squeeze" else nn.Tanh()
+
+    def forward(self, x):
+        out = self.out(50 * self.head(F.relu(self.hidden(x))))
+        return out.squeeze(-1) if self.view == "squeeze" else out.view(-1, 8, 8)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.view == "squeeze":
+            return F.binary_cross_entropy(self(x).clamp(1e-6, 1 - 1e-6), (y >= 5).float())
+        return F.mse_loss(self(x), x.tanh().view(-1, 8, 8))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("view", ["squeeze", "view"])
+def test_an_output_activation_returned_as_a_view_is_logged_but_not_judged(tmp_path, view):
+    callback = monitor()
+    fit(tmp_path, ViewedOutput(view), callback)
+
+    layers = callback.summary()["layers"]
+    assert layers["out"]["is_output"] and layers["out"]["saturated_fraction"] > 0.5
+    assert not layers["relu_0"]["is_output"]
+    assert warnings_of(callback) == []
+
+
+class HingeRanker(pl.LightningModule):
+    """Scores digits; the loss is a hinge that every pair already satisfies (all its terms are zero), as in a
+    converged ranker."""
+
+    def __init__(self, criterion: nn.Module) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1))
+        self.criterion = criterion
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        scores = self.net(x).squeeze(-1)
+        return self.criterion(scores + 10, scores - 10) + 1e-3 * scores.pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class Margin(nn.Module):
+    """Per-pair hinge: a (batch,) tensor, no feature axis."""
+
+    def forward(self, pos, neg):
+        return F.relu(1.0 - pos + neg).mean()
+
+
+class PairwiseHinge(nn.modules.loss._Loss):
+    """Every positive against every negative: a (batch, batch) hinge matrix inside a loss module."""
+
+    def forward(self, pos, neg):
+        return F.relu(1.0 - pos[:, None] + neg[None, :]).mean()
+
+
+class PairwiseHingeLoss(nn.Module):
+    def forward(self, pos, neg):
+        return F.relu(1.0 - pos[:, None] + neg[None, :]).mean()
+
+
+@pytest.mark.parametrize("criterion", [Margin, PairwiseHinge, PairwiseHingeLoss])
+def test_a_satisfied_hinge_loss_is_not_read_as_dead_units(tmp_path, criterion):
+    callback = monitor()
+    fit(tmp_path, HingeRanker(criterion()), callback)
+
+    assert units_of(callback) == {"net.1": ("relu", 32)}
+    assert warnings_of(callback) == []
+
+
 def test_growing_dead_fraction_says_from_which_step(tmp_path):
     callback = monitor(every_n_steps=2, window=1)
     fit(tmp_path, ShiftingReLU(), callback, max_steps=12)
@@ -293,6 +375,56 @@ def test_scalars_are_logged_per_layer(tmp_path):
     assert any(r.get("activations/relu_1/dormant_fraction") for r in rows)
 
 
+class ConvRNN(pl.LightningModule):
+    """A Conv1d over the 8 rows of a digit, then an ``nn.RNN`` with 20 hidden units over the 8 positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.rnn = nn.RNN(8, 20, batch_first=True)
+        self.head = nn.Linear(20, 10)
+
+    def forward(self, x):
+        sequence, _ = self.rnn(self.conv(x.reshape(-1, 8, 8)).permute(0, 2, 1))  # (batch, 8 positions, 20)
+        return self.head(sequence[:, -1])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_rnn_units_are_its_hidden_units_after_a_convolution(tmp_path):
+    callback = monitor()
+    fit(tmp_path, ConvRNN(), callback)
+
+    assert units_of(callback) == {"rnn": ("tanh", 20)}
+    assert callback.latest["rnn"]["values_per_unit"] == 2 * 32 * 8
+
+
+@pytest.mark.parametrize(
+    ("activation", "consequence", "kaiming", "gain"),
+    [
+        (lambda: nn.LeakyReLU(0.2), "pass only 0.2x of their gradient", "a=0.2, nonlinearity='leaky_relu'", 2 / 1.04),
+        (nn.GELU, "where the gradient is small", "nonlinearity='relu'", 2.0),
+    ],
+    ids=["leaky_relu", "gelu"],
+)
+def test_dead_non_relu_units_are_described_as_they_are(tmp_path, activation, consequence, kaiming, gain):
+    model = DigitsMLP(hidden_bias=-4.0, functional=False)
+    model.acts = nn.ModuleList(activation() for _ in model.acts)
+    callback = monitor()
+    fit(tmp_path, model, callback)
+
+    (finding,) = findings_for(callback, "activations.dead", "acts.0")
+    assert finding.data["dead_fraction"] > 0.5
+    assert consequence in finding.message and "no gradient" not in finding.message
+    assert finding.data["init_std"] == pytest.approx(gain**0.5 / 8)  # Kaiming: gain / sqrt(fan_in 64)
+    assert f"nn.init.kaiming_normal_(w, {kaiming})" in finding.hint
+
+
 # ---------------------------------------------------------------- precision, identity, resume
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_mixed_precision_finds_dead_and_saturated_units(tmp_path, precision):
@@ -320,6 +452,51 @@ def test_training_is_bit_identical_with_the_monitor(tmp_path, make_model):
 
     assert callback.windows == 3
     assert_bit_identical(without, with_monitor)
+
+
+class DistilledTransformer(pl.LightningModule):
+    """A transformer student (training mode, watched) fitted to a frozen eval-mode ``nn.TransformerEncoder`` teacher
+    called in ``training_step``, which PyTorch runs on its fused inference path."""
+
+    def __init__(self, eval_in_step: bool) -> None:
+        super().__init__()
+        self.eval_in_step = eval_in_step
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.teacher = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).requires_grad_(False)
+        self.student = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 8)
+
+    def on_train_start(self) -> None:
+        self.teacher.eval()
+
+    def forward(self, rows):
+        return self.head(self.student(rows))
+
+    def training_step(self, batch, batch_idx):
+        rows = batch[0].reshape(-1, 8, 8)
+        if self.eval_in_step:  # switched to eval inside the step, called with grad enabled
+            self.teacher.eval()
+            target = self.teacher(rows)
+        else:
+            with torch.no_grad():
+                target = self.teacher(rows)
+        return F.mse_loss(self(rows), target)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("eval_in_step", [False, True], ids=["no-grad-teacher", "eval-in-step"])
+def test_a_frozen_eval_mode_transformer_keeps_training_bit_identical(tmp_path, eval_in_step):
+    kwargs = dict(max_steps=6, limit_val_batches=0)
+    without = train_state(tmp_path / "without", lambda: DistilledTransformer(eval_in_step), **kwargs)
+    callback = DeadActivationMonitor(every_n_steps=1, window=2)
+    with_monitor = train_state(tmp_path / "with", lambda: DistilledTransformer(eval_in_step), [callback], **kwargs)
+
+    assert_bit_identical(without, with_monitor)
+    assert set(callback.latest) == {"student.relu_0"}  # the teacher runs unwatched, the training student is watched
+    assert callback.latest["student.relu_0"]["producer"] == "student.linear1"
+    assert callback.windows == 3
 
 
 def _fit_with_checkpoint(tmp_path, callback, max_steps, ckpt_path=None):
