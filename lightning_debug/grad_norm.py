@@ -83,6 +83,10 @@ class GradNormMonitor(DiagnosticCallback):
     - Steps with non-finite gradients (with a GradScaler: the steps it skips for overflow) are counted apart and
       kept out of every statistic, ``grad_norm.no_grad`` included. Acting on them is NaNGuard's job.
     - **Sparse gradients** (``nn.Embedding(sparse=True)``) are measured by the norm of their stored values.
+    - **Embedding tables** (``nn.Embedding``, ``nn.EmbeddingBag``) and parameters with sparse gradients are logged
+      but not judged vanishing: a batch's gradient reaches only the rows of the tokens it holds, so the RMS over
+      the whole table falls with the vocabulary's size (17 of 100,000 rows per batch: ~1e-5 of the largest
+      parameter's) although those rows learn normally.
     - **Training raises**: on a single device the unread norms are judged just before the end-of-run report is
       written, so a spike before the crash reaches it. Under DDP this is skipped: reading them is a collective,
       and the report is written on rank 0 alone.
@@ -121,7 +125,8 @@ class GradNormMonitor(DiagnosticCallback):
                                            with finite gradients (also at the end of training)
     ``grad_norm.vanishing``      warning   a weight (>= 2-D) whose gradient RMS stays below
                                            ``vanishing_ratio`` x the largest parameter's for ``patience``
-                                           measured steps; ``info`` for 1-D parameters (biases, norms)
+                                           measured steps; ``info`` for 1-D parameters (biases, norms);
+                                           embedding tables are not judged
     ``grad_norm.non_finite``     warning   non-finite gradients (``info`` with a GradScaler, which skips them)
     ``grad_norm.clip_normalises``  info    your ``gradient_clip_val`` is below the median norm
     ===========================  ========  ===============================================================
@@ -205,6 +210,7 @@ class GradNormMonitor(DiagnosticCallback):
         self._vanishing_run: dict[str, int] = {}  # name -> consecutive measured steps below vanishing_ratio
         self._reported: set[str] = set()  # "check:name" reported once
         self._last_rms_ratio: dict[str, float] = {}
+        self._embeddings: set[str] = set()  # embedding tables: not judged vanishing (on_train_start)
         self._feed: list[tuple[int, list[float], int]] | None = None  # NaNGuard's per-step norms (on_train_start)
         self._guarded = False  # a NaNGuard is in the run (on_train_start)
 
@@ -218,6 +224,8 @@ class GradNormMonitor(DiagnosticCallback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        tables = {id(m.weight) for m in pl_module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+        self._embeddings = {name for key, name in self._names.items() if key in tables}
         self._params.clear()  # a new fit: new optimizers
         self._feed = None
         guard = next((cb for cb in trainer.callbacks if callable(getattr(cb, "grad_norm_feed", None))), None)  # type: ignore[attr-defined]
@@ -362,7 +370,9 @@ class GradNormMonitor(DiagnosticCallback):
         names = [self._names.get(id(p), f"opt{index}.param{i}") for i, p in enumerate(params)]
         numels = [p.numel() for p in params]
         ndims = [p.ndim for p in params]
-        self._ingest_params(trainer, names, numels, ndims, host[:count], host[count : 2 * count])
+        # embedding tables and sparse gradients: a batch reaches a few rows, their RMS over the table is not judged
+        rows = {name for name, p in zip(names, params) if p.grad is not None and p.grad.is_sparse} | self._embeddings
+        self._ingest_params(trainer, names, numels, ndims, host[:count], host[count : 2 * count], rows)
         self._judge_no_grad(trainer)
         self._log_clip(trainer, index, log)
 
@@ -466,6 +476,7 @@ class GradNormMonitor(DiagnosticCallback):
         ndims: list[int],
         squares: list[float],
         has_grad: list[float],
+        rows: set[str],
     ) -> None:
         finite = all(math.isfinite(sq) for sq in squares)
         if finite:  # an overflowed (GradScaler-skipped) step says nothing about which parameters get gradients
@@ -485,6 +496,8 @@ class GradNormMonitor(DiagnosticCallback):
                 continue  # missing or zero gradients are grad_norm.no_grad's business
             ratio = value / largest
             self._last_rms_ratio[name] = ratio
+            if name in rows:
+                continue  # an embedding table: see the class docstring
             self._vanishing_run[name] = self._vanishing_run.get(name, 0) + 1 if ratio < self.vanishing_ratio else 0
         self._report_vanishing(trainer, ndims_by_name=dict(zip(names, ndims)))
 

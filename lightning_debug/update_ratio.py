@@ -11,11 +11,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import is_sharded, reduce_squares
+from lightning_debug.findings import Severity
 from lightning_debug.optimizers import (
     SIGNIFICANT_BITS,
     float16_eps_problems,
@@ -31,6 +33,7 @@ from lightning_debug.weight_stats import BiasBeforeNormProbe
 
 _FITTED_DROP = 100.0  # a training loss this many times below its first measurement: the model fits its data
 _EARLY = 0.5  # a schedule that has made updates too small before this fraction of the run decays too early
+_DECAYED = 3.0  # the LR this many times below its peak (median over the streak): the schedule explains small updates
 _ROUNDED_AWAY = 0.25  # low-precision weights: an info when the step leaves this fraction of the elements unchanged
 
 
@@ -49,6 +52,8 @@ class _Snapshot:
     delta_sq: Tensor | None = None  # squared norms of the applied update, once the step ran
     low: list[int] | None = None  # indices of the float16/bfloat16 parameters
     rounding: Tensor | None = None  # their elements with a non-zero gradient, and those of them the step left unchanged
+    index: int = 0  # the optimizer's index
+    sparse: frozenset[str] = frozenset()  # parameters with sparse gradients (not judged too small)
 
 
 class UpdateRatioMonitor(DiagnosticCallback):
@@ -66,9 +71,12 @@ class UpdateRatioMonitor(DiagnosticCallback):
     only; nothing is kept between measured steps.
 
     Judgement uses weights with two or more dimensions (matrices, kernels): a bias or a norm scale that starts
-    at zero has no meaningful ratio, and a bias before BatchNorm legitimately receives no gradient. All
-    parameters are logged, and every parameter is checked for never changing. A finding needs ``patience``
-    measurements in a row beyond its threshold (hysteresis), so one noisy step never raises it.
+    at zero has no meaningful ratio, and a bias before BatchNorm legitimately receives no gradient. Embedding
+    tables (``nn.Embedding``, ``nn.EmbeddingBag``) and parameters with sparse gradients are not judged too small:
+    a batch updates only the rows of the tokens it holds, so the ratio over the whole table falls with the
+    vocabulary's size (Adam at lr 1e-3, 17 of 100,000 rows touched per batch: ~1e-5) while those rows learn at a
+    normal rate. All parameters are logged, and every parameter is checked for never changing. A finding needs
+    ``patience`` measurements in a row beyond its threshold (hysteresis), so one noisy step never raises it.
 
     Thresholds, measured on the digits zoo (SGD lr=0.05 momentum 0.9 and Adam lr=1e-3; MLP, BatchNorm CNN,
     RNN): healthy weights' ratios have medians 8e-3 to 2.5e-2 and single-step maxima up to 8e-2, so the
@@ -77,13 +85,22 @@ class UpdateRatioMonitor(DiagnosticCallback):
 
     "Too small" is judged as at the peak learning rate: a schedule that lowers the LR lowers every update with it
     (for SGD, momentum, Adam and weight decay the update is proportional to the LR), so each ratio is scaled by
-    the peak LR seen so far over the step's LR, and while the LR rises (a warm-up) the streak waits. Ratios too
-    small only because the schedule lowered the LR are normal near the end of a run (cosine or linear decay to
-    0) and raise ``update_ratio.lr_decayed_early`` when they start before half of it (from
-    ``Trainer.estimated_stepping_batches``; silent when the run's length is unknown). Ratios too small while the
-    training loss has fallen 100x or more since the first measurement (the step's loss, read with the ratios) are
-    the model fitting its data, e.g. an overfit-one-batch check: one ``update_ratio.fitted`` info, no advice to
-    raise the LR.
+    the peak LR seen so far over the step's LR, and while the LR rises (a warm-up) the streak waits; a weight is
+    too small when the median of its scaled ratios is. Ratios too small only because the schedule lowered the LR
+    (at least 3x below its peak, median over the streak; a smaller decay explains little and is not blamed) are
+    normal near the end of a run (cosine or linear decay to 0) and raise ``update_ratio.lr_decayed_early`` when
+    they start before half of it (from ``Trainer.estimated_stepping_batches``). When the run's length is not fixed
+    in advance (``EarlyStopping`` in the callbacks, ``max_epochs=-1`` without ``max_steps``, a dataset of unknown
+    length) that is judged when training ends, against the steps it ran. A ``ReduceLROnPlateau`` decay reacts to
+    its monitored metric instead of following a plan made in advance: one ``update_ratio.lr_reduced_on_plateau``
+    info, no schedule advice. Ratios too small while the training loss has fallen 100x or more since the first
+    measurement (the step's loss, read with the ratios) are the model fitting its data, e.g. an overfit-one-batch
+    check: one ``update_ratio.fitted`` info, no advice to raise the LR.
+
+    **Fine-tuning:** with InitLossCallback in the run, its ``init_loss.trained`` finding (the loss at fit start is
+    far below chance: the weights are trained) makes ``update_ratio.too_small`` an info. Small updates are expected
+    when fine-tuning (AdamW at 2e-5 on a trained digits MLP: ~6e-5), and raising the LR to reach the ~1e-3 of
+    training from scratch risks erasing what the weights learned (catastrophic forgetting).
 
     Skipped steps are not "too small": a step the GradScaler skipped (non-finite gradients, the post-hook never
     runs), a step with non-finite gradients, or a step in which no parameter changed at all (NaNGuard skipped
@@ -107,27 +124,29 @@ class UpdateRatioMonitor(DiagnosticCallback):
 
     Findings:
 
-    ==================================  ========  ========================================================
-    check                               severity  when
-    ==================================  ========  ========================================================
-    ``update_ratio.too_small``          warning   a weight's ratio < ``too_small`` for ``patience``
-                                                  measurements, also when scaled to the peak LR
-    ``update_ratio.lr_decayed_early``   warning   the same, but only since the schedule lowered the LR,
-                                                  before half of the run
-    ``update_ratio.fitted``             info      the same while the training loss is 100x below its
-                                                  first measurement
-    ``update_ratio.too_large``          warning   a weight's ratio > ``too_large`` for ``patience``
-                                                  measurements
-    ``update_ratio.frozen``             warning   a parameter in an optimizer never changed over
-                                                  ``patience`` measurements (or no parameter changed in
-                                                  ``patience`` steps)
-    ``update_ratio.eps_underflow``      warning   at the start: an Adam-family optimizer's ``eps`` is below
-                                                  float16's smallest normal (6.1e-05) while it updates
-                                                  float16 weights (``precision="16-true"``): NaN updates
-    ``update_ratio.rounded_away``       info      float16/bfloat16 weights: the step left at least 25% of
-                                                  the elements that had a gradient unchanged (median of
-                                                  ``patience`` measurements): updates rounded away
-    ==================================  ========  ========================================================
+    ========================================  ========  ========================================================
+    check                                     severity  when
+    ========================================  ========  ========================================================
+    ``update_ratio.too_small``                warning   a weight's ratio < ``too_small`` for ``patience``
+                                                        measurements, also when scaled to the peak LR (median);
+                                                        ``info`` when fine-tuning trained weights
+    ``update_ratio.lr_decayed_early``         warning   the same, but only since the schedule lowered the LR
+                                                        3x or more, before half of the run
+    ``update_ratio.lr_reduced_on_plateau``    info      the same, since a ``ReduceLROnPlateau`` decay
+    ``update_ratio.fitted``                   info      the same while the training loss is 100x below its
+                                                        first measurement
+    ``update_ratio.too_large``                warning   a weight's ratio > ``too_large`` for ``patience``
+                                                        measurements
+    ``update_ratio.frozen``                   warning   a parameter in an optimizer never changed over
+                                                        ``patience`` measurements (or no parameter changed in
+                                                        ``patience`` steps)
+    ``update_ratio.eps_underflow``            warning   at the start: an Adam-family optimizer's ``eps`` is below
+                                                        float16's smallest normal (6.1e-05) while it updates
+                                                        float16 weights (``precision="16-true"``): NaN updates
+    ``update_ratio.rounded_away``             info      float16/bfloat16 weights: the step left at least 25% of
+                                                        the elements that had a gradient unchanged (median of
+                                                        ``patience`` measurements): updates rounded away
+    ========================================  ========  ========================================================
 
     **Low-precision weights** (``precision="16-true"``/``"bf16-true"``, or a model cast with ``.half()``): the
     optimizer then keeps and updates the weights in 16 bits. Adam's default ``eps=1e-8`` is 0 in float16, and the
@@ -199,6 +218,11 @@ class UpdateRatioMonitor(DiagnosticCallback):
         # WeightStatsMonitor's weight_stats.bias_before_norm), found in the run's first forward
         self._before_norm: set[str] = set()
         self._norm_probe: BiasBeforeNormProbe | None = None
+        self._embeddings: set[str] = set()  # embedding tables: not judged too small (on_train_start)
+        self._optimizer_of: dict[str, int] = {}  # parameter name -> the index of the optimizer stepping it
+        self._fine_tuning = False  # InitLossCallback found trained weights at fit start (init_loss.trained)
+        # a schedule's decay found while the run's length is not known: judged when training ends
+        self._pending_decay: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ hooks
     def doze_hooks(self) -> tuple[str, ...]:
@@ -206,6 +230,8 @@ class UpdateRatioMonitor(DiagnosticCallback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        tables = {id(m.weight) for m in pl_module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+        self._embeddings = {name for key, name in self._names.items() if key in tables}
         self._remove_hooks()
         self._close_norm_probe()
         self._norm_probe = BiasBeforeNormProbe(pl_module)  # watches the first training forward only
@@ -260,6 +286,8 @@ class UpdateRatioMonitor(DiagnosticCallback):
             grads_finite=torch.isfinite(grad_sq) if grad_sq is not None else torch.ones((), dtype=torch.bool),
             lrs=_param_lrs(optimizer, params),
             low=low or None,
+            index=index,
+            sparse=frozenset(self._names.get(id(p), "") for p in params if p.grad is not None and p.grad.is_sparse),
         )
 
     def _post_hook(self, trainer: pl.Trainer, index: int) -> Any:
@@ -285,6 +313,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._remove_hooks()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._judge_pending_decay(trainer)
         self._pending.clear()
         self._remove_hooks()
         self._close_norm_probe()
@@ -367,6 +396,9 @@ class UpdateRatioMonitor(DiagnosticCallback):
                 scalars[f"update_ratio/{name}"] = math.log10(ratio)
             if ndim >= 2 and ratio > 0:  # an exact 0 is update_ratio.frozen's business
                 self._ratios.setdefault(name, deque(maxlen=self.patience)).append(ratio)
+                self._optimizer_of[name] = snapshot.index
+                if name in self._embeddings or name in snapshot.sparse:
+                    continue  # a batch updates the rows of its tokens: the table's ratio says nothing about the LR
                 scale = self._lr_scale(name, lr)
                 if scale is None:
                     self._small.pop(name, None)  # a warm-up: small updates are the schedule's start
@@ -401,6 +433,20 @@ class UpdateRatioMonitor(DiagnosticCallback):
         """The median ratio of ``name``'s too-small streak, as measured or scaled to the peak LR."""
         return statistics.median(ratio * scale if at_peak else ratio for ratio, scale in self._small[name])
 
+    def _decay(self, name: str) -> float:
+        """How many times below its peak the LR was over ``name``'s too-small streak (median)."""
+        return statistics.median(scale for _, scale in self._small[name])
+
+    def _trained_at_start(self, trainer: pl.Trainer) -> bool:
+        """Whether the weights were trained when the fit started (InitLossCallback's ``init_loss.trained``)."""
+        if not self._fine_tuning:
+            self._fine_tuning = any(
+                getattr(finding, "check", None) == "init_loss.trained"
+                for callback in trainer.callbacks  # type: ignore[attr-defined]
+                for finding in getattr(callback, "findings", ())
+            )
+        return self._fine_tuning
+
     def _fitted(self) -> bool:
         """Whether the training loss fell ``_FITTED_DROP``-fold or more since the first measurement (median of the
         last ``patience`` measured steps): the model fits its training data, and small updates follow from that."""
@@ -415,11 +461,12 @@ class UpdateRatioMonitor(DiagnosticCallback):
         if small and self._fitted():
             self._report_fitted(trainer, snapshot, small)
         elif small:
-            # too small even scaled to the peak LR: the LR; too small only since the schedule lowered it: the schedule
-            at_peak = [n for n in small if all(r * scale < self.too_small for r, scale in self._small[n])]
+            # too small even scaled to the peak LR: the LR; too small only since the schedule lowered it 3x or more:
+            # the schedule (a smaller decay explains little: those weights are left alone)
+            at_peak = [n for n in small if self._small_median(n, at_peak=True) < self.too_small]
             if at_peak:
                 self._report_ratio(trainer, snapshot, "too_small", at_peak)
-            decayed = [n for n in small if n not in at_peak]
+            decayed = [n for n in small if n not in at_peak and self._decay(n) >= _DECAYED]
             if decayed:
                 self._report_decayed(trainer, snapshot, decayed)
         large = self._sustained("too_large", self._ratios, lambda r: r > self.too_large)
@@ -486,7 +533,23 @@ class UpdateRatioMonitor(DiagnosticCallback):
             advice.append(f"{amount}: lr {lr:.3g} -> {lr * factor:.3g}{which}")
         per_group = "; ".join(advice)
         single_lr = next(iter(groups)) if len(groups) == 1 else None
-        if check == "too_small":
+        severity: Severity = "warning"
+        if check == "too_small" and self._trained_at_start(trainer):
+            severity = "info"
+            message = (
+                f"Updates are small: ||Δw||/||w|| stayed below {self.too_small:g} for {self.patience} measurements in "
+                f"a row in {len(names)} weight(s), median {overall:.2g} (10^{math.log10(overall):.1f}"
+                f"{', scaled to the peak learning rate' if lowered else ''}), where training from scratch moves "
+                "~1e-3. The weights were trained when the fit started (InitLossCallback: init_loss.trained): small "
+                f"updates are expected when fine-tuning, they keep what the weights learned. {shown}"
+            )
+            hint = (
+                "Nothing to change while the training and validation loss improve. If they stall, raise the "
+                f"{'peak ' if lowered else ''}learning rate in small steps (2-3x at a time): the ~1e-3 of training "
+                f"from scratch would take about {per_group}, which risks erasing what the trained weights know "
+                "(catastrophic forgetting)."
+            )
+        elif check == "too_small":
             message = (
                 f"Updates are too small: ||Δw||/||w|| stayed below {self.too_small:g} for {self.patience} measurements "
                 f"in a row in {len(names)} weight(s), median {overall:.2g} (10^{math.log10(overall):.1f}); expected "
@@ -516,7 +579,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self.report(
             trainer,
             f"update_ratio.{check}",
-            "warning",
+            severity,
             message,
             hint,
             {
@@ -527,6 +590,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
                 "suggested_lr": suggested[names[0]] if single_lr is not None else None,
                 "lr_by_parameter": {n: lr_of.get(n, math.nan) for n in names},
                 "suggested_lr_by_parameter": suggested,
+                "fine_tuning": severity == "info",
             },
             step=snapshot.step + 1,
         )
@@ -555,34 +619,96 @@ class UpdateRatioMonitor(DiagnosticCallback):
         )  # fmt: skip
 
     def _report_decayed(self, trainer: pl.Trainer, snapshot: _Snapshot, names: list[str]) -> None:
-        """Updates too small only since the schedule lowered the LR: a warning while most of the run lies ahead
-        (the schedule decays too early), nothing near its end (cosine or linear decay to 0 does this on purpose)."""
+        """Updates too small only since the LR fell 3x or more below its peak. A ReduceLROnPlateau decay reacted to
+        its metric: an info. A schedule: a warning while most of the run lies ahead (it decays too early), nothing
+        near its end (cosine or linear decay to 0 does this on purpose); when the run's length is not known yet,
+        judged at its end."""
+        index = self._optimizer_of.get(names[0], snapshot.index)
+        if _reduces_on_plateau(trainer, index):
+            self._report_plateau(trainer, snapshot, names)
+            return
         progress = _progress(trainer, snapshot.step)
-        if progress is None or progress >= _EARLY:
+        if progress is not None and progress >= _EARLY:
             return
         for name in names:
             self._flagged.add(f"too_small:{name}")
+        numbers = self._decay_numbers(snapshot, names)
+        if progress is None:  # the run's length is open (EarlyStopping, max_epochs=-1): judged when it ends
+            if self._pending_decay is None:
+                self._pending_decay = numbers
+            return
+        self._warn_decayed(trainer, numbers, progress, f"{100 * progress:.0f}% into training")
+
+    def _decay_numbers(self, snapshot: _Snapshot, names: list[str]) -> dict[str, Any]:
         lr_of = dict(zip(snapshot.names, snapshot.lrs))
         lr = statistics.median(lr_of[n] for n in names)
-        peak = statistics.median(self._peak_lr.get(n, lr_of[n]) for n in names)
-        median = statistics.median(self._small_median(n) for n in names)
-        at_peak = statistics.median(self._small_median(n, at_peak=True) for n in names)
-        shown = {n: round_significant(self._small_median(n), 2) for n in names[:10]}
+        return {
+            "step": snapshot.step,
+            "parameters": names,
+            "lr": lr,
+            "peak_lr": statistics.median(self._peak_lr.get(n, lr_of[n]) for n in names),
+            "median_ratio": round_significant(statistics.median(self._small_median(n) for n in names)),
+            "median_ratio_at_peak": round_significant(
+                statistics.median(self._small_median(n, at_peak=True) for n in names)
+            ),
+            "shown": {n: round_significant(self._small_median(n), 2) for n in names[:10]},
+        }
+
+    def _judge_pending_decay(self, trainer: pl.Trainer) -> None:
+        """The run ended: a decay found while its length was open is judged against the steps it ran."""
+        numbers, self._pending_decay = self._pending_decay, None
+        total = int(trainer.global_step)
+        if numbers is None or total <= 0:
+            return
+        progress = min(numbers["step"] / total, 1.0)
+        if progress < _EARLY:
+            where = f"{100 * progress:.0f}% into training (the run stopped at step {total}; its length was open)"
+            self._warn_decayed(trainer, numbers, progress, where)
+
+    def _warn_decayed(self, trainer: pl.Trainer, numbers: dict[str, Any], progress: float, where: str) -> None:
+        lr, peak, names = numbers["lr"], numbers["peak_lr"], numbers["parameters"]
+        median, at_peak = numbers["median_ratio"], numbers["median_ratio_at_peak"]
         self.report(
             trainer,
             "update_ratio.lr_decayed_early",
             "warning",
             f"The learning-rate schedule lowered the LR {_times(peak / lr)} (from {peak:.3g} to {lr:.3g}) by step "
-            f"{snapshot.step}, {100 * progress:.0f}% into training: updates fell to ||Δw||/||w|| {median:.2g} in "
-            f"{len(names)} weight(s), below {self.too_small:g} for {self.patience} measurements (~{at_peak:.2g} at the "
-            f"peak LR; expected ~1e-3): the rest of the run learns little. {shown}",
+            f"{numbers['step']}, {where}: updates fell to ||Δw||/||w|| {median:.2g} in {len(names)} weight(s), below "
+            f"{self.too_small:g} for {self.patience} measurements (~{at_peak:.2g} at the peak LR; expected ~1e-3): "
+            f"the rest of the run learns little. {numbers['shown']}",
             "Decay later or less: end the schedule at the run's last step (e.g. CosineAnnealingLR's T_max = "
             "max_steps), a decay factor closer to 1, or a floor (eta_min) around the peak LR / 10. Check the "
             "scheduler's interval too: an epoch-sized schedule (StepLR(step_size=30)) stepped every batch "
             "(interval='step') decays an epoch's worth per step (checklist: do not trust learning rate decay "
             "defaults).",
             {"parameters": names, "lr": lr, "peak_lr": peak, "progress": round(progress, 3),
-             "median_ratio": round_significant(median), "median_ratio_at_peak": round_significant(at_peak)},
+             "median_ratio": median, "median_ratio_at_peak": at_peak},
+            step=numbers["step"] + 1,
+        )  # fmt: skip
+
+    def _report_plateau(self, trainer: pl.Trainer, snapshot: _Snapshot, names: list[str]) -> None:
+        for name in names:
+            self._flagged.add(f"too_small:{name}")
+        if "lr_reduced_on_plateau" in self._flagged:
+            return
+        self._flagged.add("lr_reduced_on_plateau")
+        numbers = self._decay_numbers(snapshot, names)
+        lr, peak = numbers["lr"], numbers["peak_lr"]
+        median, at_peak = numbers["median_ratio"], numbers["median_ratio_at_peak"]
+        self.report(
+            trainer,
+            "update_ratio.lr_reduced_on_plateau",
+            "info",
+            f"ReduceLROnPlateau lowered the LR {_times(peak / lr)} (from {peak:.3g} to {lr:.3g}) by step "
+            f"{snapshot.step} (epoch {trainer.current_epoch}) after its monitored metric stopped improving: updates "
+            f"fell to ||Δw||/||w|| {median:.2g} in {len(names)} weight(s), below {self.too_small:g} for "
+            f"{self.patience} measurements (~{at_peak:.2g} at the peak LR, where ~1e-3 is expected). A reaction to "
+            f"the plateau, not a schedule fixed in advance. {numbers['shown']}",
+            "Nothing to change if the monitored metric improves again at the lower LR. If it does not, the run has "
+            "converged: stop it (EarlyStopping on the same metric) rather than reducing further; if reductions "
+            "come while the training loss still falls, raise the scheduler's patience or threshold.",
+            {"parameters": names, "lr": lr, "peak_lr": peak, "median_ratio": median,
+             "median_ratio_at_peak": at_peak, "epoch": trainer.current_epoch},
             step=snapshot.step + 1,
         )  # fmt: skip
 
@@ -670,6 +796,8 @@ class UpdateRatioMonitor(DiagnosticCallback):
             "first_loss": self._first_loss,
             "recent_losses": list(self._recent_losses),
             "rounded": {str(index): list(history) for index, history in self._rounded.items()},
+            "fine_tuning": self._fine_tuning,
+            "pending_decay": self._pending_decay,
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -696,6 +824,9 @@ class UpdateRatioMonitor(DiagnosticCallback):
             int(index): deque((float(v) for v in history), maxlen=self.patience)
             for index, history in state.get("rounded", {}).items()
         }
+        self._fine_tuning = bool(state.get("fine_tuning", False))
+        pending = state.get("pending_decay")
+        self._pending_decay = dict(pending) if pending else None
 
 
 def _times(factor: float) -> str:
@@ -703,7 +834,10 @@ def _times(factor: float) -> str:
 
 
 def _progress(trainer: pl.Trainer, step: int) -> float | None:
-    """How far into training ``step`` is (0 to 1), or None when the run's length is not known."""
+    """How far into training ``step`` is (0 to 1), or None when the run's length is not known in advance (with
+    EarlyStopping ``max_epochs`` only bounds it)."""
+    if any(isinstance(callback, EarlyStopping) for callback in trainer.callbacks):  # type: ignore[attr-defined]
+        return None
     try:
         total = float(trainer.estimated_stepping_batches)
     except Exception:  # a run whose length Lightning cannot tell (e.g. an iterable dataset without max_steps)
@@ -711,6 +845,18 @@ def _progress(trainer: pl.Trainer, step: int) -> float | None:
     if not math.isfinite(total) or total <= 0:
         return None
     return min(step / total, 1.0)
+
+
+def _reduces_on_plateau(trainer: pl.Trainer, index: int) -> bool:
+    """Whether optimizer ``index``'s LR is lowered by a ReduceLROnPlateau scheduler (Lightning's reduce_on_plateau)."""
+    optimizers = trainer.optimizers
+    if not 0 <= index < len(optimizers):
+        return False
+    optimizer = optimizers[index]
+    return any(
+        config.reduce_on_plateau and getattr(config.scheduler, "optimizer", None) is optimizer
+        for config in trainer.lr_scheduler_configs
+    )
 
 
 def _rounding_counts(params: list[nn.Parameter], deltas: list[Tensor], low: list[int]) -> Tensor | None:

@@ -165,6 +165,39 @@ def test_batchnorm_cnn_bias_before_norm_is_info_not_warning(tmp_path: Path) -> N
     assert set(vanishing[0].data["parameters"]) == {"features.0.bias", "features.3.bias"}
 
 
+class LargeVocabulary(pl.LightningModule):
+    """(Pixel position, value) pairs as tokens of a 100,000-row table (up to 1,088 rows per batch), their vectors
+    averaged (an ``nn.EmbeddingBag``, or an ``nn.Embedding`` and a mean)."""
+
+    def __init__(self, bag: bool) -> None:
+        super().__init__()
+        self.bag = bag
+        self.emb = torch.nn.EmbeddingBag(100_000, 8) if bag else torch.nn.Embedding(100_000, 8)
+        self.head = torch.nn.Linear(8, 10)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        tokens = torch.arange(64) * 17 + x.long().clamp(0, 16)
+        features = self.emb(tokens) if self.bag else self.emb(tokens).mean(1)
+        return torch.nn.functional.cross_entropy(self.head(torch.relu(features)), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_an_embedding_table_is_logged_but_not_judged_vanishing(tmp_path: Path, bag: bool) -> None:
+    """A batch's gradient reaches a few rows of a large table: its RMS over the table is tiny by construction."""
+    monitor = GradNormMonitor(every_n_steps=5)
+    trainer = _fit(tmp_path, LargeVocabulary(bag), DigitsDataModule(batch_size=32, standardize=False), [monitor],
+                   max_steps=40)  # fmt: skip
+    assert monitor.findings == []
+    assert monitor._last_rms_ratio["emb.weight"] < monitor.vanishing_ratio
+    assert "emb.weight" not in monitor._vanishing_run and monitor._vanishing_run["head.weight"] == 0
+    events = [p for p in Path(trainer.log_dir).glob("events.out.tfevents.*")]
+    assert events and b"grad_norm/emb.weight" in events[0].read_bytes()
+
+
 def test_detached_first_layer_is_named(tmp_path: Path) -> None:
     grad = GradNormMonitor(every_n_steps=5)
     _fit(tmp_path, zoo.DigitsMLP(detach_first=True), DigitsDataModule(batch_size=32), [grad], max_steps=30)

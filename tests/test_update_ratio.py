@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ from helpers import (
     run_ddp_script,
     train_state,
 )
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 import lightning_debug
 from lightning_debug import zoo
 from lightning_debug.data import DigitsDataModule
+from lightning_debug.init_loss import InitLossCallback
 from lightning_debug.nan_guard import NaNGuard
 from lightning_debug.update_ratio import UpdateRatioMonitor
 from lightning_debug.weight_stats import WeightStatsMonitor
@@ -259,6 +261,166 @@ def test_updates_are_not_judged_too_small_while_the_lr_warms_up(tmp_path: Path) 
     _fit(tmp_path, model, [monitor], max_steps=200, max_epochs=-1, limit_val_batches=0)
     assert max(monitor.last_ratios[n] for n in ("layers.0.weight", "layers.1.weight", "head.weight")) < 1e-4
     assert _checks(monitor) == []
+
+
+def test_a_decay_below_3x_is_not_blamed_on_the_schedule(tmp_path: Path) -> None:
+    """Adam at lr 2e-5 cut 2.5x at step 30: the ratios fall from ~1.5e-4 to ~6e-5. At the peak LR they were above
+    1e-4, and a 2.5x decay is no schedule decaying too early."""
+    monitor = UpdateRatioMonitor(every_n_steps=10)
+    model = zoo.DigitsMLP(optimizer="adam", lr=2e-5, lr_lambda=lambda step: 1.0 if step < 30 else 0.4)
+    _fit(tmp_path, model, [monitor], max_steps=200, max_epochs=-1, limit_val_batches=0)
+    for name in ("layers.0.weight", "layers.1.weight", "head.weight"):
+        assert monitor._small_median(name) < 1e-4 < monitor._small_median(name, at_peak=True)
+        assert math.isclose(statistics.median(scale for _, scale in monitor._small[name]), 2.5)
+    assert monitor.findings == []
+
+
+class _FlatMetric(zoo.DigitsMLP):
+    """Logs ``flat``, a metric that never improves: a scheduler or EarlyStopping watching it acts on schedule."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.log("flat", 1.0)
+        return super().training_step(batch, batch_idx)
+
+
+class _Plateau(_FlatMetric):
+    """Adam under ReduceLROnPlateau(factor=0.01, patience=0) on ``flat``: the LR falls 100x after the second epoch."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.01, patience=0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "flat"}}
+
+
+def test_a_reduce_lr_on_plateau_decay_is_an_info_not_a_schedule_warning(tmp_path: Path) -> None:
+    """ReduceLROnPlateau cuts the LR when its metric stops improving: a reaction, not a schedule planned to decay
+    too early (at 30% of the run), so no advice about T_max or StepLR."""
+    monitor = UpdateRatioMonitor(every_n_steps=10)
+    _fit(tmp_path, _Plateau(), [monitor], max_epochs=10)
+    assert _checks(monitor) == []
+    (finding,) = monitor.findings
+    assert finding.check == "update_ratio.lr_reduced_on_plateau" and finding.severity == "info"
+    assert math.isclose(finding.data["peak_lr"], 1e-3) and math.isclose(finding.data["lr"], 1e-5)
+    assert finding.data["median_ratio"] < 1e-4 < finding.data["median_ratio_at_peak"]
+    assert "100x (from 0.001 to 1e-05)" in finding.message and "into training" not in finding.message
+    assert "T_max" not in finding.hint
+
+
+@pytest.mark.parametrize(("patience", "decay_step", "warns"), [(2, 60, False), (5, 20, True)])
+def test_with_early_stopping_a_decay_is_judged_against_the_steps_the_run_took(
+    tmp_path: Path, patience: int, decay_step: int, warns: bool
+) -> None:
+    """max_epochs=100 only bounds a run EarlyStopping ends: the LR cut 1000x at step 60 of the 141 steps it ran
+    (patience 2) is late, at step 20 of 282 (patience 5) early; neither is a percentage of 100 epochs."""
+    monitor = UpdateRatioMonitor(every_n_steps=10)
+    stop = EarlyStopping("flat", patience=patience, check_on_train_epoch_end=True)
+    model = _FlatMetric(optimizer="adam", lr=1e-3, lr_lambda=lambda step: 1.0 if step < decay_step else 1e-3)
+    trainer = _fit(tmp_path, model, [monitor, stop], max_epochs=100, limit_val_batches=0)
+    assert trainer.current_epoch == patience + 1
+    if not warns:
+        assert monitor.findings == []
+        return
+    (finding,) = monitor.findings
+    assert finding.check == "update_ratio.lr_decayed_early"
+    assert math.isclose(finding.data["progress"], round((finding.step - 1) / trainer.global_step, 3))
+    assert 0.1 < finding.data["progress"] < 0.5
+    assert f"the run stopped at step {trainer.global_step}" in finding.message
+
+
+def test_a_decay_waiting_for_the_run_s_end_survives_checkpoint_and_resume(tmp_path: Path) -> None:
+    """Found at step 60 under EarlyStopping, checkpointed at step 100, judged when the resumed run ends at 300."""
+
+    def model() -> pl.LightningModule:
+        return _FlatMetric(optimizer="adam", lr=1e-3, lr_lambda=lambda step: 1.0 if step < 20 else 1e-3)
+
+    def stop() -> EarlyStopping:
+        return EarlyStopping("flat", patience=100, check_on_train_epoch_end=True)
+
+    first = UpdateRatioMonitor(every_n_steps=10)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=100, save_top_k=-1)
+    _fit(
+        tmp_path,
+        model(),
+        [first, stop(), checkpoint],
+        max_steps=100,
+        max_epochs=-1,
+        limit_val_batches=0,
+        enable_checkpointing=True,
+    )
+    second = UpdateRatioMonitor(every_n_steps=10)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [second, stop()], max_steps=300, max_epochs=-1, limit_val_batches=0)
+    ckpt = next((tmp_path / "ckpt").glob("*step=100.ckpt"))
+    trainer.fit(model(), datamodule=DigitsDataModule(batch_size=32), ckpt_path=ckpt)
+    (finding,) = second.findings
+    assert finding.check == "update_ratio.lr_decayed_early" and finding.step == 61
+    assert finding.data["progress"] == 0.2 and "the run stopped at step 300" in finding.message
+
+
+def _trained_mlp(tmp_path: Path) -> zoo.DigitsMLP:
+    pl.seed_everything(0)
+    trained = zoo.DigitsMLP(optimizer="adam", lr=1e-3)
+    quiet_trainer(tmp_path, [], max_epochs=2, logger=False).fit(trained, datamodule=DigitsDataModule(batch_size=32))
+    return trained
+
+
+class _FineTune(zoo.DigitsMLP):
+    """AdamW at a BERT-style lr of 2e-5: linear warm-up over the first 10% of the run, linear decay to 0."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=2e-5, weight_decay=0.01)
+        total = int(self.trainer.estimated_stepping_batches)
+        warm = total // 10
+
+        def factor(step: int) -> float:
+            return (step + 1) / warm if step < warm else max(0.0, (total - step) / (total - warm))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_fine_tuning_trained_weights_gets_an_info_not_raise_the_lr(tmp_path: Path) -> None:
+    """Trained weights fine-tuned at 2e-5 move ~5e-5 per step, on purpose: raising the LR 10-20x to reach 1e-3
+    would erase what they learned. InitLossCallback's init_loss.trained tells; the LR's mild decay is not blamed."""
+    model = _FineTune()
+    model.load_state_dict(_trained_mlp(tmp_path / "pretrain").state_dict())
+    init_loss, monitor = InitLossCallback("multiclass", 10), UpdateRatioMonitor(every_n_steps=10)
+    _fit(tmp_path, model, [init_loss, monitor], max_epochs=3)
+    assert [f.check for f in init_loss.findings] == ["init_loss.trained"]
+    assert _checks(monitor) == []
+    (finding,) = [f for f in monitor.findings if f.check == "update_ratio.too_small"]
+    assert finding.severity == "info" and finding.data["fine_tuning"] is True
+    assert all(1e-5 < ratio < 1e-4 for ratio in finding.data["median_ratio"].values())
+    assert "expected when fine-tuning" in finding.message and "catastrophic forgetting" in finding.hint
+
+
+class LargeVocabulary(pl.LightningModule):
+    """Pixels (0..16) as tokens of a 100,000-row embedding table: every batch reaches 17 of its rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(100_000, 8)
+        self.head = torch.nn.Linear(64 * 8, 10)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.head(torch.relu(self.emb(x.long().clamp(0, 16)).flatten(1))), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_an_embedding_table_is_logged_but_not_judged_too_small(tmp_path: Path) -> None:
+    """Adam at 1e-3 moves the 17 rows a batch reaches, ~1e-5 of the whole table: the vocabulary's size, not the LR."""
+    monitor = UpdateRatioMonitor(every_n_steps=5)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [monitor], max_steps=40)
+    trainer.fit(LargeVocabulary(), datamodule=DigitsDataModule(batch_size=32, standardize=False))
+    assert monitor.findings == []
+    assert 1e-6 < statistics.median(monitor._ratios["emb.weight"]) < 1e-4
+    assert "emb.weight" not in monitor._small and "head.weight" in monitor._small
+    events = [p for p in Path(trainer.log_dir).glob("events.out.tfevents.*")]
+    assert events and b"update_ratio/emb.weight" in events[0].read_bytes()
 
 
 class Memorise(pl.LightningModule):
