@@ -147,10 +147,11 @@ class NaNGuard(DiagnosticCallback):
     ===================================  ========  ================================================
 
     Works with automatic and manual optimization and several optimizers (each optimizer step is checked;
-    a backoff scales every optimizer). Not supported: strategies that step the optimizer themselves
-    (DeepSpeed). With LBFGS every closure evaluation is checked; a bad one skips the whole step (LBFGS's
-    iterations and line search of that step are undone: the gate keeps the step's starting parameters and state
-    for optimizers that evaluate the closure more than once).
+    a backoff scales every optimizer; under manual optimization a step is judged on its optimizer's gradients and
+    the losses backpropagated since the previous optimizer step). Not supported: strategies that step the
+    optimizer themselves (DeepSpeed). With LBFGS every closure evaluation is checked; a bad one skips the whole
+    step (LBFGS's iterations and line search of that step are undone: the gate keeps the step's starting
+    parameters and state for optimizers that evaluate the closure more than once).
 
     Args:
         backoff_factor: multiply the learning rate by this on a backoff, in (0, 1); default 1/3 (the checklist).
@@ -160,7 +161,8 @@ class NaNGuard(DiagnosticCallback):
         rollback_after: roll back after bad steps on this many training batches in a row (>= 1; non-finite weights
             roll back at once). Several optimizers stepping on one bad batch count as one.
         snapshot_every_n_steps: take a snapshot after this many consecutive good steps (>= 1); ``None``
-            disables snapshots and rollbacks (and saves their host memory).
+            disables snapshots and rollbacks (and saves their host memory): a checkpoint saved after the weights
+            went non-finite then raises :class:`NaNGuardError`, as there is nothing finite to save instead.
         check_params: also check parameters and floating-point buffers for NaN/Inf: on bad steps, every
             ``every_n_steps`` steps, before snapshots (see "Detect").
         spike_factor: treat a loss above this multiple (> 1) of the recent median as bad; ``None`` (default) off.
