@@ -44,7 +44,7 @@ class DiagnosticCallback(Callback):
       at Lightning's default, for the callbacks that read tensors on their measured steps; every logging interval
       for those that judge values already on the host; see :attr:`log_intervals_per_measurement`);
     - **findings**: :meth:`report` records a :class:`~lightning_debug.Finding` in ``.findings``, warns
-      once per check id on rank 0, appends it to ``<log_dir>/lightning_debug/findings.jsonl`` at once,
+      once per check id on rank 0, appends it to ``<log_dir>/lightning-debug/findings.jsonl`` at once,
       and logs it as TensorBoard text;
     - **logging**: :meth:`log_scalars` to every attached logger; images, histograms and text to
       TensorBoard when a :class:`~lightning.pytorch.loggers.TensorBoardLogger` is attached;
@@ -220,7 +220,7 @@ class DiagnosticCallback(Callback):
 
     @property
     def output_dir(self) -> Path | None:
-        """``<log_dir>/lightning_debug`` once the trainer is set up."""
+        """``<log_dir>/lightning-debug`` once the trainer is set up."""
         return self._output_dir
 
     def measure_interval(self, trainer: pl.Trainer) -> int:

@@ -114,7 +114,7 @@ class NaNGuard(DiagnosticCallback):
     whose gradient (or value) went non-finite: ``first_nonfinite`` in registration order and
     ``nearest_output`` (the last in registration order, usually the first to go bad in backward). With
     ``save_batch`` each rank whose loss was non-finite (every rank, for a gradient-only NaN) writes the batch
-    to ``<log_dir>/lightning_debug/nan_guard_batch_step<N>_rank<R>.pt`` for replay.
+    to ``<log_dir>/lightning-debug/nan_guard_batch_step<N>_rank<R>.pt`` for replay.
 
     Logged scalars (every ``every_n_steps`` optimizer steps and at every action):
 

@@ -13,7 +13,7 @@ from lightning_debug.findings import SEVERITIES, Finding
 
 FINDINGS_FILE = "findings.jsonl"
 REPORT_FILE = "report.json"
-OUTPUT_SUBDIR = "lightning_debug"
+OUTPUT_SUBDIR = "lightning-debug"  # not importable: a run in a source tree cannot shadow the package
 
 
 def append_finding(path: Path, finding: Finding) -> None:
@@ -120,7 +120,7 @@ def write_report(directory: Path, report: dict[str, Any]) -> Path:
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Every ``lightning_debug`` output directory (holding findings.jsonl or report.json) at or below ``paths``."""
+    """Every ``lightning-debug`` output directory (holding findings.jsonl or report.json) at or below ``paths``."""
     found: set[Path] = set()
     for raw in paths:
         path = Path(raw)

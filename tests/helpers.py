@@ -110,7 +110,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def findings_files(root: Path) -> list[Path]:
-    return sorted(root.rglob("lightning_debug/findings.jsonl"))
+    return sorted(root.rglob("lightning-debug/findings.jsonl"))
 
 
 def all_findings(root: Path) -> list[dict[str, Any]]:

@@ -89,7 +89,7 @@ def test_each_finding_is_on_disk_when_it_happens_and_warned_once_per_check(tmp_p
 def test_the_first_callback_writes_one_report_for_all(tmp_path):
     first, second = StepCounter(every_n_steps=5), StepCounter(every_n_steps=2)
     fit(tmp_path, [first, second])
-    [report_path] = tmp_path.rglob("lightning_debug/report.json")
+    [report_path] = tmp_path.rglob("lightning-debug/report.json")
     report = json.loads(report_path.read_text())
     assert report["status"] == "completed"
     assert report["counts"]["warning"] == 2 + 5
@@ -158,7 +158,7 @@ def test_resuming_into_the_same_log_directory_writes_each_finding_once(tmp_path)
     )
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert [
-        line["step"] for line in read_jsonl(tmp_path / "run" / "version_0" / "lightning_debug" / "findings.jsonl")
+        line["step"] for line in read_jsonl(tmp_path / "run" / "version_0" / "lightning-debug" / "findings.jsonl")
     ] == [
         0,
         2,

@@ -46,7 +46,7 @@ def test_unknown_bug_is_a_usage_error():
 
 
 def write_run(root, severities):
-    out = root / "lightning_debug"
+    out = root / "lightning-debug"
     for step, severity in enumerate(severities):
         append_finding(
             out / "findings.jsonl",
@@ -77,14 +77,14 @@ def test_report_takes_the_findings_report_json_holds_that_findings_jsonl_lacks(t
     write_run(tmp_path / "a", ["warning"])
     before = Finding("X", "area.before", "error", 1, "found before a resume", "do that")
     report = {"status": "completed", "findings": [before.to_dict()]}
-    (tmp_path / "a" / "lightning_debug" / "report.json").write_text(json.dumps(report))
+    (tmp_path / "a" / "lightning-debug" / "report.json").write_text(json.dumps(report))
     assert main(["report", str(tmp_path), "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["runs"][0]["counts"] == {"info": 0, "warning": 1, "error": 1}
 
 
 def test_report_survives_a_truncated_report_json_and_odd_lines(tmp_path, capsys):
     write_run(tmp_path / "a", ["warning"])
-    out = tmp_path / "a" / "lightning_debug"
+    out = tmp_path / "a" / "lightning-debug"
     (out / "report.json").write_text('{"status": "comp')
     with (out / "findings.jsonl").open("a") as handle:
         handle.write("[1, 2]\n" + json.dumps({"source": "X"}) + "\n")

@@ -1,5 +1,7 @@
 import json
 import math
+import subprocess
+import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -281,7 +283,7 @@ def test_strict_stops_before_any_update_and_still_writes_the_report(tmp_path):
     with pytest.raises(InitLossError, match="init_loss.too_high"):
         fit(tmp_path, model, callback)
     assert_bit_identical(before, model.state_dict())
-    [report_path] = tmp_path.rglob("lightning_debug/report.json")
+    [report_path] = tmp_path.rglob("lightning-debug/report.json")
     report = json.loads(report_path.read_text())
     assert report["status"].startswith("failed: InitLossError")
     assert [f["check"] for f in report["findings"]] == ["init_loss.too_high"]
@@ -299,7 +301,7 @@ def test_findings_are_flushed_when_they_happen_and_the_report_is_written_when_tr
     callback = InitLossCallback(task="multiclass", num_classes=10)
     with pytest.raises(RuntimeError, match="exploded"):
         fit(tmp_path, FailsAtStep(last_layer_scale=60.0), callback, max_steps=10)
-    [findings_path] = tmp_path.rglob("lightning_debug/findings.jsonl")
+    [findings_path] = tmp_path.rglob("lightning-debug/findings.jsonl")
     rows = [json.loads(line) for line in findings_path.read_text().splitlines()]
     assert [(r["source"], r["check"], r["severity"], r["step"]) for r in rows] == [
         ("InitLossCallback", "init_loss.too_high", "warning", 0)
@@ -337,8 +339,12 @@ def test_without_any_logger_findings_and_report_go_to_the_default_root_dir(tmp_p
     pl.seed_everything(0)
     callback = InitLossCallback(task="multiclass", num_classes=10)
     fit(tmp_path, DigitsMLP(last_layer_scale=60.0), callback, logger=False)
-    assert (tmp_path / "lightning_debug" / "findings.jsonl").exists()
-    assert (tmp_path / "lightning_debug" / "report.json").exists()
+    assert (tmp_path / "lightning-debug" / "findings.jsonl").exists()
+    assert (tmp_path / "lightning-debug" / "report.json").exists()
+    # a run in the user's working directory must not leave a folder that Python imports instead of the package
+    probe = "import lightning_debug; print(lightning_debug.suite.__module__)"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "lightning_debug.preset", result.stderr
 
 
 class ManualOptimization(DigitsMLP):

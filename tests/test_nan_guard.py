@@ -397,7 +397,7 @@ def test_halts_cleanly_with_the_report_written(tmp_path: Path) -> None:
     assert halt.data["lowest_bad_lr"] == pytest.approx(0.5 / 9)
     assert halt.data["try_lr_max"] == pytest.approx(0.5 / 27)
     assert [h["new_lr"] for h in halt.data["lr_history"]] == pytest.approx([0.5 / 3, 0.5 / 9])
-    reports = list(tmp_path.rglob("lightning_debug/report.json"))
+    reports = list(tmp_path.rglob("lightning-debug/report.json"))
     assert len(reports) == 1 and "halted" in json.loads(reports[0].read_text())["status"]
     assert any(row["check"] == "nan_guard.halt" for row in all_findings(tmp_path))
     metrics = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()[0]

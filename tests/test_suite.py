@@ -250,7 +250,7 @@ def test_unusual_models_train_to_the_end_and_get_at_most_info_findings(tmp_path,
     trainer.fit(make_model(), datamodule=DigitsDataModule())
     assert trainer.current_epoch == 2
     assert warnings_of(callbacks) == []
-    assert list(tmp_path.rglob("lightning_debug/report.json"))
+    assert list(tmp_path.rglob("lightning-debug/report.json"))
 
 
 def test_the_whole_suite_under_two_process_ddp_finishes_silently_on_a_healthy_run(tmp_path):
@@ -274,7 +274,7 @@ def test_the_whole_suite_under_two_process_ddp_finishes_silently_on_a_healthy_ru
     )
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0] == ranks[1] == {"warnings": [], "step": 24}
-    [report] = tmp_path.rglob("lightning_debug/report.json")
+    [report] = tmp_path.rglob("lightning-debug/report.json")
     assert json.loads(report.read_text())["status"] == "completed"
 
 
