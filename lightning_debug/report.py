@@ -14,6 +14,7 @@ from lightning_debug.findings import SEVERITIES, Finding
 FINDINGS_FILE = "findings.jsonl"
 REPORT_FILE = "report.json"
 OUTPUT_SUBDIR = "lightning-debug"  # not importable: a run in a source tree cannot shadow the package
+_OUTPUT_NAMES = (OUTPUT_SUBDIR, "lightning_debug")  # and the name earlier versions wrote
 
 
 def append_finding(path: Path, finding: Finding) -> None:
@@ -128,4 +129,4 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
             found.add(path.parent)
         elif path.is_dir():
             found.update(p.parent for name in (FINDINGS_FILE, REPORT_FILE) for p in path.rglob(name))
-    return sorted(d for d in found if d.name == OUTPUT_SUBDIR or (d / FINDINGS_FILE).exists())
+    return sorted(d for d in found if d.name in _OUTPUT_NAMES or (d / FINDINGS_FILE).exists())

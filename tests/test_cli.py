@@ -82,6 +82,14 @@ def test_report_takes_the_findings_report_json_holds_that_findings_jsonl_lacks(t
     assert json.loads(capsys.readouterr().out)["runs"][0]["counts"] == {"info": 0, "warning": 1, "error": 1}
 
 
+def test_report_finds_a_healthy_run_written_under_the_earlier_folder_name(tmp_path, capsys):
+    old = tmp_path / "old" / "lightning_debug"  # earlier versions' folder; a healthy run has no findings.jsonl
+    old.mkdir(parents=True)
+    (old / "report.json").write_text(json.dumps({"status": "completed", "findings": []}))
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["counts"] == {"info": 0, "warning": 0, "error": 0}
+
+
 def test_report_survives_a_truncated_report_json_and_odd_lines(tmp_path, capsys):
     write_run(tmp_path / "a", ["warning"])
     out = tmp_path / "a" / "lightning-debug"
