@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +32,9 @@ _LATE_LOGS_WHEN_UNBOUNDED = 20
 _EPS = 1e-12
 # Net change over the patience window / path length below which jitter counts as oscillation.
 _OSCILLATING_PROGRESS = 0.5
+# Stuck predictions are an info when the first log's loss was at most this fraction of the best constant predictor's
+# (the class entropy of the labels; the targets' variance): an untrained model does not beat a constant.
+_FIT_AT_START = 0.5
 # Collapse and stuck are never judged before this many optimizer steps (AMP's GradScaler skips the first ones).
 _MIN_WARMUP_STEPS = 50
 # The images show at most this many rows (examples) and class columns: readable, and cheap to encode.
@@ -41,10 +45,15 @@ IMAGE_MAX_CLASSES = 64
 class PredictionDynamicsLogger(DiagnosticCallback):
     r"""Checklist item "visualize prediction dynamics": the predictions on one fixed batch, logged as training goes.
 
-    Once, when training starts, it picks a fixed batch: the first ``num_examples`` examples of the validation
-    set (the training set when there is no validation loader, or ``source="train"``), or the ``fixed_batch``
-    you pass. The same examples are used for the whole run; they are saved to
-    ``<log_dir>/lightning_debug/fixed_batch.pt`` and travel in the checkpoint, so a resumed run keeps them.
+    Once, when training starts, it picks a fixed batch: ``num_examples`` examples evenly spaced across the
+    validation set (the training set when there is no validation loader, or ``source="train"``; the first batch
+    of an iterable dataset), or the ``fixed_batch`` you pass. Evenly spaced and independent of shuffling, so a
+    dataset sorted by class (ImageFolder) still gives several classes. The same examples are used for the whole
+    run; they are saved to ``<log_dir>/lightning-debug/fixed_batch.pt`` and travel in the checkpoint, so a resumed
+    run keeps them. The checkpoint holds them as tuples, lists and dicts of tensors (what ``torch.load(...,
+    weights_only=True)`` reads): NamedTuples and Mapping classes get their types back on resume from the batch
+    picked then (the checkpoint's examples are kept); a batch holding other classes (a dataclass) is left out of
+    the checkpoint and picked again on resume (the same examples when the dataset is the same).
 
     Every ``every_n_steps`` optimizer steps (and once before the first step) it runs the model on that
     batch: in eval mode, without gradients, under the trainer's precision context, on the underlying
@@ -60,12 +69,16 @@ class PredictionDynamicsLogger(DiagnosticCallback):
     task                recognised when                                         treated as
     ==================  ======================================================  ================================
     ``classification``  output ``(N, C)``, C >= 2, integer targets ``(N,)``;    logits (softmax); a single logit
-                        or output ``(N,)``/``(N, 1)`` with 0/1 integer targets  is binary (sigmoid)
+                        or output ``(N,)``/``(N, 1)`` with 0/1 targets          is binary (sigmoid)
+                        (integers, or floats all exactly 0 or 1, as
+                        ``BCEWithLogitsLoss`` takes them);
                         or per position (sequences, dense prediction):          each position is an example
                         integer targets ``(N, T, ...)`` with output ``(N * T,   (labels < 0, e.g. -100 padding,
                         C)``, ``(N, C, T, ...)`` or ``(N, T, ..., C)``          and ``ignore_index`` are left
                                                                                 out; at most 512 positions)
     ``regression``      floating targets with as many elements as the output    predictions vs targets
+                        (soft labels between 0 and 1 included: they cannot be
+                        told from a regression onto [0, 1])
     ``summary``         anything else (or no target)                            summary statistics of the output
     ==================  ======================================================  ================================
 
@@ -124,7 +137,14 @@ class PredictionDynamicsLogger(DiagnosticCallback):
       rate is too high or training is unstable.
     - ``predictions.stuck`` (warning): after the warm-up, the movement since the first log stays below
       ``stuck_threshold`` on ``patience`` consecutive logs: the predictions have not left their initial values
-      (learning rate far too low, or the parameters are not being updated).
+      (learning rate far too low, or the parameters are not being updated). An **info** instead when the weights
+      were trained at the start: InitLossCallback in the run reported ``init_loss.trained``, or the first log
+      already fit the targets, its loss at most half the best constant predictor's on the fixed batch (the
+      entropy of its labels; the variance of its targets), which untrained weights do not reach. Predictions that
+      are already right need not move (fine-tuning, loaded weights).
+    - ``predictions.single_class_batch`` (info): the fixed batch's labels leave fewer than 2 examples outside
+      the commonest class (a one-class validation set): collapse onto that class cannot be judged, and the
+      accuracy measures that class only; pass a ``fixed_batch`` of several classes.
     - ``predictions.not_measured`` (info): no fixed batch could be found or used; the logger is a no-op.
     - ``predictions.fallback`` (info): the output does not fit the requested ``task``; summary statistics
       are logged instead.
@@ -134,16 +154,20 @@ class PredictionDynamicsLogger(DiagnosticCallback):
     GradScaler skips its first steps while it calibrates. The initial model is never judged.
 
     Args:
-        num_examples: how many examples the fixed batch holds (the first ones of the chosen dataset, at most one
-            batch of its loader, so an evaluation costs at most one forward pass of a batch); default 16.
+        num_examples: how many examples the fixed batch holds (evenly spaced across the chosen dataset, at most
+            one batch of its loader, so an evaluation costs at most one forward pass of a batch); default 16.
         every_n_steps: evaluate every this many optimizer steps; ``None``: every ``2 * Trainer(log_every_n_steps)``
             steps (100 at Lightning's default).
         task: ``"auto"``, ``"classification"``, ``"regression"`` or ``"summary"`` (see the table above).
         source: where the fixed batch comes from: ``"auto"`` (validation, else training), ``"val"`` or ``"train"``.
         fixed_batch: a batch to use instead, in the structure ``batch_fn`` expects (default ``(inputs, targets)``
             or an inputs tensor); used in full, ``num_examples`` and ``source`` are then ignored.
-        batch_fn: splits a batch into ``(inputs, targets or None)``; the model is called as ``module(inputs)``.
-            Default: ``(batch[0], batch[-1])`` for a tuple/list of 2 or more, ``(batch, None)`` for a tensor.
+        batch_fn: splits a batch into ``(inputs, targets or None)``. The model is called as ``module(*inputs)``
+            when the inputs are a tuple/list and ``forward`` takes that many positional parameters (2 or more),
+            ``module(**inputs)`` when they are a dict whose keys are ``forward``'s parameter names (its required ones
+            included), else ``module(inputs)``. Default: ``(batch[0], batch[-1])`` for a tuple/list of 2 or more
+            (``(batch[:-1], batch[-1])`` when ``forward`` requires 2 or more positional arguments and takes
+            ``len(batch) - 1``), ``(batch, None)`` for a tensor.
         output_transform: maps the model's output to one tensor (e.g. ``lambda out: out["logits"]``); required
             when the output is not a tensor.
         log_images: log the images and the summary histogram (TensorBoard only); the scalars and findings do not
@@ -228,6 +252,9 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         self._disabled = False
         self._device_batch: Any = None
         self._warmup_step = 0
+        self._stored_batch: tuple[Any, str | None] | None = None  # a checkpoint's batch whose types were lost
+        self._start_fit: dict[str, float] | None = None  # the first log's loss and the best constant predictor's
+        self._fine_tuning = False  # InitLossCallback found trained weights at fit start (init_loss.trained)
         self._late_step: int | None = None
         self._evaluations = 0  # evaluations so far, including before a resume (images cadence)
         self._unlogged_images: Callable[[], None] | None = None  # the last evaluation's images, if not logged
@@ -258,6 +285,8 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             return
         if not trainer.is_global_zero or self._disabled:
             return
+        if self._stored_batch is not None:
+            self._restore_stored_batch(trainer, pl_module)
         if self.fixed_batch is None:
             self.fixed_batch, self.fixed_batch_source = self._choose_fixed_batch(trainer, pl_module)
             if self.fixed_batch is None:
@@ -335,20 +364,42 @@ class PredictionDynamicsLogger(DiagnosticCallback):
                 return _to_cpu(batch), name
         return None, None
 
+    def _restore_stored_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The checkpoint's examples in their own container types, taken from the batch picked now.
+
+        A checkpoint holds the fixed batch as tuples, lists and dicts (``torch.load(weights_only=True)`` rejects the
+        user's classes). When it held NamedTuples or Mapping classes, the batch picked now (or ``fixed_batch``) gives
+        the types back; when its structure differs, it is used instead; without one, the tuples and dicts are.
+        """
+        assert self._stored_batch is not None
+        (stored, source), self._stored_batch = self._stored_batch, None
+        template, template_source = self.fixed_batch, self.fixed_batch_source
+        if template is None:
+            template, template_source = self._choose_fixed_batch(trainer, pl_module)
+        rebuilt = _rebuild(template, stored) if template is not None else None
+        if rebuilt is not None or template is None:
+            self.fixed_batch, self.fixed_batch_source = (stored if rebuilt is None else rebuilt), source
+        else:
+            self.fixed_batch, self.fixed_batch_source = template, template_source
+        self._device_batch = None
+
     def _save_fixed_batch(self) -> None:
         if self.output_dir is None:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"batch": self.fixed_batch, "source": self.fixed_batch_source}, self.output_dir / FIXED_BATCH_FILE)
 
-    def _split(self, batch: Any) -> tuple[Any, Tensor | None] | None:
+    def _split(self, batch: Any, signature: _Signature) -> tuple[Any, Tensor | None] | None:
         if self.batch_fn is not None:
             return self.batch_fn(batch)
         if isinstance(batch, Tensor):
             return batch, None
         if isinstance(batch, (tuple, list)) and len(batch) >= 2:
             target = batch[-1]
-            return batch[0], target if isinstance(target, Tensor) else None
+            # forward(x1, x2) cannot take batch[0] alone: a batch (x1, x2, y) gives it (x1, x2)
+            several = signature.required >= 2 and signature.takes(len(batch) - 1)
+            inputs = tuple(batch[:-1]) if several else batch[0]
+            return inputs, target if isinstance(target, Tensor) else None
         if isinstance(batch, (tuple, list)) and len(batch) == 1:
             return batch[0], None
         return None
@@ -357,7 +408,16 @@ class PredictionDynamicsLogger(DiagnosticCallback):
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._device_batch is None:
             self._device_batch = move_data_to_device(self.fixed_batch, pl_module.device)
-        split, cpu_split = self._split(self._device_batch), self._split(self.fixed_batch)
+        signature = _Signature(pl_module.forward)
+        try:
+            split, cpu_split = self._split(self._device_batch, signature), self._split(self.fixed_batch, signature)
+        except Exception as err:  # a batch_fn that does not fit the batch: never crash the user's training
+            self._disable(
+                trainer, f"batch_fn raised {type(err).__name__} on the fixed batch "
+                f"({_describe(self.fixed_batch)}): {err}",
+                "Pass batch_fn=lambda batch: (inputs, targets) that fits the batch the loader yields.",
+            )  # fmt: skip
+            return
         if split is None or cpu_split is None:
             self._disable(
                 trainer, f"The fixed batch is a {type(self.fixed_batch).__name__}, not (inputs, targets).",
@@ -368,13 +428,17 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         inputs = trainer.precision_plugin.convert_input(inputs)
         try:
             with isolated(pl_module, train_mode=False), trainer.precision_plugin.forward_context():
-                output = pl_module(inputs)
+                output = signature.call(pl_module, inputs)
                 if self.output_transform is not None:
                     output = self.output_transform(output)
         except Exception as err:  # rank 0 alone evaluates here: never let the probe crash the user's training
             self._disable(
-                trainer, f"Calling the model on the fixed batch raised {type(err).__name__}: {err}",
-                "Define forward(inputs) on the LightningModule, or pass batch_fn/output_transform that fit it.",
+                trainer, f"Calling the model on the fixed batch ({signature.describe(inputs)}) raised "
+                f"{type(err).__name__}: {err}",
+                "Pass batch_fn=lambda batch: (inputs, targets) whose inputs fit forward: a tuple/list is passed as "
+                "positional arguments when forward takes that many (batch_fn=lambda b: ((b[0], b[1]), b[2]) for "
+                "forward(x1, x2)), a dict whose keys are forward's parameter names as keyword arguments, anything "
+                "else as forward's one argument; and output_transform when the output is not the prediction tensor.",
             )  # fmt: skip
             return
         if not isinstance(output, Tensor) or not output.is_floating_point() or output.ndim == 0:
@@ -472,6 +536,11 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         metrics.update(self._changes(probs))
         if self._previous is not None:
             metrics["flips"] = float((predicted != self._previous.argmax(dim=1)).sum())
+        if self._first is None and labels is not None:  # the run's first log (restored on resume)
+            self._check_labels(trainer, labels)
+            counts = torch.bincount(labels).double()
+            shares = counts[counts > 0] / labels.numel()
+            self._start_fit = {"loss": metrics["loss"], "best_constant": float(-(shares * shares.log()).sum())}
         self._record(step, probs, metrics, trajectory_values)
         self.log_scalars(trainer, {f"predictions/{name}": value for name, value in metrics.items()}, step=step)
         self._images(
@@ -483,12 +552,34 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         )  # fmt: skip
         self._judge(trainer, step, metrics, _collapse_stats(predicted, labels, probs.shape[1], self.collapse_fraction))
 
+    def _check_labels(self, trainer: pl.Trainer, labels: Tensor) -> None:
+        """An info when the fixed batch's labels leave fewer than 2 examples outside the commonest class."""
+        counts = Counter(labels.tolist())
+        common, count = min(counts.items(), key=lambda item: (-item[1], item[0]))
+        if labels.numel() - count >= 2:
+            return
+        which = "all" if count == labels.numel() else f"{count} of"
+        self.report(
+            trainer, "predictions.single_class_batch", "info",
+            f"The fixed batch's labels are {which} {labels.numel()} class {common} ({len(counts)} class"
+            f"{'es' if len(counts) > 1 else ''} present): a collapse onto class {common} cannot be told from right "
+            "predictions (it needs at least 2 examples of other classes), so it is not reported, and "
+            f"predictions/accuracy measures class {common} only.",
+            "Pass fixed_batch=(inputs, targets) holding several classes to PredictionDynamicsLogger, e.g. "
+            "fixed_batch=default_collate([dataset[i] for i in torch.randperm(len(dataset))[:16].tolist()]) "
+            "(torch.utils.data.default_collate); check the validation set holds more than one class.",
+            {"labels": labels.numel(), "classes": len(counts), "class": common, "count": count},
+        )  # fmt: skip
+
     def _measure_regression(self, trainer: pl.Trainer, step: int, output: Tensor, target: Tensor | None) -> None:
         assert target is not None
         predictions = output.reshape(output.shape[0], -1)
         targets = target.float().reshape(predictions.shape)
         scale = self._target_scale
         metrics = {"loss": float(F.mse_loss(predictions, targets)), **self._changes(predictions)}
+        if self._first is None:  # the best constant predicts each output's mean: its MSE is the variance
+            best = float(targets.var(dim=0, unbiased=False).mean()) if targets.shape[0] > 1 else 0.0
+            self._start_fit = {"loss": metrics["loss"], "best_constant": best}
         error = (predictions - targets) / scale
         if error.shape[1] == 1:
             trajectory_values, low = error[:, 0], -2.0  # signed: over- and undershoot show in colour
@@ -630,7 +721,44 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             },
         )  # fmt: skip
 
+    def _trained_at_start(self, trainer: pl.Trainer) -> bool:
+        """Whether the weights were trained when the fit started (InitLossCallback's ``init_loss.trained``)."""
+        if not self._fine_tuning:
+            self._fine_tuning = any(
+                getattr(finding, "check", None) == "init_loss.trained"
+                for callback in trainer.callbacks  # type: ignore[attr-defined]
+                for finding in getattr(callback, "findings", ())
+            )
+        return self._fine_tuning
+
+    def _fit_at_start(self) -> bool:
+        """Whether the first log already fit the targets: its loss at most ``_FIT_AT_START`` x the best constant's."""
+        fit = self._start_fit
+        return fit is not None and fit["best_constant"] > _EPS and fit["loss"] <= _FIT_AT_START * fit["best_constant"]
+
     def _report_stuck(self, trainer: pl.Trainer, recent: list[float], metrics: Mapping[str, float]) -> None:
+        data = {"movement": recent, "threshold": self.stuck_threshold, "lr": _lr(trainer), "loss": metrics.get("loss")}
+        trained, fit = self._trained_at_start(trainer), self._fit_at_start()
+        if trained or fit:
+            start = self._start_fit or {}
+            reasons = ["the weights were trained when the fit started (InitLossCallback: init_loss.trained)"] * trained
+            if fit:
+                reasons.append(
+                    f"the first log already fit the targets: loss {start['loss']:.3g}, against "
+                    f"{start['best_constant']:.3g} for the best constant predictor (at most {_FIT_AT_START:g}x it)"
+                )
+            why = "; and ".join(reasons)
+            self.report(
+                trainer, "predictions.stuck", "info",
+                f"The predictions on the fixed batch hardly move: movement since the first log {_fmt(recent)} on "
+                f"{self.patience} logs in a row (threshold {self.stuck_threshold:g}) after {self.steps[-1]} steps, "
+                f"but {why}; predictions that are already right need not move (fine-tuning, loaded weights).",
+                "Nothing to change while the training and validation loss improve. If they stall, raise the learning "
+                f"rate in small steps, 2-3x at a time{self._lr_words(trainer, 2.0)}: a large jump risks erasing what "
+                "the trained weights know (catastrophic forgetting).",
+                {**data, "start_loss": start.get("loss"), "best_constant": start.get("best_constant")},
+            )  # fmt: skip
+            return
         self.report(
             trainer, "predictions.stuck", "warning",
             f"The predictions on the fixed batch have not moved: movement since the first log {_fmt(recent)} on "
@@ -638,7 +766,7 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             "a model that learns moves its predictions.",
             f"Raise the learning rate 10x{self._lr_words(trainer, 10.0)}; check that the optimizer holds the "
             "model's parameters, that they require grad, and that the loss depends on the output.",
-            {"movement": recent, "threshold": self.stuck_threshold, "lr": _lr(trainer), "loss": metrics.get("loss")},
+            data,
         )  # fmt: skip
 
     @staticmethod
@@ -665,8 +793,13 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         }
 
     def extra_state(self) -> dict[str, Any]:
+        try:
+            batch, exact = _plain(self.fixed_batch)
+        except TypeError:  # a dataclass or another class of the user's: picked again on resume
+            batch, exact = None, False
         return {
-            "fixed_batch": self.fixed_batch,
+            "fixed_batch": batch,
+            "fixed_batch_exact": exact,
             "fixed_batch_source": self.fixed_batch_source,
             "resolved_task": self.resolved_task,
             "steps": list(self.steps),
@@ -678,13 +811,17 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             "target_scale": self._target_scale,
             "streaks": dict(self._streaks),
             "evaluations": self._evaluations,
+            "start_fit": None if self._start_fit is None else dict(self._start_fit),
+            "fine_tuning": self._fine_tuning,
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        if state.get("fixed_batch") is not None:
+        if state.get("fixed_batch") is not None and state.get("fixed_batch_exact", True):
             self.fixed_batch = state["fixed_batch"]
             self.fixed_batch_source = state.get("fixed_batch_source")
             self._device_batch = None
+        elif state.get("fixed_batch") is not None:  # NamedTuples or Mapping classes stored as tuples and dicts
+            self._stored_batch = (state["fixed_batch"], state.get("fixed_batch_source"))
         self.resolved_task = state.get("resolved_task")
         self.steps = [int(s) for s in state.get("steps", [])]
         self.history = {name: [float(v) for v in values] for name, values in state.get("history", {}).items()}
@@ -695,9 +832,60 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         self._target_scale = float(state.get("target_scale", 1.0))
         self._streaks = {name: int(count) for name, count in state.get("streaks", {}).items()}
         self._evaluations = int(state.get("evaluations", len(self.steps)))
+        start_fit = state.get("start_fit")
+        self._start_fit = None if start_fit is None else {name: float(v) for name, v in start_fit.items()}
+        self._fine_tuning = bool(state.get("fine_tuning", False))
 
 
 # ---------------------------------------------------------------------- measurement helpers
+class _Signature:
+    """How the model's ``forward`` takes the inputs: ``module(*inputs)``, ``module(**inputs)`` or ``module(inputs)``."""
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        try:
+            parameters = list(inspect.signature(forward).parameters.values())
+        except (TypeError, ValueError):  # a builtin or wrapped forward without a signature: one argument
+            parameters = []
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        positional = [p for p in parameters if p.kind in kinds]
+        self.positional = len(positional)
+        self.required = sum(p.default is inspect.Parameter.empty for p in positional)
+        self.var_positional = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        self.names = {p.name for p in parameters if p.kind in named}
+        self.required_names = {p.name for p in parameters if p.kind in named and p.default is inspect.Parameter.empty}
+
+    def takes(self, count: int) -> bool:
+        """Whether ``count`` >= 2 inputs fit forward's positional parameters (it takes several)."""
+        if count < 2 or self.positional < 2:
+            return False
+        return self.required <= count and (count <= self.positional or self.var_positional)
+
+    def style(self, inputs: Any) -> str:
+        if isinstance(inputs, (tuple, list)) and self.takes(len(inputs)):
+            return "positional"
+        if isinstance(inputs, Mapping) and inputs and all(isinstance(key, str) for key in inputs):
+            if set(inputs) <= self.names and self.required_names <= set(inputs):
+                return "keyword"
+        return "single"
+
+    def call(self, module: Callable[..., Any], inputs: Any) -> Any:
+        style = self.style(inputs)
+        if style == "positional":
+            return module(*inputs)
+        if style == "keyword":
+            return module(**inputs)
+        return module(inputs)
+
+    def describe(self, inputs: Any) -> str:
+        style = self.style(inputs)
+        if style == "positional":
+            return f"called as module(*inputs) with {len(inputs)} inputs"
+        if style == "keyword":
+            return f"called as module(**inputs) with {sorted(inputs)}"
+        return f"called as module(inputs) with a {_describe(inputs)}"
+
+
 def _first_loader(loaders: Any) -> DataLoader | None:
     """The first DataLoader among what the trainer holds (a loader, or a list/dict of them)."""
     if isinstance(loaders, DataLoader):
@@ -712,20 +900,83 @@ def _first_loader(loaders: Any) -> DataLoader | None:
 
 
 def _first_examples(loader: DataLoader, count: int) -> Any:
-    """The first ``count`` examples of the loader's dataset, at most one batch of it, collated; shuffle-independent.
+    """``count`` examples evenly spaced across the loader's dataset, at most one batch of it, collated.
 
+    Map-style datasets: indices ``i * len(dataset) // size`` for ``i < size`` (the first example, then one every
+    ``len / size``), independent of shuffling; evenly spaced, so a dataset sorted by class (ImageFolder) gives a
+    batch of several classes. Iterable datasets (and loaders that batch themselves): the first batch.
     At most one batch: the evaluation then costs at most one forward pass of a batch every ``every_n_steps`` steps.
     """
     dataset = loader.dataset
     if not isinstance(dataset, IterableDataset) and loader.batch_size is not None and hasattr(dataset, "__len__"):
-        size = min(count, len(dataset), loader.batch_size)  # type: ignore[arg-type]
+        length = len(dataset)  # type: ignore[arg-type]
+        size = min(count, length, loader.batch_size)
         if size == 0:
             return None
-        return loader.collate_fn([dataset[i] for i in range(size)])
+        return loader.collate_fn([dataset[i * length // size] for i in range(size)])
     # Iterable datasets (or loaders that batch themselves): the first batch.
     for batch in probe_loader(loader):
         return _slice(batch, count) if _batch_length(batch) else None
     return None
+
+
+_PRIMITIVES = (bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def _plain(batch: Any) -> tuple[Any, bool]:
+    """``batch`` in tuples, lists and dicts of tensors and primitives (what ``torch.load(weights_only=True)`` reads),
+    and whether it was already so (False: NamedTuples or Mapping classes became tuples and dicts).
+
+    Raises:
+        TypeError: for anything else (a dataclass, another class of the user's).
+    """
+    if batch is None or isinstance(batch, _PRIMITIVES):
+        return batch, True
+    if isinstance(batch, Tensor):
+        return (batch if type(batch) in (Tensor, torch.nn.Parameter) else batch.as_subclass(Tensor)), True
+    if isinstance(batch, Mapping):
+        if not all(isinstance(key, (str, int)) for key in batch):
+            raise TypeError(f"a Mapping with keys {sorted(map(repr, batch))}")
+        items = {key: _plain(value) for key, value in batch.items()}
+        return {key: value for key, (value, _) in items.items()}, type(batch) is dict and all(
+            exact for _, exact in items.values()
+        )
+    if isinstance(batch, (tuple, list)):
+        children = [_plain(value) for value in batch]
+        values = [value for value, _ in children]
+        exact = type(batch) in (tuple, list) and all(flag for _, flag in children)
+        return (values if isinstance(batch, list) else tuple(values)), exact
+    raise TypeError(f"a {type(batch).__name__}")
+
+
+def _rebuild(template: Any, plain: Any) -> Any:
+    """``plain``'s values in ``template``'s containers (NamedTuples, Mapping classes); None when the structures or
+    the tensors' shapes beyond the batch dimension differ."""
+    if isinstance(template, Tensor):
+        fits = isinstance(plain, Tensor) and plain.dtype == template.dtype and plain.shape[1:] == template.shape[1:]
+        return plain if fits and plain.ndim == template.ndim else None
+    if isinstance(template, Mapping):
+        if not isinstance(plain, Mapping) or set(plain) != set(template):
+            return None
+        values = {key: _rebuild(template[key], plain[key]) for key in template}
+        if any(value is None and template[key] is not None for key, value in values.items()):
+            return None
+        try:
+            return type(template)(values)  # type: ignore[call-arg]
+        except Exception:  # a Mapping class not built from a dict
+            return None
+    if isinstance(template, (tuple, list)):
+        if not isinstance(plain, (tuple, list)) or len(plain) != len(template):
+            return None
+        children = [_rebuild(t, p) for t, p in zip(template, plain)]
+        if any(child is None and t is not None for child, t in zip(children, template)):
+            return None
+        if isinstance(template, tuple) and hasattr(template, "_fields"):  # a NamedTuple
+            return type(template)(*children)
+        return type(template)(children)
+    if not isinstance(template, (type(None), *_PRIMITIVES)):  # a dataclass or another class: not stored anyway
+        return None
+    return plain if type(plain) is type(template) else None
 
 
 def _batch_length(batch: Any) -> int:
@@ -826,6 +1077,12 @@ def _infer_task(output: Tensor, target: Tensor | None) -> str:
     integer = not target.is_floating_point() and not target.is_complex()
     if integer and target.ndim == 1 and _is_class_output(output, target):
         return "classification"
+    # a single logit with float targets that are all exactly 0 or 1: binary classification (BCEWithLogitsLoss);
+    # soft labels (values between 0 and 1) cannot be told from a regression onto [0, 1] and stay regression
+    single_logit = output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1)
+    if single_logit and target.is_floating_point() and target.numel() == output.shape[0]:
+        if _is_class_output(output, target):
+            return "classification"
     if target.is_floating_point() and target.numel() == output.numel():
         return "regression"
     return "summary"

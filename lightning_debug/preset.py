@@ -19,6 +19,13 @@ from lightning_debug.predictions import PredictionDynamicsLogger
 from lightning_debug.update_ratio import UpdateRatioMonitor
 from lightning_debug.weight_stats import WeightStatsMonitor
 
+# PredictionDynamicsLogger's task for each of suite()'s: a binary classifier's single logit is read with a sigmoid
+_PREDICTION_TASKS: dict[str, Literal["classification", "regression"]] = {
+    "multiclass": "classification",
+    "binary": "classification",
+    "regression": "regression",
+}
+
 
 def suite(
     num_classes: int | None = None,
@@ -29,10 +36,11 @@ def suite(
     """The recommended lightning_debug callbacks with their defaults.
 
     InitLossCallback (when the task is known), LossFunctionCheck, GradNormMonitor, UpdateRatioMonitor,
-    DeadActivationMonitor, PredictionDynamicsLogger, WeightStatsMonitor (without histograms:
-    ``WeightStatsMonitor(histograms=True)`` adds them at the cost of copying every weight to the host on measured
-    steps), LossCurveMonitor, DataInspector, BatchMixingCheck, BatchNormCheck, and NaNGuard. The monitors leave
-    training bit-identical.
+    DeadActivationMonitor, PredictionDynamicsLogger (told the task: ``"binary"`` and ``"multiclass"`` are its
+    ``"classification"``, ``"regression"`` its ``"regression"``; ``"auto"`` without a task), WeightStatsMonitor
+    (without histograms: ``WeightStatsMonitor(histograms=True)`` adds them at the cost of copying every weight to
+    the host on measured steps), LossCurveMonitor, DataInspector, BatchMixingCheck, BatchNormCheck, and NaNGuard.
+    The monitors leave training bit-identical.
 
     Args:
         num_classes: number of classes of a classifier (implies ``task="multiclass"`` when task is None).
@@ -62,7 +70,7 @@ def suite(
         GradNormMonitor(every_n_steps=every_n_steps),
         UpdateRatioMonitor(every_n_steps=every_n_steps),
         DeadActivationMonitor(every_n_steps=every_n_steps),
-        PredictionDynamicsLogger(every_n_steps=every_n_steps),
+        PredictionDynamicsLogger(every_n_steps=every_n_steps, task=_PREDICTION_TASKS.get(task or "", "auto")),
         WeightStatsMonitor(every_n_steps=every_n_steps, histograms=False),
         LossCurveMonitor(every_n_steps=every_n_steps),
         DataInspector(num_classes=num_classes if task == "multiclass" else None),

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import numpy as np
@@ -19,9 +21,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from lightning_debug.data import DigitsDataModule
+from lightning_debug.init_loss import InitLossCallback
 from lightning_debug.predictions import (
     FIXED_BATCH_FILE,
     PredictionDynamicsLogger,
@@ -116,12 +119,15 @@ class _Stream(IterableDataset):
         return iter(zip(self.x, self.y))
 
 
-def val_examples(count: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+def val_examples(count: int, seed: int = 0, spread: bool = True) -> tuple[Tensor, Tensor]:
+    """The validation digits the logger picks: ``count`` evenly spaced ones (index ``i * 300 // count``), or the
+    first ``count`` (``spread=False``: an iterable dataset's first batch)."""
     datamodule = DigitsDataModule(seed=seed)
     datamodule.setup()
     assert datamodule.val_set is not None
     x, y = datamodule.val_set.tensors
-    return x[:count], y[:count]
+    index = torch.arange(count) * len(y) // count if spread else torch.arange(count)
+    return x[index], y[index]
 
 
 def tensorboard_trainer(tmp_path: Path, callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
@@ -171,7 +177,7 @@ def test_classification_run_shows_prediction_images_and_fixed_batch_scalars_in_t
     trajectory = events.Images("predictions/trajectory")
     assert trajectory[0].width < trajectory[-1].width  # one column per log
 
-    # the fixed batch is the first 12 validation examples, saved with the run
+    # the fixed batch is 12 validation examples evenly spaced over the 300 (0, 25, ..., 275), saved with the run
     saved = torch.load(logger.output_dir / FIXED_BATCH_FILE)
     x, y = val_examples(12)
     assert saved["source"] == "val"
@@ -299,8 +305,8 @@ def test_training_stays_bit_identical_with_dropout_batchnorm_and_shuffling(
     watched = train_state(tmp_path / "b", make_model, [logger], datamodule=datamodule_cls(batch_size=32), **kwargs)
 
     assert logger.fixed_batch_source == source and len(logger.steps) == 9  # steps 0, 2, ..., 16
-    # the first 16 validation examples, at most one batch of the loader: 16 indexed, the first batch of 5 streamed
-    x, y = val_examples(5 if datamodule_cls is StreamedValDigits else 16)
+    # 16 evenly spaced validation examples, at most one batch of the loader: 16 indexed, the first batch of 5 streamed
+    x, y = val_examples(5, spread=False) if datamodule_cls is StreamedValDigits else val_examples(16)
     if source == "val":
         assert torch.equal(logger.fixed_batch[0], x) and torch.equal(logger.fixed_batch[1], y)
     assert_bit_identical(plain, watched)
@@ -333,7 +339,7 @@ def test_two_process_ddp_evaluates_on_rank_zero_only_without_deadlock(tmp_path: 
     assert rank1["steps"] == [] and rank1["source"] is None  # rank 1 never evaluates
     output_dir = tmp_path / rank0["dir"]  # relative to the script's working directory
     saved = torch.load(output_dir / FIXED_BATCH_FILE)
-    assert torch.equal(saved["batch"][0], val_examples(8)[0])  # the dataset's first examples, not rank 0's shard
+    assert torch.equal(saved["batch"][0], val_examples(8)[0])  # evenly spaced over the dataset, not rank 0's shard
     events = EventAccumulator(str(output_dir.parent), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert "predictions/probabilities" in events.Tags()["images"]
@@ -655,3 +661,259 @@ def test_image_tensors_are_written_too_and_others_fall_back_to_add_image(tmp_pat
     events.Reload()
     (event,) = events.Images("a")
     assert (event.height, event.width) == (image.shape[0], (image.shape[1] + 1) // 2)
+
+
+# ---------------------------------------------------------------------- binary classifiers with float targets
+class BinaryDigits(DigitsDataModule):
+    """Is the digit 5 or more? Float 0/1 targets, as BCEWithLogitsLoss takes them; ``noise`` flips that share of the
+    training labels (a healthy run that cannot fit every label)."""
+
+    def __init__(self, noise: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.noise = noise
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        assert self.train_set is not None and self.val_set is not None
+        x, y = self.train_set.tensors
+        target = (y >= 5).float()
+        flip = torch.rand(len(y), generator=torch.Generator().manual_seed(3)) < self.noise
+        self.train_set = TensorDataset(x, torch.where(flip, 1 - target, target))
+        self.val_set = TensorDataset(self.val_set.tensors[0], (self.val_set.tensors[1] >= 5).float())
+
+
+class BinaryMLP(DigitsMLP):
+    """One logit per digit, trained with BCEWithLogitsLoss; ``squeeze``: output ``(N,)``, else ``(N, 1)``."""
+
+    def __init__(self, squeeze: bool = True, lr: float = 0.05) -> None:
+        super().__init__(num_classes=1, lr=lr)
+        self.squeeze = squeeze
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = super().forward(x)
+        return logits[:, 0] if self.squeeze else logits
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        return F.binary_cross_entropy_with_logits(logits, y.reshape(logits.shape))
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.binary_cross_entropy_with_logits(logits, y.reshape(logits.shape)))
+
+
+@pytest.mark.parametrize("squeeze", [True, False], ids=["N", "N-1"])
+def test_binary_classifier_with_float_targets_is_measured_as_classification(tmp_path: Path, squeeze: bool) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5)
+    trainer = quiet_trainer(tmp_path, [logger], max_epochs=3)
+    messages = fit_collecting_warnings(trainer, BinaryMLP(squeeze, lr=0.2), BinaryDigits(noise=0.1, batch_size=32))
+
+    assert logger.resolved_task == "classification"  # not a regression of the logits onto 0/1
+    losses, accuracy = logger.history["loss"], logger.history["accuracy"]
+    assert losses[0] == pytest.approx(math.log(2), abs=0.1) and losses[-1] < 0.5  # binary cross-entropy falls
+    assert accuracy[-1] >= 0.8
+    assert max(logger.history["jitter"][len(logger.steps) // 2 :]) < 0.2  # probabilities barely move late
+    assert logger.findings == [] and messages == []  # 10% noisy labels: healthy, no jitter warning
+
+
+def test_soft_labels_stay_regression_and_suite_passes_its_task_on() -> None:
+    from lightning_debug import suite
+    from lightning_debug.predictions import _infer_task
+
+    logits = torch.randn(16)
+    assert _infer_task(logits, torch.tensor([0.0, 1.0] * 8)) == "classification"
+    assert _infer_task(logits[:, None], torch.tensor([[1.0], [0.0]] * 8)) == "classification"
+    assert _infer_task(logits, torch.tensor([0.1, 0.9] * 8)) == "regression"  # soft labels: not 0/1
+    assert _infer_task(logits, torch.tensor([0.0, 1.0, 2.0, 3.0] * 4)) == "regression"
+
+    def task_of(**kwargs: Any) -> str:
+        (logger,) = [c for c in suite(**kwargs) if isinstance(c, PredictionDynamicsLogger)]
+        return logger.task
+
+    assert task_of(task="binary") == task_of(num_classes=10) == "classification"
+    assert task_of(task="regression") == "regression" and task_of() == "auto"
+
+
+# ---------------------------------------------------------------------- which examples: class-sorted data
+class SortedValDigits(DigitsDataModule):
+    """The validation set sorted by class, as ImageFolder lists it: its first 16 examples are all 0s."""
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        assert self.val_set is not None
+        x, y = self.val_set.tensors
+        order = torch.argsort(y, stable=True)
+        self.val_set = TensorDataset(x[order], y[order])
+
+
+def test_a_class_sorted_validation_set_gives_a_batch_of_every_class_and_shows_the_collapse(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5)
+    trainer = quiet_trainer(tmp_path, [logger], max_epochs=2)
+    trainer.fit(InputBlindMLP(), datamodule=SortedValDigits(batch_size=32))
+
+    labels = logger.fixed_batch[1]
+    assert labels.tolist() == sorted(labels.tolist()) and labels.unique().numel() == 10  # 16 spread over 300
+    collapsed = [f for f in logger.findings if f.check == "predictions.collapsed"]
+    assert len(collapsed) == 1 and collapsed[0].severity == "warning"
+    assert collapsed[0].data["predicted_share"] >= 0.9 and collapsed[0].data["label_share"] < 0.5
+    assert logger.history["accuracy"][-1] < 0.3  # one class out of ten, not 1.00 on a batch of 0s
+
+
+def test_a_fixed_batch_of_one_class_gets_an_info_that_collapse_cannot_be_judged(tmp_path: Path) -> None:
+    datamodule = DigitsDataModule()
+    datamodule.setup()
+    assert datamodule.val_set is not None
+    x, y = datamodule.val_set.tensors
+    threes = (x[y == 3][:16], y[y == 3][:16])
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5, fixed_batch=threes)
+    trainer = quiet_trainer(tmp_path, [logger], max_epochs=2)
+    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(batch_size=32))
+
+    assert [(f.check, f.severity, f.step) for f in logger.findings] == [("predictions.single_class_batch", "info", 0)]
+    finding = logger.findings[0]
+    assert finding.data == {"labels": 16, "classes": 1, "class": 3, "count": 16}
+    assert "all 16 class 3" in finding.message and "fixed_batch=" in finding.hint
+
+
+# ---------------------------------------------------------------------- resume with the user's batch classes
+class Sample(NamedTuple):
+    x: Tensor
+    y: Tensor
+
+
+class SampleDigits(Dataset):
+    """The training digits as NamedTuples: the default collate keeps the type, ``training_step`` reads ``batch.x``."""
+
+    def __init__(self) -> None:
+        datamodule = DigitsDataModule()
+        datamodule.setup()
+        assert datamodule.train_set is not None
+        self.x, self.y = datamodule.train_set.tensors
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> Sample:
+        return Sample(self.x[index], self.y[index])
+
+
+@dataclass
+class Pair:
+    x: Tensor
+    y: Tensor
+
+
+class AttributeBatchMLP(DigitsMLP):
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch.x), batch.y)
+
+
+@pytest.mark.parametrize("kind", ["namedtuple", "dataclass"])
+def test_resume_with_a_namedtuple_or_dataclass_fixed_batch(tmp_path: Path, kind: str) -> None:
+    def make_logger() -> PredictionDynamicsLogger:
+        if kind == "namedtuple":
+            return PredictionDynamicsLogger(num_examples=8, every_n_steps=5, batch_fn=lambda b: (b.x, b.y))
+        pair = Pair(*val_examples(8))  # a dataclass, passed again on resume: it cannot travel in the checkpoint
+        return PredictionDynamicsLogger(every_n_steps=5, fixed_batch=pair, batch_fn=lambda b: (b.x, b.y))
+
+    def loader() -> DataLoader:
+        return DataLoader(SampleDigits(), batch_size=32)
+
+    pl.seed_everything(0)
+    first = make_logger()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = quiet_trainer(tmp_path, [first, checkpoint], max_steps=10, max_epochs=-1, enable_checkpointing=True)
+    trainer.fit(AttributeBatchMLP(), train_dataloaders=loader())
+
+    resumed = make_logger()
+    trainer = quiet_trainer(tmp_path, [resumed], max_steps=20, max_epochs=-1)
+    trainer.fit(AttributeBatchMLP(), train_dataloaders=loader(), ckpt_path=tmp_path / "ckpt/last.ckpt")
+
+    assert resumed.steps == [0, 5, 10, 15, 20] and resumed.findings == []
+    assert type(resumed.fixed_batch) is type(first.fixed_batch)  # batch_fn reads .x and .y again
+    assert torch.equal(resumed.fixed_batch.x, first.fixed_batch.x) and torch.equal(
+        resumed.fixed_batch.y, first.fixed_batch.y
+    )
+    assert resumed.history["accuracy"][:3] == first.history["accuracy"]
+    if kind == "namedtuple":  # 8 training digits evenly spaced over the 1497: indices 0, 187, ...
+        assert torch.equal(first.fixed_batch.x, SampleDigits().x[torch.arange(8) * 1497 // 8])
+
+
+# ---------------------------------------------------------------------- fine-tuning: already right, need not move
+def test_fine_tuning_trained_weights_with_a_small_lr_is_not_called_stuck(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    trained = DigitsMLP()
+    quiet_trainer(tmp_path / "pretrain", logger=False, max_epochs=3).fit(
+        trained, datamodule=DigitsDataModule(batch_size=32)
+    )
+
+    results = {}
+    for with_init_loss in (False, True):
+        pl.seed_everything(0)
+        model = DigitsMLP(lr=1e-4)  # the LR of the stuck test below: moves trained predictions very little
+        model.load_state_dict(trained.state_dict())
+        logger = PredictionDynamicsLogger(every_n_steps=5)
+        init_loss = [InitLossCallback(task="multiclass", num_classes=10)] if with_init_loss else []
+        trainer = quiet_trainer(tmp_path / str(with_init_loss), [*init_loss, logger], max_epochs=2)
+        messages = fit_collecting_warnings(trainer, model, DigitsDataModule(batch_size=32))
+        results[with_init_loss] = logger
+        assert messages == []  # no warning: the predictions are already right
+
+        stuck = [f for f in logger.findings if f.check == "predictions.stuck"]
+        assert len(stuck) == 1 and stuck[0].severity == "info" and logger.history["accuracy"][0] >= 0.9
+        assert all(v < 0.01 for v in stuck[0].data["movement"])  # the predictions did not move: judged otherwise
+        start, best = stuck[0].data["start_loss"], stuck[0].data["best_constant"]
+        assert start < 0.5 * best and best > 2.0  # ~0.1 against the entropy of 16 digit labels (> ln 8)
+        reason = "init_loss.trained" if with_init_loss else "best constant predictor"
+        assert reason in stuck[0].message and "Raise the learning rate 10x" not in stuck[0].hint
+    assert len(results) == 2
+
+
+# ---------------------------------------------------------------------- several inputs
+class TwoInputMLP(DigitsMLP):
+    """``forward(top, bottom)``: the upper and lower halves of a digit as two inputs."""
+
+    def forward(self, top: Tensor, bottom: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(torch.cat([top, bottom], dim=1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        top, bottom, y = batch
+        return F.cross_entropy(self(top, bottom), y)
+
+
+def halves_loader() -> DataLoader:
+    datamodule = DigitsDataModule()
+    datamodule.setup()
+    assert datamodule.train_set is not None
+    x, y = datamodule.train_set.tensors
+    return DataLoader(TensorDataset(x[:, :32], x[:, 32:], y), batch_size=32)
+
+
+@pytest.mark.parametrize(
+    "batch_fn",
+    [None, lambda b: ((b[0], b[1]), b[2]), lambda b: ({"bottom": b[1], "top": b[0]}, b[2])],
+    ids=["default", "tuple", "dict"],
+)
+def test_a_model_taking_two_inputs_is_called_with_both(tmp_path: Path, batch_fn: Any) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5, batch_fn=batch_fn)
+    trainer = quiet_trainer(tmp_path, [logger], max_steps=40, max_epochs=-1)
+    trainer.fit(TwoInputMLP(), train_dataloaders=halves_loader())
+
+    assert logger.findings == [] and logger.resolved_task == "classification"
+    assert logger.steps == list(range(0, 41, 5))
+    assert logger.history["accuracy"][-1] >= logger.history["accuracy"][0] + 0.3  # the model learns both halves
+
+
+def test_inputs_that_fit_no_forward_get_a_hint_on_how_the_model_is_called(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    logger = PredictionDynamicsLogger(every_n_steps=5, batch_fn=lambda b: ((b[0], b[1], b[1]), b[2]))
+    trainer = quiet_trainer(tmp_path, [logger], max_steps=5, max_epochs=-1)
+    trainer.fit(TwoInputMLP(), train_dataloaders=halves_loader())
+    assert [(f.check, f.severity) for f in logger.findings] == [("predictions.not_measured", "info")]
+    assert "module(inputs)" in logger.findings[0].message and "forward(x1, x2)" in logger.findings[0].hint
