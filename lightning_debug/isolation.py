@@ -2,20 +2,23 @@
 
 A monitor that evaluates the model (the loss at init, predictions on a fixed batch, a batch-mixing
 probe) must leave training bit-identical: the global RNG streams (which dropout and every new
-DataLoader iterator draw from), the loaders' own generators, BatchNorm running statistics, each
-module's train/eval flag, the user's ``self.log`` results and the state of torchmetrics ``Metric`` submodules are
-all put back exactly. Python attributes a ``training_step`` changes (a list of outputs, a counter, a scheduler
-stepped inside it) cannot be restored: keep such state in buffers or metrics.
+DataLoader iterator draw from), the loaders' own generators, the random generators a dataset keeps for its
+augmentation (numpy, ``random.Random`` or torch generators in its attributes and transforms), BatchNorm running
+statistics, each module's train/eval flag, the user's ``self.log`` results and the state of torchmetrics
+``Metric`` submodules are all put back exactly. Python attributes a ``training_step`` changes (a list of outputs,
+a counter, a scheduler stepped inside it) cannot be restored: keep such state in buffers or metrics.
 """
 
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
@@ -129,6 +132,65 @@ def loader_generators(loaders: Iterable[Any]) -> list[torch.Generator]:
     return generators
 
 
+def _random_states(loaders: Iterable[Any]) -> list[tuple[Any, Any]]:
+    """The random generators a loader's dataset keeps for itself (a seeded augmentation: ``np.random.default_rng``,
+    ``np.random.RandomState``, ``random.Random``, ``torch.Generator``) and their states: a probe's extra
+    ``__getitem__`` calls advance them. Found in the dataset's attributes, its transforms and the datasets it wraps
+    (``Subset``, ``ConcatDataset``), a few levels deep; large containers are not searched."""
+    found: list[tuple[Any, Any]] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any, depth: int) -> None:
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        state = _generator_state(obj)
+        if state is not None:
+            found.append((obj, state))
+            return
+        if isinstance(obj, (list, tuple)) and len(obj) <= 32:
+            for item in obj:
+                visit(item, depth + 1)
+        elif isinstance(obj, dict) and len(obj) <= 32:
+            for item in obj.values():
+                visit(item, depth + 1)
+        elif not isinstance(obj, (torch.Tensor, str, bytes, int, float, bool, type(None))):
+            attributes = getattr(obj, "__dict__", None)
+            if isinstance(attributes, dict) and len(attributes) <= 64:
+                for item in attributes.values():
+                    visit(item, depth + 1)
+
+    for loader in loaders:
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None:
+            visit(dataset, 0)
+    return found
+
+
+def _generator_state(obj: Any) -> Any:
+    """A copy of ``obj``'s state when it is a random generator, else None."""
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    if isinstance(obj, random.Random):
+        return obj.getstate()
+    if isinstance(obj, np.random.Generator):
+        return copy.deepcopy(obj.bit_generator.state)
+    if isinstance(obj, np.random.RandomState):
+        return obj.get_state()
+    return None
+
+
+def _set_generator_state(obj: Any, state: Any) -> None:
+    if isinstance(obj, torch.Generator):
+        obj.set_state(state)
+    elif isinstance(obj, random.Random):
+        obj.setstate(state)
+    elif isinstance(obj, np.random.Generator):
+        obj.bit_generator.state = state
+    else:
+        obj.set_state(state)
+
+
 @contextmanager
 def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
     """Make ``self.log`` / ``self.log_dict`` no-ops: an extra ``training_step`` adds nothing to the user's metrics."""
@@ -177,13 +239,16 @@ def isolated(
     Args:
         pl_module: the module to evaluate.
         train_mode: put every submodule in train mode (True) or eval mode (False) for the evaluation.
-        loaders: DataLoaders whose generators the evaluation may advance (by creating an iterator).
+        loaders: DataLoaders whose generators the evaluation may advance (by creating an iterator), and whose
+            datasets' own random generators it may advance (by reading examples).
         restore_parameters: also copy every parameter and put it back afterwards, for code that may update
             parameters in place (an EMA teacher updated inside ``training_step``). Costs one transient copy of
             the parameters on their device.
     """
     rng_states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    loaders = list(loaders)
     generator_states = [(g, g.get_state()) for g in loader_generators(loaders)]
+    dataset_states = _random_states(loaders)
     training_flags = [(module, module.training) for module in pl_module.modules()]
     tensors = list(pl_module.buffers()) + (list(pl_module.parameters()) if restore_parameters else [])
     buffers = [(tensor, tensor.detach().clone()) for tensor in tensors]
@@ -203,4 +268,6 @@ def isolated(
             module.training = flag
         for generator, state in generator_states:
             generator.set_state(state)
+        for generator, state in dataset_states:
+            _set_generator_state(generator, state)
         _set_rng_states(rng_states)

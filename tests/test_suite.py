@@ -2,11 +2,13 @@
 between measured steps, the odd models users bring, DDP and mixed precision."""
 
 import json
+import random
 import sys
 from collections import Counter
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,6 +124,50 @@ def test_one_shot_training_data_reaches_training_whole_and_the_probes_say_why_th
     assert warnings_of(callbacks) == []
     skipped = {f.check for cb in callbacks if isinstance(cb, DiagnosticCallback) for f in cb.findings}
     assert {"init_loss.not_measured", "loss_fn.not_checked", "batch_mixing.not_checked"} <= skipped
+
+
+class _JitterTransform:
+    """An augmentation with its own seeded generators, as datasets write them for reproducible noise."""
+
+    def __init__(self) -> None:
+        self.numpy_rng = np.random.default_rng(0)
+        self.python_rng = random.Random(0)
+        self.torch_rng = torch.Generator().manual_seed(0)
+
+    def __call__(self, x):
+        noise = torch.from_numpy(self.numpy_rng.normal(0, 0.1, x.shape).astype("float32"))
+        noise = noise * self.python_rng.uniform(0.5, 1.5) + 0.05 * torch.randn(x.shape, generator=self.torch_rng)
+        return x + noise
+
+
+class _AugmentedDigits(torch.utils.data.Dataset):
+    def __init__(self, base):
+        self.base, self.transform = base, _JitterTransform()
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        x, y = self.base[index]
+        return self.transform(x), y
+
+
+def test_probes_leave_a_dataset_s_own_augmentation_generators_as_they_were(tmp_path):
+    """The start-of-run probes read examples: a dataset's seeded augmentation must draw the same noise in training."""
+    data = DigitsDataModule(batch_size=32)
+    data.setup("fit")
+
+    def run(root, callbacks):
+        pl.seed_everything(0)
+        model = DigitsMLP(batchnorm=True)
+        loader = DataLoader(_AugmentedDigits(data.train_set), batch_size=32, shuffle=True)
+        quiet_trainer(root, callbacks, max_steps=8, limit_val_batches=0).fit(model, train_dataloaders=loader)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    without = run(tmp_path / "a", [])
+    callbacks = lightning_debug.suite(num_classes=10)
+    assert_bit_identical(without, run(tmp_path / "b", callbacks))
+    assert warnings_of(callbacks) == []
 
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
