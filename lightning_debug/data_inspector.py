@@ -81,9 +81,15 @@ class DataInspector(OneShotCheck):
                                             labels per token or pixel: skewed by nature)
     ``data.conflicting_labels``   warning   identical inputs carry different labels
     ``data.duplicates``           warning   more than ``max_duplicate_fraction`` of examples repeat (info
-                                            below)
+                                            below). When the training sampler draws with replacement
+                                            (``WeightedRandomSampler``, ``RandomSampler(replacement=True)``)
+                                            the count is compared with the repeats its draws explain
+                                            (``data["expected"]``): info, a warning only beyond twice that
+                                            plus 10
     ``data.constant_features``    info      some features never change (dead pixels are common)
-    ``data.not_inspected``        info      the batch holds no input tensor (pass ``input_fn``)
+    ``data.not_inspected``        info      the batch holds no input tensor (pass ``input_fn``), its shape
+                                            changes between batches, or its last dimension differs between
+                                            ranks (every rank then skips the inspection)
     ============================  ========  ==============================================================
 
     Args:
@@ -259,19 +265,31 @@ class DataInspector(OneShotCheck):
     def _finish(self, trainer: pl.Trainer) -> None:
         device = trainer.strategy.root_device
         width = 0 if self._sums is None else int(self._sums.shape[1])
-        # every rank must take part in the collectives with the same shapes
-        shape = reduce(trainer, torch.tensor([float(width), float(self._problem is not None)], device=device), "max")
-        width_all, problem_any = (int(v) for v in shape.cpu().tolist())
-        if problem_any or width_all == 0 or width != width_all:
+        # every rank must take part in the collectives with the same shapes: the decision to stop here is taken
+        # from reduced values only (the largest and smallest width of all ranks), so every rank takes it
+        shape = reduce(
+            trainer,
+            torch.tensor([float(width), -float(width), float(self._problem is not None)], device=device),
+            "max",
+        )
+        width_max, negative_min, problem_any = (int(v) for v in shape.cpu().tolist())
+        width_min = -negative_min
+        if problem_any or width_max == 0 or width_min != width_max:
             self.result = {"status": "not_inspected", "batches": self._batches}
-            reason = self._problem or "another rank could not read its batches"
-            self.report(
-                trainer,
-                "data.not_inspected",
-                "info",
-                f"The inputs were not inspected: {reason}.",
-                "Pass input_fn (batch -> input tensor) and target_fn (batch -> integer labels).",
-            )
+            hint = "Pass input_fn (batch -> input tensor) and target_fn (batch -> integer labels)."
+            data: dict[str, Any] = {"width_min": width_min, "width_max": width_max}
+            if self._problem or problem_any or width_max == 0:
+                reason = self._problem or "another rank could not read its batches"
+            else:
+                reason = (
+                    f"the inputs' last dimension differs between ranks ({width_min} on one, {width_max} on another; "
+                    "expected the same on every rank), e.g. sequences padded to each batch's longest"
+                )
+                hint = (
+                    "Pad to a fixed length in the collate function (or pass input_fn returning a fixed-width "
+                    "tensor) to have the inputs inspected."
+                )
+            self.report(trainer, "data.not_inspected", "info", f"The inputs were not inspected: {reason}.", hint, data)
             self._release()
             return
         assert self._sums is not None and self._mins is not None and self._maxs is not None
@@ -535,17 +553,42 @@ class DataInspector(OneShotCheck):
                 "deduplicate and relabel.",
                 {"conflicts": conflicts, "examples": examples},
             )
-        if dup:
-            fraction = dup / max(examples, 1)
+        if not dup:
+            return
+        fraction = dup / max(examples, 1)
+        data: dict[str, Any] = {"duplicates": dup, "examples": examples, "fraction": fraction}
+        sampler = _replacement_sampler(trainer.train_dataloader)
+        if sampler is not None:
+            # repeats are what a sampler drawing with replacement does: compare with the number it explains
+            expected = _expected_repeats(sampler, examples / max(trainer.world_size, 1))
+            name = type(sampler).__name__
+            data.update(sampler=name)
+            if expected is not None:
+                expected *= max(trainer.world_size, 1)  # duplicates are found within each rank's own draws
+                data.update(expected=expected)
+            beyond = expected is not None and fraction > self.max_duplicate_fraction and dup > 2 * expected + 10
+            expected_words = f"about {expected:.1f} expected" if expected is not None else "repeats are expected"
             self.report(
                 trainer,
                 "data.duplicates",
-                "warning" if fraction > self.max_duplicate_fraction else "info",
-                f"{dup} of the first {examples} examples ({fraction:.1%}) repeat an earlier one exactly.",
-                "Deduplicate the dataset (and check the train/validation split for leaks); make sure the "
-                "sampler does not repeat indices.",
-                {"duplicates": dup, "examples": examples, "fraction": fraction},
+                "warning" if beyond else "info",
+                f"{dup} of the first {examples} examples ({fraction:.1%}) repeat an earlier one exactly; the "
+                f"training sampler ({name}) draws with replacement, {expected_words} from its draws alone.",
+                "Deduplicate the dataset: the sampler explains only part of these repeats."
+                if beyond
+                else "Nothing to fix: sampling with replacement repeats examples by design.",
+                data,
             )
+            return
+        self.report(
+            trainer,
+            "data.duplicates",
+            "warning" if fraction > self.max_duplicate_fraction else "info",
+            f"{dup} of the first {examples} examples ({fraction:.1%}) repeat an earlier one exactly.",
+            "Deduplicate the dataset (and check the train/validation split for leaks); make sure the "
+            "sampler does not repeat indices.",
+            data,
+        )
 
     # ------------------------------------------------------------------ log
     def _log(self, trainer: pl.Trainer, stats: dict[str, Any]) -> None:
@@ -597,6 +640,47 @@ def _features(x: Tensor) -> Tensor:
     if x.dim() == 1:
         return x.reshape(-1, 1)
     return x.reshape(-1, x.shape[-1])
+
+
+def _replacement_sampler(loaders: Any) -> Any | None:
+    """The sampler of a training loader that draws with replacement (e.g. ``WeightedRandomSampler``), or None.
+
+    Looks through ``batch_sampler.sampler`` and the wrapper Lightning puts around a custom sampler under DDP.
+    """
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        for loader in loaders:
+            found = _replacement_sampler(loader)
+            if found is not None:
+                return found
+        return None
+    samplers = [getattr(loaders, "sampler", None), getattr(getattr(loaders, "batch_sampler", None), "sampler", None)]
+    for sampler in samplers:
+        wrapped = getattr(getattr(sampler, "dataset", None), "_sampler", None)  # DistributedSamplerWrapper
+        for candidate in (sampler, wrapped):
+            if getattr(candidate, "replacement", False) is True:
+                return candidate
+    return None
+
+
+def _expected_repeats(sampler: Any, draws: float) -> float | None:
+    """How many of ``draws`` independent draws repeat an earlier one: draws - sum_i 1 - (1 - p_i) ** draws."""
+    weights = getattr(sampler, "weights", None)
+    try:
+        if isinstance(weights, Tensor):
+            p = weights.detach().double().cpu().numpy()
+        else:
+            p = np.ones(len(sampler.data_source), dtype=np.float64)
+    except (AttributeError, TypeError):
+        return None
+    total = float(p.sum())
+    if p.size == 0 or not math.isfinite(total) or total <= 0 or (p < 0).any():
+        return None
+    p = p / total
+    with np.errstate(divide="ignore"):
+        distinct = float(np.sum(-np.expm1(draws * np.log1p(-p))))
+    return max(draws - distinct, 0.0)
 
 
 def _is_image(x: Tensor) -> bool:

@@ -6,7 +6,7 @@ import torch
 from helpers import all_findings, assert_bit_identical, fp16_cpu_plugin, quiet_trainer, run_ddp_script, train_state
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 
 from lightning_debug.data import DigitsDataModule, load_digits_tensors
 from lightning_debug.data_inspector import DataInspector, _grid_image
@@ -188,6 +188,48 @@ def test_duplicates_and_conflicting_labels_are_found(tmp_path):
     assert by_check["data.conflicting_labels"].data["conflicts"] == 5
 
 
+def _repeats_of_independent_draws(weights: torch.Tensor, draws: int) -> float:
+    p = weights.double() / weights.double().sum()
+    return draws - float((1 - (1 - p) ** draws).sum())
+
+
+def test_repeats_drawn_by_a_weighted_sampler_are_an_info_with_the_expected_count(tmp_path):
+    """The resampling the class_imbalance hint recommends draws with replacement: repeats are by design."""
+    pl.seed_everything(0)
+    images, labels = load_digits_tensors()
+    keep = torch.cat(
+        [(labels == 0).nonzero().flatten()] + [(labels == c).nonzero().flatten()[:15] for c in range(1, 10)]
+    )
+    images, labels = images[keep], labels[keep]  # 178 zeros, 15 of each other digit
+    weights = 1.0 / torch.bincount(labels).double()[labels]
+    sampler = WeightedRandomSampler(weights, len(labels), replacement=True, generator=torch.Generator().manual_seed(0))
+    callback = DataInspector(num_batches=8)
+    fit(tmp_path, DigitsMLP(), callback, DataLoader(TensorDataset(images, labels), batch_size=32, sampler=sampler))
+    assert warnings_of(callback) == []
+    [finding] = [f for f in callback.findings if f.check == "data.duplicates"]
+    expected = _repeats_of_independent_draws(weights, 8 * 32)
+    assert finding.severity == "info" and finding.data["sampler"] == "WeightedRandomSampler"
+    assert finding.data["expected"] == pytest.approx(expected, rel=1e-9)
+    assert 0.8 * expected < finding.data["duplicates"] < 1.2 * expected  # measured 127, expected 121.5
+    assert f"about {expected:.1f} expected" in finding.message
+
+
+def test_a_replacement_sampler_does_not_hide_a_dataset_full_of_copies(tmp_path):
+    """RandomSampler(replacement=True) inside a batch_sampler: repeats far beyond its draws stay a warning."""
+    pl.seed_everything(0)
+    images, labels = load_digits_tensors()
+    images, labels = images[:200].repeat(4, 1), labels[:200].repeat(4)  # every example 4 times
+    sampler = RandomSampler(range(len(labels)), replacement=True, generator=torch.Generator().manual_seed(0))
+    batches = BatchSampler(sampler, batch_size=32, drop_last=False)
+    callback = DataInspector(num_batches=8)
+    fit(tmp_path, DigitsMLP(), callback, DataLoader(TensorDataset(images, labels), batch_sampler=batches))
+    [finding] = [f for f in callback.findings if f.check == "data.duplicates"]
+    expected = _repeats_of_independent_draws(torch.ones(800), 8 * 32)
+    assert finding.data["sampler"] == "RandomSampler" and finding.data["expected"] == pytest.approx(expected)
+    assert finding.data["duplicates"] > 2 * expected + 10 and finding.severity == "warning"
+    assert "Deduplicate" in finding.hint
+
+
 def test_an_epoch_shorter_than_num_batches_is_judged_before_the_examples_repeat(tmp_path):
     pl.seed_everything(0)
     callback = DataInspector(num_batches=8)
@@ -276,6 +318,57 @@ def test_ddp_sums_the_statistics_of_both_ranks(tmp_path):
     assert "data.wrong_scale" in ranks[0]["checks"]
     written = [f["check"] for f in all_findings(tmp_path)]
     assert written.count("data.wrong_scale") == 1  # rank 0 writes once
+
+
+def test_ddp_inputs_of_a_different_width_per_rank_are_skipped_on_every_rank_without_a_hang(tmp_path):
+    """Token ids padded to each batch's longest sequence: one rank's batches are 6 wide, the other's 9."""
+    run_ddp_script(
+        tmp_path,
+        """
+        import json, lightning.pytorch as pl, torch
+        from torch.utils.data import DataLoader, Dataset
+        from lightning_debug.data_inspector import DataInspector
+
+        class Sequences(Dataset):  # the sequences rank 0 draws hold 6 tokens, rank 1's 9
+            def __len__(self):
+                return 64
+
+            def __getitem__(self, i):
+                return (torch.arange(6 + 3 * torch.distributed.get_rank()) * 7 + i) % 50, i % 5
+
+        def collate(items):
+            tokens = torch.zeros(len(items), max(len(s) for s, _ in items), dtype=torch.long)
+            for k, (s, _) in enumerate(items):
+                tokens[k, : len(s)] = s
+            return tokens, torch.tensor([t for _, t in items])
+
+        class Bag(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.bag, self.head = torch.nn.EmbeddingBag(50, 8), torch.nn.Linear(8, 5)
+
+            def training_step(self, batch, batch_idx):
+                return torch.nn.functional.cross_entropy(self.head(self.bag(batch[0])), batch[1])
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        callback = DataInspector(num_batches=1)
+        trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=3, callbacks=[callback],
+                             default_root_dir=".", enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, logger=False)
+        trainer.fit(Bag(), DataLoader(Sequences(), batch_size=4, collate_fn=collate))
+        with open(f"rank{trainer.global_rank}.json", "w") as handle:
+            json.dump({"step": trainer.global_step, "result": callback.result,
+                       "findings": [[f.check, f.severity, f.data] for f in callback.findings]}, handle)
+        """,
+        timeout=120,
+    )
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank in ranks:
+        assert rank["step"] == 3
+        assert rank["result"] == {"status": "not_inspected", "batches": 1}
+        assert rank["findings"] == [["data.not_inspected", "info", {"width_min": 6, "width_max": 9}]]
 
 
 @pytest.mark.parametrize(
