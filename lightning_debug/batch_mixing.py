@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_debug.base import OneShotCheck
 from lightning_debug.batches import check_probe_fns, default_input
@@ -39,9 +40,24 @@ class BatchMixingCheck(OneShotCheck):
     is bit-identical. Integer inputs (token ids) cannot carry a gradient: the output of the first
     :class:`~torch.nn.Embedding` that runs is probed instead.
 
+    The batch is dim 0 of the input, or dim 1 when the batch size (the length of a 1-D label tensor in the batch,
+    else the training DataLoader's ``batch_size``) is found on dim 1 and not on dim 0: a time-major ``(T, B, ...)``
+    batch (``pad_sequence``'s default, ``nn.LSTM``'s layout) is probed along dim 1, and its output along dim 1 too
+    (or dim 0, a per-sequence output). When no batch size tells, and examples leak only from earlier indices along
+    dim 0 (index ``i`` depends on ``0..i``, never later: the signature of a time axis read by a recurrent layer),
+    the result is an info, not a warning; with the batch size confirming dim 0, such a leak is a warning (a
+    recurrent layer without ``batch_first=True`` reading the batch as time).
+
+    BatchNorm layers without running statistics (``track_running_stats=False``: transductive BatchNorm in few-shot
+    learning, MAML) normalise with the batch's statistics at evaluation too and mix the batch by design. The probe
+    holds their statistics fixed (the same forward values, no gradient through the statistics), so a leak
+    elsewhere in the model is still a warning; when they ran and nothing else leaks, the result is an info naming
+    them.
+
     With ``causal_dim`` set (a sequence model whose input and output carry time on that dimension, e.g.
-    ``causal_dim=1`` for ``(B, T, F)``), it also checks that the output at position ``t`` depends only on
-    inputs at positions ``<= t`` (an autoregressive model must not see the future).
+    ``causal_dim=1`` for ``(B, T, F)``; counted with the batch moved to dim 0 for a time-major batch), it also
+    checks that the output at position ``t`` depends only on inputs at positions ``<= t`` (an autoregressive model
+    must not see the future).
 
     Under DDP every rank probes its own batch and the leak magnitudes are reduced (max) across ranks. On
     resume from a checkpoint the check is not repeated.
@@ -62,8 +78,10 @@ class BatchMixingCheck(OneShotCheck):
     ============================  ========  ==============================================================
     ``batch_mixing.detected``     warning   example ``i``'s output has a gradient on another example
     ``batch_mixing.non_causal``   warning   the output at ``t`` has a gradient on an input after ``t``
+    ``batch_mixing.by_design``    info      only BatchNorm layers without running statistics mix the batch
     ``batch_mixing.not_checked``  info      no float input or embedding, batch of 1, output without the
-                                            batch on dim 0, or the forward raised
+                                            batch on dim 0, dim 0 looks like time (see above), or the
+                                            forward raised
     ============================  ========  ==============================================================
 
     Args:
@@ -75,7 +93,8 @@ class BatchMixingCheck(OneShotCheck):
             first element if a tuple/list, or ``x``/``input``/``inputs``/``image(s)``/``input_ids`` of a dict).
         forward_fn: ``forward_fn(pl_module, batch)`` returns the model's output for a batch in which the input
             tensor was replaced by the probe (default: ``pl_module(input)``). The output is that tensor, or
-            the first floating-point tensor of a tuple/list/dict; its dim 0 must be the batch.
+            the first floating-point tensor of a tuple/list/dict; its dim 0 must be the batch (or dim 1 for a
+            time-major batch, see above).
 
     Raises:
         ValueError: if an argument is out of range (the message names it and the accepted values).
@@ -140,19 +159,23 @@ class BatchMixingCheck(OneShotCheck):
             with isolated(pl_module, train_mode=False, loaders=loaders), torch.enable_grad():
                 batch = next(iter(batches))
                 batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
-                return self._probe(trainer, pl_module, batch)
+                return self._probe(trainer, pl_module, batch, _loader_batch_size(loaders))
         except StopIteration:
             return {"problem": "the training dataloader is empty"}
         except Exception as err:  # the user's forward: training will meet it again, not our crash
             return {"problem": f"the forward pass raised {type(err).__name__}: {err}"}
 
-    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> dict[str, Any]:
+    def _probe(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, loader_batch_size: int | None
+    ) -> dict[str, Any]:
         inputs = self.input_fn(batch) if self.input_fn is not None else default_input(batch)
         if not isinstance(inputs, Tensor):
             return {"problem": f"no input tensor found in the batch ({type(batch).__name__}); pass input_fn"}
-        if inputs.dim() == 0 or inputs.shape[0] < 2:
+        reference = _labels_length(batch, inputs) or loader_batch_size
+        batch_dim = _batch_dim(inputs, reference)
+        if inputs.dim() == 0 or inputs.shape[batch_dim] < 2:
             return {"problem": f"the batch has {inputs.shape[0] if inputs.dim() else 0} example(s); need 2 or more"}
-        batch_size = int(inputs.shape[0])
+        batch_size = int(inputs.shape[batch_dim])
         embedding = None
         if inputs.is_floating_point():
             probe = inputs.detach().clone().requires_grad_(True)
@@ -161,7 +184,8 @@ class BatchMixingCheck(OneShotCheck):
             embedding = _EmbeddingProbe(pl_module)
             model_input = inputs
         probed_batch = _replace(batch, inputs, model_input)
-        with trainer.precision_plugin.forward_context():
+        batch_stats = _BatchStatistics(pl_module)
+        with trainer.precision_plugin.forward_context(), batch_stats:
             if embedding is not None:
                 with embedding:
                     output = self._forward(pl_module, probed_batch, model_input)
@@ -173,40 +197,51 @@ class BatchMixingCheck(OneShotCheck):
         out = _first_float_tensor(output)
         if out is None:
             return {"problem": f"the model output ({type(output).__name__}) holds no floating-point tensor"}
-        if out.dim() == 0 or out.shape[0] != batch_size or probe.shape[0] != batch_size:
+        out_dim = _output_batch_dim(out, batch_dim, batch_size)
+        if out_dim is None or probe.dim() <= batch_dim or probe.shape[batch_dim] != batch_size:
+            where = "dim 0" if batch_dim == 0 else "dim 0 or 1"
             return {
-                "problem": f"the output's dim 0 ({tuple(out.shape)}) is not the batch of {batch_size}; "
+                "problem": f"the output's {where} ({tuple(out.shape)}) is not the batch of {batch_size}; "
                 "pass forward_fn returning a batch-first output"
             }
         if not out.requires_grad:
             return {"problem": "the output does not depend on the input through autograd (no gradient path)"}
-        return self._gradients(out, probe, batch_size, "embedding output" if embedding is not None else "input")
+        probed = "embedding output" if embedding is not None else "input"
+        result = self._gradients(out.movedim(out_dim, 0), probe, batch_dim, batch_size, probed)
+        result["batch_dim"] = batch_dim
+        # a leak on earlier indices only, along a dimension no batch size confirms: a time axis rather than the batch
+        later = result.pop("later", False)
+        result["time_like"] = bool(result.get("pairs")) and not later and reference != batch_size
+        if batch_stats.ran:
+            result["batch_statistics"] = batch_stats.ran
+        return result
 
     def _forward(self, pl_module: pl.LightningModule, batch: Any, model_input: Tensor) -> Any:
         if self.forward_fn is not None:
             return self.forward_fn(pl_module, batch)
         return pl_module(model_input)
 
-    def _gradients(self, out: Tensor, probe: Tensor, batch_size: int, probed: str) -> dict[str, Any]:
+    def _gradients(self, out: Tensor, probe: Tensor, batch_dim: int, batch_size: int, probed: str) -> dict[str, Any]:
+        """Per-example gradients of the batch-first ``out`` with respect to ``probe`` (batch on ``batch_dim``)."""
+
+        def grad_of(value: Tensor) -> Tensor:  # |d value / d probe|, batch first
+            (grad,) = torch.autograd.grad(value.float().sum(), probe, retain_graph=True, allow_unused=True)
+            return (torch.zeros_like(probe) if grad is None else grad).detach().abs().movedim(batch_dim, 0)
+
         probes = sorted({round(k * (batch_size - 1) / max(self.num_probes - 1, 1)) for k in range(self.num_probes)})
         per_example: list[Tensor] = []  # (B,) largest |gradient| on each example, one row per probe
         for index in probes:
-            (grad,) = torch.autograd.grad(out[index].float().sum(), probe, retain_graph=True, allow_unused=True)
-            grad = torch.zeros_like(probe) if grad is None else grad
-            per_example.append(grad.detach().abs().reshape(batch_size, -1).amax(1).float())
+            per_example.append(grad_of(out[index]).reshape(batch_size, -1).amax(1).float())
         causal_rows: list[Tensor] = []
         positions: list[int] = []
         dim = self.causal_dim
-        if dim is not None and dim < out.dim() and dim < probe.dim() and out.shape[dim] == probe.shape[dim] > 1:
+        probe_shape = probe.movedim(batch_dim, 0).shape
+        if dim is not None and dim < out.dim() and dim < len(probe_shape) and out.shape[dim] == probe_shape[dim] > 1:
             length = int(out.shape[dim])
             positions = sorted({0, length // 2})
             for t in positions:
-                (grad,) = torch.autograd.grad(
-                    out[0].select(dim - 1, t).float().sum(), probe, retain_graph=True, allow_unused=True
-                )
-                grad = torch.zeros_like(probe) if grad is None else grad
-                per_position = grad[0].detach().abs().movedim(dim - 1, 0).reshape(length, -1).amax(1).float()
-                causal_rows.append(per_position)
+                grad = grad_of(out[0].select(dim - 1, t))
+                causal_rows.append(grad[0].movedim(dim - 1, 0).reshape(length, -1).amax(1).float())
         host = to_host([v for row in per_example + causal_rows for v in row.unbind()])  # one transfer
         grads = [host[k * batch_size : (k + 1) * batch_size] for k in range(len(probes))]
         result: dict[str, Any] = {"batch_size": batch_size, "probes": probes, "probed": probed}
@@ -214,7 +249,7 @@ class BatchMixingCheck(OneShotCheck):
         if dim is not None:
             if not positions:
                 result["causal_problem"] = (
-                    f"input {tuple(probe.shape)} and output {tuple(out.shape)} do not share a time dimension "
+                    f"input {tuple(probe_shape)} and output {tuple(out.shape)} do not share a time dimension "
                     f"{dim} longer than 1"
                 )
             else:
@@ -227,18 +262,24 @@ class BatchMixingCheck(OneShotCheck):
     # ------------------------------------------------------------------ judge (collectives: every rank)
     def _judge(self, trainer: pl.Trainer, local: dict[str, Any]) -> dict[str, Any]:
         device = trainer.strategy.root_device
+        local_leak = _finite(local.get("leak", 0.0))
+        time_like = bool(local.get("time_like"))
         flags = torch.tensor(
             [
                 float("problem" in local),
-                _finite(local.get("leak", 0.0)),
+                0.0 if time_like else local_leak,
                 _finite(local.get("causal_leak", 0.0)),
                 float("causal_problem" in local),
+                local_leak if time_like else 0.0,
+                float(bool(local.get("batch_statistics"))),
             ],
             dtype=torch.float64,
             device=device,
         )
-        problem_any, leak, causal_leak, causal_problem_any = to_host(list(reduce(trainer, flags, "max").unbind()))
-        result = {k: v for k, v in local.items() if k != "problem"}
+        problem_any, leak, causal_leak, causal_problem_any, time_leak, batch_statistics_any = to_host(
+            list(reduce(trainer, flags, "max").unbind())
+        )
+        result = {k: v for k, v in local.items() if k not in ("problem", "time_like")}
         if problem_any > 0:
             reason = local.get("problem", "another rank could not run it")
             self.report(
@@ -250,6 +291,36 @@ class BatchMixingCheck(OneShotCheck):
             )
             return {"status": "not_checked", "reason": reason}
         result.update(leak=leak, status="ok")
+        if leak <= self.tolerance and time_leak > self.tolerance:
+            result.update(status="not_checked", reason="dim 0 looks like time", time_leak=time_leak)
+            self.report(
+                trainer,
+                "batch_mixing.not_checked",
+                "info",
+                self._time_axis_message(local, time_leak),
+                "If the batches are time-major (T, B, ...), e.g. pad_sequence's default batch_first=False for an "
+                "nn.LSTM/GRU/RNN: pass input_fn and forward_fn that give the check a batch-first input and output "
+                "(or collate with batch_first=True and build the layers with batch_first=True), or use a DataLoader "
+                "with a batch_size so the check can find the batch dimension. If dim 0 is the batch, a recurrent or "
+                "causal-attention layer built without batch_first=True reads the batch as time.",
+                {"time_leak": time_leak, "pairs": local.get("pairs", []), "size": local.get("batch_size")},
+            )
+        elif leak <= self.tolerance and batch_statistics_any > 0:
+            names = local.get("batch_statistics") or ["(on another rank)"]
+            result["by_design"] = names
+            listed = ", ".join(f"`{name}`" for name in names[:5]) + (" and more" if len(names) > 5 else "")
+            self.report(
+                trainer,
+                "batch_mixing.by_design",
+                "info",
+                f"{len(names)} BatchNorm layer(s) without running statistics ({listed}; track_running_stats=False) "
+                "normalise with the statistics of the batch at evaluation too: they mix the batch by design. The rest "
+                f"of the model was checked with their batch statistics held fixed: leak {leak:.3g}, expected 0.",
+                "Nothing to fix for transductive batch normalisation (few-shot, MAML). Otherwise build them with "
+                "track_running_stats=True (batch statistics in training only), or use GroupNorm or LayerNorm, which "
+                "normalise each example on its own.",
+                {"layers": names, "leak": leak},
+            )
         if leak > self.tolerance:
             result["status"] = "mixing"
             self.report(
@@ -259,8 +330,9 @@ class BatchMixingCheck(OneShotCheck):
                 self._mixing_message(local, leak),
                 "Look for a .view()/.reshape() that moves the batch dimension where a .permute()/.transpose() "
                 "belongs (x.permute(1, 0, 2), not x.view(T, B, F)), a flatten that folds the batch in "
-                "(x.flatten(1) or x.reshape(len(x), -1), not x.reshape(C, -1)), or a reduction over dim 0 "
-                "(mean/sum/softmax over the batch) in forward.",
+                "(x.flatten(1) or x.reshape(len(x), -1), not x.reshape(C, -1)), a reduction over dim 0 "
+                "(mean/sum/softmax over the batch) in forward, or an nn.LSTM/GRU/RNN/Transformer layer built without "
+                "batch_first=True given batch-first (B, T, F) inputs (example i then depends on examples 0..i).",
                 {
                     "leak": leak,
                     "pairs": local.get("pairs", []),
@@ -305,6 +377,16 @@ class BatchMixingCheck(OneShotCheck):
             "The model mixes information across the batch dimension."
         )
 
+    def _time_axis_message(self, local: dict[str, Any], time_leak: float) -> str:
+        size = local.get("batch_size")
+        return (
+            f"The batch-mixing check did not run: along dim 0 of the {local.get('probed', 'input')} (size {size}), "
+            f"each index depends only on earlier ones ({_ratio_words(time_leak, 'the index')}), the signature of a "
+            "time axis, and the batch size could not be read from the DataLoader or a 1-D label tensor to tell."
+            if local.get("time_like")
+            else "The batch-mixing check did not run: on another rank dim 0 of the input looks like a time axis."
+        )
+
     def _causal_message(self, local: dict[str, Any], causal_leak: float) -> str:
         future = local.get("future") or []
         words = "; ".join(
@@ -343,6 +425,89 @@ class _EmbeddingProbe:
         self._handles.clear()
 
 
+class _BatchStatistics:
+    """While active, BatchNorm layers without running statistics (which normalise with the batch's statistics in eval
+    mode too) normalise with the same statistics held fixed (detached): the forward gives the same values, and the
+    gradient no longer flows from one example to the others through the statistics. ``ran`` names those that ran."""
+
+    _FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module.running_mean is None
+            and module.running_var is None
+            and type(module).forward in self._FORWARDS
+            and "forward" not in vars(module)
+        ]
+        self.ran: list[str] = []
+
+    def __enter__(self) -> _BatchStatistics:
+        for name, module in self.modules:
+            module.forward = self._forward(name, module)  # type: ignore[method-assign,assignment]
+        return self
+
+    def _forward(self, name: str, module: nn.modules.batchnorm._BatchNorm) -> Callable[[Tensor], Tensor]:
+        def forward(x: Tensor) -> Tensor:
+            if name not in self.ran:
+                self.ran.append(name)
+            dims = [0, *range(2, x.dim())]
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            mean = x.detach().mean(dims, keepdim=True)
+            var = x.detach().var(dims, unbiased=False, keepdim=True)
+            y = (x - mean) / torch.sqrt(var + module.eps)
+            if module.weight is not None:
+                y = y * module.weight.reshape(shape)
+            if module.bias is not None:
+                y = y + module.bias.reshape(shape)
+            return y
+
+        return forward
+
+    def __exit__(self, *exc: Any) -> None:
+        for _, module in self.modules:
+            vars(module).pop("forward", None)
+
+
+def _loader_batch_size(loaders: Sequence[Any]) -> int | None:
+    """The examples in the first batch of the training DataLoader(s) (their ``batch_size``, or fewer when the sampler
+    holds fewer), when they agree on one."""
+    sizes = set()
+    for loader in loaders:
+        if isinstance(loader, DataLoader) and loader.batch_size:
+            size = int(loader.batch_size)
+            try:
+                size = min(size, len(loader.sampler))  # type: ignore[arg-type]
+            except TypeError:  # a sampler without a length
+                pass
+            sizes.add(size)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _labels_length(batch: Any, inputs: Tensor) -> int | None:
+    """The length of the 1-D tensor(s) beside the input in a tuple/list/dict batch (labels: one per example)."""
+    values = list(batch.values()) if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else []
+    lengths = {int(v.shape[0]) for v in values if isinstance(v, Tensor) and v is not inputs and v.dim() == 1}
+    return lengths.pop() if len(lengths) == 1 else None
+
+
+def _batch_dim(inputs: Tensor, reference: int | None) -> int:
+    """0, or 1 for a time-major input: dim 0 is not the batch size the loader (or the labels) give, dim 1 is."""
+    if reference is None or reference < 2 or inputs.dim() < 2:
+        return 0
+    return 1 if inputs.shape[0] != reference and inputs.shape[1] == reference else 0
+
+
+def _output_batch_dim(out: Tensor, batch_dim: int, batch_size: int) -> int | None:
+    """The output's batch dimension: the input's if it has the batch size there, else dim 0 if that has it."""
+    for dim in (batch_dim, 0) if batch_dim else (0,):
+        if out.dim() > dim and out.shape[dim] == batch_size:
+            return dim
+    return None
+
+
 def _replace(batch: Any, old: Tensor, new: Tensor) -> Any:
     """``batch`` with the tensor object ``old`` replaced by ``new`` (tuples, lists, dicts, namedtuples)."""
     if batch is old:
@@ -372,6 +537,7 @@ def _leaks(probes: list[int], grads: list[list[float]], tolerance: float) -> dic
     """The largest gradient on another example relative to the probe's own, and who leaks into whom."""
     worst = 0.0
     pairs = []
+    later = False  # a leak from an index after the probe (a time axis leaks from earlier ones only)
     for index, row in zip(probes, grads):
         own = row[index]
         others = [(j, g) for j, g in enumerate(row) if j != index and g > 0]
@@ -382,8 +548,9 @@ def _leaks(probes: list[int], grads: list[list[float]], tolerance: float) -> dic
         worst = max(worst, relative)
         leaking = [j for j, g in others if (g / own if own > 0 else math.inf) > tolerance]
         if leaking:
+            later = later or leaking[-1] > index
             pairs.append({"probe": index, "others": leaking[:8], "count": len(leaking), "relative": relative})
-    return {"leak": worst, "pairs": pairs}
+    return {"leak": worst, "pairs": pairs, "later": later}
 
 
 def _causal_leaks(positions: list[int], rows: list[list[float]], tolerance: float) -> dict[str, Any]:

@@ -55,6 +55,11 @@ class BatchNormCheck(OneShotCheck):
     unless ``drop_last``): a last batch of 1 example makes ``BatchNorm1d`` raise at the end of the first epoch,
     which the warning at step 0 announces.
 
+    The forwards run at ``on_train_start``; the findings are judged at the first training batch (before the first
+    optimizer step): Lightning calls the LightningModule's own ``on_train_start`` after the callbacks', and a
+    BatchNorm that is in eval mode by the first batch (frozen there with ``module.eval()``, e.g. a fine-tuned
+    backbone) is judged neither for the shift nor for the batch size. The hook runs on that batch only.
+
     The forwards run under ``torch.no_grad`` inside :func:`~lightning_debug.isolation.isolated` (RNG streams,
     the loader's generators, BatchNorm buffers and train/eval flags restored), so training afterwards is
     bit-identical. A model without BatchNorm costs nothing; one without dropout modules one forward pass, one with
@@ -108,6 +113,8 @@ class BatchNormCheck(OneShotCheck):
         trainer.fit(model, datamodule)   # at step 0: BatchNorms behind dropout, and too-small batches
     """
 
+    _pending: tuple[list[tuple[str, nn.Module]], dict[str, Any]] | None = None  # measured, judged at the first batch
+
     def __init__(
         self,
         *,
@@ -127,8 +134,9 @@ class BatchNormCheck(OneShotCheck):
         self.input_fn = input_fn
         self.forward_fn = forward_fn
         self.result: dict[str, Any] | None = None
+        self._pending = None
 
-    # ------------------------------------------------------------------ hook
+    # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.result is not None:  # restored from a checkpoint: checked at the start of the run
             return
@@ -136,7 +144,37 @@ class BatchNormCheck(OneShotCheck):
         if not norms:
             self.result = {"status": "no_batchnorm"}
             return
-        local = self._measure(trainer, pl_module, norms)
+        # Judged at the first batch: Lightning calls the LightningModule's own on_train_start after the callbacks',
+        # and a BatchNorm frozen there (module.eval()) does not normalise over the batch.
+        self._pending = (norms, self._measure(trainer, pl_module, norms))
+
+    def doze_hooks(self) -> tuple[str, ...]:
+        return ("on_train_batch_start",)
+
+    def busy(self, step: int) -> bool:
+        return self._pending is not None  # the first batch only
+
+    def next_change(self, step: int) -> int | None:
+        return step + 1 if self.busy(step) else None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending is not None:
+            self._finish(trainer)
+        if "on_train_batch_start" not in vars(self) and type(self).on_train_batch_start is _ON_TRAIN_BATCH_START:
+            # not needed again this run (where no callback puts it to sleep: several optimizers, manual optimization)
+            self.on_train_batch_start = None  # type: ignore[assignment,method-assign]
+            self._skipped_hooks.append("on_train_batch_start")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is not None:  # training ran no batch
+            self._finish(trainer)
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        assert self._pending is not None
+        norms, local = self._pending
+        self._pending = None
         self.result = self._judge(trainer, norms, local)
         scalars = {
             "batchnorm/eval_std_ratio": self.result.get("worst_std_ratio"),
@@ -198,7 +236,13 @@ class BatchNormCheck(OneShotCheck):
         ratio_t = local.get("ratios")
         if ratio_t is None:  # NaN: not measured (stays NaN through the mean)
             ratio_t = torch.full((count,), math.nan, dtype=torch.float64, device=device)
-        examples = local.get("examples") or {}
+        # BatchNorms in eval mode now (frozen after the measurement) neither normalise over the batch nor learn running
+        # statistics in training: not judged (a frozen one on any rank: NaN through the mean, +inf for the min)
+        frozen = {name for name, module in norms if not module.training}
+        if frozen:
+            mask = torch.tensor([name in frozen for name, _ in norms], device=ratio_t.device)
+            ratio_t = torch.where(mask, math.nan, ratio_t)
+        examples = {name: n for name, n in (local.get("examples") or {}).items() if name not in frozen}
         # a BatchNorm not measured in train mode counts as +inf examples for the min; last: the epoch's last batch
         last = _last_batch(trainer)
         counts = [float(examples.get(name, math.inf)) for name, _ in norms] + [math.inf if last is None else last]
@@ -401,6 +445,9 @@ class _NormInputs:
             ratios.append(ratio.to(device=device, dtype=torch.float64))
         result["ratios"] = torch.stack(ratios)
         return result
+
+
+_ON_TRAIN_BATCH_START = BatchNormCheck.on_train_batch_start
 
 
 def _rate(module: nn.Module) -> float:

@@ -15,7 +15,8 @@ from helpers import (
 )
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 from lightning_debug.batch_mixing import BatchMixingCheck
 from lightning_debug.data import DigitsDataModule, load_digits_tensors
@@ -386,6 +387,152 @@ def test_a_dict_of_training_loaders_is_probed_with_the_dict_training_step_gets(t
     quiet_trainer(tmp_path, [callback], max_steps=1).fit(DictLoaders(), train_dataloaders=loaders)
     assert seen == [dict]
     assert callback.findings == [] and callback.result["leak"] == 0.0
+
+
+# ---------------------------------------------------------------- time-major batches
+class TimeMajorLM(pl.LightningModule):
+    """A token LSTM language model on (T, B) batches, time-major as nn.LSTM expects; `bug=True` centres the hidden
+    states over the batch (dim 1), which mixes the examples."""
+
+    def __init__(self, bug: bool = False) -> None:
+        super().__init__()
+        self.bug = bug
+        self.embed = nn.Embedding(50, 16)
+        self.rnn = nn.LSTM(16, 32)
+        self.out = nn.Linear(32, 50)
+
+    def forward(self, tokens):
+        hidden, _ = self.rnn(self.embed(tokens))  # (T, B, 32)
+        if self.bug:
+            hidden = hidden - hidden.mean(1, keepdim=True)
+        return self.out(hidden)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x).reshape(-1, 50), y.reshape(-1), ignore_index=0)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def time_major_loader(with_batch_size: bool = True):
+    """Sequences of 5-11 tokens padded by pad_sequence's default (batch_first=False): (T, B) batches of 8."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 12, (64,), generator=generator).tolist()
+    sequences = [torch.randint(1, 50, (n,), generator=generator) for n in lengths]
+
+    def collate(items):
+        return pad_sequence([s[:-1] for s in items]), pad_sequence([s[1:] for s in items])
+
+    if with_batch_size:
+        return DataLoader(sequences, batch_size=8, collate_fn=collate)
+    return DataLoader(sequences, batch_sampler=BatchSampler(SequentialSampler(sequences), 8, False), collate_fn=collate)
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_a_time_major_batch_is_probed_along_the_dimension_that_has_the_loaders_batch_size(tmp_path, bug):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    quiet_trainer(tmp_path, [callback], max_steps=1).fit(TimeMajorLM(bug=bug), time_major_loader())
+    # the first batch is (T=9, B=8): the loader's batch size is on dim 1
+    assert callback.result["batch_dim"] == 1 and callback.result["batch_size"] == 8
+    assert callback.result["probes"] == [0, 4, 7]
+    if bug:  # hidden - hidden.mean(1): each of the 7 others leaks in
+        assert checks(callback) == [("batch_mixing.detected", "warning")]
+        assert callback.result["pairs"][0]["count"] == 7
+    else:
+        assert callback.findings == [] and callback.result["leak"] == 0.0
+
+
+def test_a_dim_0_that_leaks_from_earlier_indices_only_is_a_time_axis_info_without_a_batch_size(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    loader = time_major_loader(with_batch_size=False)
+    steps = len(next(iter(loader))[0])
+    quiet_trainer(tmp_path, [callback], max_steps=1).fit(TimeMajorLM(), loader)
+    # no batch size to read (a batch_sampler, 2-D targets): dim 0 (time) is probed, and position t depends on 0..t
+    assert checks(callback) == [("batch_mixing.not_checked", "info")]
+    finding = callback.findings[0]
+    assert "each index depends only on earlier ones" in finding.message and f"(size {steps})" in finding.message
+    assert "input_fn and forward_fn" in finding.hint and "batch_first=True" in finding.hint
+    assert callback.result["status"] == "not_checked" and callback.result["time_leak"] > 0.01
+
+
+class BatchFirstIntoTimeMajorLSTM(_Classifier):
+    """(B, T, F) rows into an nn.LSTM built without batch_first=True: it reads the batch as time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        sequence, _ = self.rnn(x)  # (B, T, F) taken as (T, B, F)
+        return self.head(sequence[:, -1])
+
+
+def test_an_lstm_without_batch_first_on_batch_first_input_is_still_a_warning(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    quiet_trainer(tmp_path, [callback], max_steps=1).fit(BatchFirstIntoTimeMajorLSTM(), rows_loader())
+    # example i depends on examples 0..i only, but dim 0 has the loader's batch size (32): the batch, not time
+    [finding] = callback.findings
+    assert (finding.check, finding.severity) == ("batch_mixing.detected", "warning")
+    assert callback.result["batch_dim"] == 0
+    assert [p["probe"] for p in finding.data["pairs"]] == [16, 31]
+    assert "batch_first=True" in finding.hint
+
+
+# ---------------------------------------------------------------- BatchNorm without running statistics
+class TransductiveNorm(_Classifier):
+    """BatchNorm with track_running_stats=False (few-shot / MAML): batch statistics at evaluation too."""
+
+    def __init__(self, centre_batch: bool = False) -> None:
+        super().__init__()
+        self.centre_batch = centre_batch
+        self.net = nn.Sequential(
+            nn.Linear(64, 32), nn.BatchNorm1d(32, track_running_stats=False), nn.ReLU(), nn.Linear(32, 10)
+        )
+
+    def forward(self, x):
+        if self.centre_batch:  # a real leak besides the BatchNorm
+            x = x - x.mean(0, keepdim=True)
+        return self.net(x)
+
+
+def test_batchnorm_without_running_statistics_mixes_by_design_and_is_an_info(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    fit(tmp_path, TransductiveNorm(), callback)
+    assert checks(callback) == [("batch_mixing.by_design", "info")]
+    finding = callback.findings[0]
+    assert "`net.1`" in finding.message and "mix the batch by design" in finding.message
+    assert "track_running_stats=True" in finding.hint
+    assert callback.result["leak"] == 0.0 and callback.result["by_design"] == ["net.1"]
+
+
+def test_a_leak_besides_a_batchnorm_without_running_statistics_is_still_a_warning(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    fit(tmp_path, TransductiveNorm(centre_batch=True), callback)
+    [finding] = callback.findings
+    assert finding.check == "batch_mixing.detected" and finding.data["pairs"][0]["count"] == 31
+    assert 0.1 / 32 < finding.data["leak"] < 10 / 32  # x - x.mean(0): weight ~1/B, seen through the network
+
+
+def test_training_with_batchnorm_without_running_statistics_is_bit_identical(tmp_path):
+    kwargs = dict(max_epochs=1, limit_train_batches=4, limit_val_batches=0)
+    without = train_state(tmp_path / "a", TransductiveNorm, [], **kwargs)
+    callback, models = BatchMixingCheck(), []
+
+    def make_model():
+        models.append(TransductiveNorm())
+        return models[-1]
+
+    with_check = train_state(tmp_path / "b", make_model, [callback], **kwargs)
+    assert callback.result["by_design"] == ["net.1"]
+    assert "forward" not in vars(models[0].net[1])  # the probe's forward with fixed statistics is gone
+    assert_bit_identical(without, with_check)
 
 
 def test_a_true_precision_run_is_checked(tmp_path):

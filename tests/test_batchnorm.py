@@ -16,10 +16,11 @@ from helpers import (
     train_state,
 )
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.profilers import SimpleProfiler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lightning_debug import BatchMixingCheck, BatchNormCheck, InitLossCallback, suite
+from lightning_debug import BatchMixingCheck, BatchNormCheck, DataInspector, InitLossCallback, suite
 from lightning_debug.data import DigitsDataModule
 from lightning_debug.zoo import DigitsCNN, DigitsMLP
 
@@ -129,6 +130,70 @@ def test_a_batchnorm_the_user_keeps_in_eval_mode_is_not_a_small_batch(tmp_path):
     callback = BatchNormCheck()
     fit(tmp_path, DigitsCNN(), [FreezeNorms(), callback], batch_size=4)
     assert "examples" not in callback.result and callback.findings == []
+
+
+class FrozenBackbone(pl.LightningModule):
+    """Fine-tuning with the backbone's BatchNorm frozen (eval) in the module's own on_train_start, which Lightning
+    calls after the callbacks' on_train_start; `head_norm=True` adds a BatchNorm in the head that trains."""
+
+    def __init__(self, head_norm: bool = False) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32) if head_norm else nn.Identity(), nn.ReLU())
+        self.classifier = nn.Linear(32, 10)
+
+    def on_train_start(self):
+        self.backbone.eval()
+
+    def forward(self, x):
+        return self.classifier(self.head(self.backbone(x)))
+
+    def training_step(self, batch, batch_idx):
+        assert not self.backbone[1].training
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_batchnorm_the_module_freezes_in_its_own_on_train_start_is_not_a_small_batch(tmp_path):
+    callback = BatchNormCheck()
+    fit(tmp_path, FrozenBackbone(), [callback], batch_size=4)
+    assert callback.result == {"status": "ok", "batchnorms": 1} and callback.findings == []
+
+
+def test_only_the_batchnorms_still_in_train_mode_at_the_first_batch_are_judged(tmp_path):
+    callback = BatchNormCheck()
+    fit(tmp_path, FrozenBackbone(head_norm=True), [callback], batch_size=4)
+    assert callback.result["examples"] == 4
+    [finding] = callback.findings
+    assert (finding.check, finding.step) == ("batchnorm.small_batch", 0)  # before the first optimizer step
+    assert finding.data["layers"] == ["head.1"] and "1 BatchNorm layer(s) normalise over 4" in finding.message
+
+
+class ManualOptimization(DigitsCNN):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+@pytest.mark.parametrize("model", [DigitsCNN, ManualOptimization], ids=["dozing", "manual_optimization"])
+def test_the_judgement_costs_one_hook_call_at_the_first_batch_and_none_after(tmp_path, model):
+    profiler = SimpleProfiler()
+    first, callback = DataInspector(num_batches=1), BatchNormCheck()  # another callback conducts the dozing
+    fit(tmp_path, model(), [first, callback], batch_size=16, max_steps=6, profiler=profiler)
+    hooks = {k.rsplit(".", 1)[-1]: len(v) for k, v in profiler.recorded_durations.items() if "BatchNormCheck{" in k}
+    assert hooks.get("on_train_batch_start") == 1, hooks
+    assert callback.result["examples"] == 16 and callback.findings == []
+    assert "on_train_batch_start" not in vars(callback) and not callback._dozing  # as constructed after the run
 
 
 def test_a_model_without_batchnorm_costs_no_forward_and_one_without_dropout_one(tmp_path):
