@@ -929,6 +929,10 @@ class NaNGuard(DiagnosticCallback):
             return
         bad_count, first, _, _ = _nonfinite_summary([v for _, v in named], named[0][1].device)
         count, first_index = to_host([bad_count, first])
+        if trainer.world_size > 1:
+            # Rank 0's state is the one written; the others' buffers may differ (BatchNorm statistics are synced at
+            # the next forward): every rank takes rank 0's decision, so none raises while another waits to save.
+            count, first_index = trainer.strategy.broadcast((count, first_index), src=0)
         if count == 0:
             return
         name = _name_at([k for k, _ in named], first_index)

@@ -205,6 +205,45 @@ def test_ddp_nan_in_one_ranks_batch_is_skipped_on_both_ranks(tmp_path: Path) -> 
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
 
 
+def test_ddp_checkpoint_follows_rank_zeros_weights_when_one_rank_s_buffers_differ(tmp_path: Path) -> None:
+    """BatchNorm statistics are synced from rank 0 at the next forward: a non-finite buffer on one rank only must not
+    make that rank refuse the save while rank 0 writes it and waits for it (a hang on NCCL, a crash on gloo)."""
+    body = """
+        import json, torch, lightning.pytorch as pl
+        from lightning_debug.data import DigitsDataModule
+        from lightning_debug.nan_guard import NaNGuard, NaNGuardError
+        from lightning_debug.zoo import DigitsMLP
+
+        if __name__ == "__main__":
+            pl.seed_everything(0)
+            guard = NaNGuard(snapshot_every_n_steps=None)
+            model = DigitsMLP(batchnorm=True)
+            trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=4, logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                 default_root_dir=".", callbacks=[guard])
+            trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+            outcome = {}
+            for bad_rank in (1, 0):
+                buffer = next(b for name, b in model.named_buffers() if name.endswith("running_mean"))
+                saved = buffer.clone()
+                if trainer.global_rank == bad_rank:
+                    buffer[0] = float("nan")
+                try:
+                    trainer.save_checkpoint(f"rank{bad_rank}_bad.ckpt")
+                    outcome[bad_rank] = "saved"
+                except NaNGuardError:
+                    outcome[bad_rank] = "refused"
+                buffer.copy_(saved)
+            with open(f"rank{trainer.global_rank}.json", "w") as fh:
+                json.dump({"outcome": outcome, "checks": [f.check for f in guard.findings]}, fh)
+    """
+    run_ddp_script(tmp_path, body, timeout=180)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:  # rank 1's buffer alone: rank 0's finite state is written; rank 0's: both refuse
+        assert rank["outcome"] == {"1": "saved", "0": "refused"}
+    assert (tmp_path / "rank1_bad.ckpt").exists() and not (tmp_path / "rank0_bad.ckpt").exists()
+
+
 # ---------------------------------------------------------------------------------------------- injected faults
 def test_nan_loss_skips_the_step_leaving_weights_and_momentum_untouched(tmp_path: Path) -> None:
     guard, watch = NaNGuard(), StepSnapshot(step=3)
