@@ -563,6 +563,12 @@ def _diagnostic_callbacks(trainer: pl.Trainer) -> list[DiagnosticCallback]:
     return [cb for cb in trainer.callbacks if isinstance(cb, DiagnosticCallback)]  # type: ignore[attr-defined]
 
 
+def trained_at_start(trainer: pl.Trainer) -> bool:
+    """Whether InitLossCallback in this run found the weights trained when the fit started (``init_loss.trained``:
+    fine-tuning, loaded weights), for the checks whose advice differs then."""
+    return any(finding.check == "init_loss.trained" for cb in _diagnostic_callbacks(trainer) for finding in cb.findings)
+
+
 def _summary_key(callback: DiagnosticCallback, callbacks: list[DiagnosticCallback]) -> str:
     name = type(callback).__name__
     same = [cb for cb in callbacks if type(cb) is type(callback)]

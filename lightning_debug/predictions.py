@@ -17,7 +17,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_debug.base import DiagnosticCallback
+from lightning_debug.base import DiagnosticCallback, trained_at_start
 from lightning_debug.isolation import isolated, one_shot, probe_loader
 
 Task = Literal["auto", "classification", "regression", "summary"]
@@ -722,13 +722,8 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         )  # fmt: skip
 
     def _trained_at_start(self, trainer: pl.Trainer) -> bool:
-        """Whether the weights were trained when the fit started (InitLossCallback's ``init_loss.trained``)."""
-        if not self._fine_tuning:
-            self._fine_tuning = any(
-                getattr(finding, "check", None) == "init_loss.trained"
-                for callback in trainer.callbacks  # type: ignore[attr-defined]
-                for finding in getattr(callback, "findings", ())
-            )
+        """Whether the weights were trained when the fit started (kept: it travels in the checkpoint)."""
+        self._fine_tuning = self._fine_tuning or trained_at_start(trainer)
         return self._fine_tuning
 
     def _fit_at_start(self) -> bool:

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_debug.base import DiagnosticCallback
+from lightning_debug.base import DiagnosticCallback, trained_at_start
 from lightning_debug.distributed import is_sharded, reduce_squares
 from lightning_debug.findings import Severity
 from lightning_debug.optimizers import (
@@ -438,13 +438,8 @@ class UpdateRatioMonitor(DiagnosticCallback):
         return statistics.median(scale for _, scale in self._small[name])
 
     def _trained_at_start(self, trainer: pl.Trainer) -> bool:
-        """Whether the weights were trained when the fit started (InitLossCallback's ``init_loss.trained``)."""
-        if not self._fine_tuning:
-            self._fine_tuning = any(
-                getattr(finding, "check", None) == "init_loss.trained"
-                for callback in trainer.callbacks  # type: ignore[attr-defined]
-                for finding in getattr(callback, "findings", ())
-            )
+        """Whether the weights were trained when the fit started (kept: it travels in the checkpoint)."""
+        self._fine_tuning = self._fine_tuning or trained_at_start(trainer)
         return self._fine_tuning
 
     def _fitted(self) -> bool:
