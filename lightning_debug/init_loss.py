@@ -26,8 +26,9 @@ class InitLossCallback(OneShotCheck):
     r"""Checklist item "verify loss @ init": measure the loss of the initial model before any update.
 
     At ``on_train_start`` it runs your own ``training_step`` (so any loss function works) on the first
-    ``num_batches`` training batches, in train mode and without gradients, and compares the mean loss
-    with what initialisation should give:
+    ``num_batches`` training batches, in the modes training runs in (train mode; a submodule you keep in eval mode,
+    e.g. a frozen teacher, stays in eval mode) and without gradients, and compares the mean loss with what
+    initialisation should give:
 
     ===============  =============================================  ===============================
     task             expected at init (uniform predictor)           best constant predictor
@@ -173,7 +174,7 @@ class InitLossCallback(OneShotCheck):
         has_targets = True
         final_layer = _FinalLayerProbe(pl_module)
         problem: str | None = None
-        with isolated(pl_module, train_mode=True, loaders=loaders, restore_parameters=True), final_layer:
+        with isolated(pl_module, train_mode=None, loaders=loaders, restore_parameters=True), final_layer:
             for batch_idx, batch in enumerate(batches_in):
                 if batch_idx >= self.num_batches:
                     break

@@ -232,13 +232,18 @@ def _metric_states(pl_module: pl.LightningModule) -> list[tuple[Any, dict[str, A
 
 @contextmanager
 def isolated(
-    pl_module: pl.LightningModule, train_mode: bool, loaders: Iterable[Any] = (), restore_parameters: bool = False
+    pl_module: pl.LightningModule,
+    train_mode: bool | None,
+    loaders: Iterable[Any] = (),
+    restore_parameters: bool = False,
 ) -> Iterator[None]:
     """Evaluate ``pl_module`` under ``torch.no_grad`` with every piece of training state restored afterwards.
 
     Args:
         pl_module: the module to evaluate.
-        train_mode: put every submodule in train mode (True) or eval mode (False) for the evaluation.
+        train_mode: put every submodule in train mode (True) or eval mode (False) for the evaluation; None: the
+            modes training runs in, as they are (Lightning keeps a submodule the user put in eval mode, e.g. a frozen
+            teacher, in eval mode; a module that is in eval mode as a whole is put in train mode).
         loaders: DataLoaders whose generators the evaluation may advance (by creating an iterator), and whose
             datasets' own random generators it may advance (by reading examples).
         restore_parameters: also copy every parameter and put it back afterwards, for code that may update
@@ -254,7 +259,10 @@ def isolated(
     buffers = [(tensor, tensor.detach().clone()) for tensor in tensors]
     metrics = _metric_states(pl_module)
     try:
-        pl_module.train(train_mode)
+        if train_mode is not None:
+            pl_module.train(train_mode)
+        elif not pl_module.training:
+            pl_module.train(True)
         with torch.no_grad(), muted_logging(pl_module):
             yield
     finally:

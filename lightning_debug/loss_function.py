@@ -98,7 +98,7 @@ class LossFunctionCheck(OneShotCheck):
         batches, loaders = probe
         recorder = _LossCalls()
         try:
-            with isolated(pl_module, train_mode=True, loaders=loaders, restore_parameters=True):
+            with isolated(pl_module, train_mode=None, loaders=loaders, restore_parameters=True):
                 batch = next(iter(batches))
                 batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
                 with trainer.precision_plugin.forward_context(), recorder:

@@ -335,6 +335,35 @@ def test_scalars_text_and_report_reach_tensorboard(tmp_path):
     assert "lightning_debug/findings/text_summary" in texts and "lightning_debug/report/text_summary" in texts
 
 
+class FrozenTeacher(DigitsMLP):
+    """Distillation-style: a frozen teacher with BatchNorm kept in eval mode (Lightning keeps it so in training);
+    its running statistics differ from any batch's, so train mode would give another loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher = nn.Sequential(nn.Linear(64, 10), nn.BatchNorm1d(10)).requires_grad_(False)
+        self.teacher[1].running_mean.fill_(3.0)
+        self.teacher[1].running_var.fill_(0.25)
+        self.teacher.eval()
+        self.first_loss: float | None = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x) + self.teacher(x), y)
+        if self.first_loss is None and torch.is_grad_enabled():  # training's own first step, not a probe
+            self.first_loss = loss.item()
+        return loss
+
+
+def test_a_submodule_kept_in_eval_mode_is_measured_in_eval_mode_as_training_runs_it(tmp_path):
+    pl.seed_everything(0)
+    model = FrozenTeacher()
+    callback = InitLossCallback(task="multiclass", num_classes=10, num_batches=1)
+    fit(tmp_path, model, callback, datamodule=DigitsDataModule(batch_size=64, shuffle=False), max_steps=1)
+    assert not model.teacher.training  # as the user left it
+    assert callback.result["measured"] == pytest.approx(model.first_loss, rel=1e-5)
+
+
 def test_without_any_logger_findings_and_report_go_to_the_default_root_dir(tmp_path):
     pl.seed_everything(0)
     callback = InitLossCallback(task="multiclass", num_classes=10)
