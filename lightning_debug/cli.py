@@ -31,7 +31,8 @@ def report_command(paths: Sequence[str], as_json: bool) -> int:
         written = read_findings(directory / FINDINGS_FILE) if (directory / FINDINGS_FILE).exists() else []
         # report.json lists the whole run's findings when it ended; findings.jsonl those written as they happened
         # (all of them, or those up to a crash): the union, each once
-        findings = merge_findings(written, parse_findings(saved.get("findings", [])))
+        listed = saved.get("findings", [])
+        findings = merge_findings(written, parse_findings(listed if isinstance(listed, list) else []))
         run = build_report(findings, status)
         run["run"] = str(directory.parent)
         runs.append(run)

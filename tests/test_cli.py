@@ -101,6 +101,13 @@ def test_report_survives_a_truncated_report_json_and_odd_lines(tmp_path, capsys)
     assert "report.json unreadable" in text and "1 warning(s)" in text
 
 
+def test_report_survives_a_report_json_whose_findings_are_not_a_list(tmp_path, capsys):
+    write_run(tmp_path / "a", ["warning"])
+    (tmp_path / "a" / "lightning-debug" / "report.json").write_text(json.dumps({"status": "completed", "findings": 7}))
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["counts"] == {"info": 0, "warning": 1, "error": 0}
+
+
 def test_report_on_a_directory_without_runs_exits_2(tmp_path):
     assert main(["report", str(tmp_path)]) == 2
 
