@@ -109,7 +109,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines += ["| severity | step | source | check | message | fix |", "|---|---|---|---|---|---|"]
         for raw in report["findings"]:
             cells = [raw["severity"], str(raw["step"]), raw["source"], raw["check"], raw["message"], raw["hint"]]
-            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+            # a message quoting a user's exception may hold line breaks: a table row must stay on one line
+            lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", "<br>") for cell in cells) + " |")
     return "\n".join(lines)
 
 

@@ -42,6 +42,14 @@ def test_report_orders_errors_first_and_counts_severities():
     assert "| error | 9 |" in format_markdown(report)
 
 
+def test_markdown_report_keeps_each_finding_on_one_table_row():
+    finding = Finding("X", "a.b", "info", 3, "training_step raised ValueError: bad shape\nexpected (N, C)", "h | k")
+    text = format_markdown(build_report([finding], "completed"))
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 3  # header, rule, the one finding
+    assert "bad shape<br>expected (N, C)" in table[2] and "h \\| k" in table[2]
+
+
 def test_read_findings_skips_a_truncated_last_line(tmp_path):
     path = tmp_path / "findings.jsonl"
     path.write_text(make().to_json() + "\n" + '{"source": "X", "che')
