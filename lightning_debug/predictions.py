@@ -50,10 +50,9 @@ class PredictionDynamicsLogger(DiagnosticCallback):
     of an iterable dataset), or the ``fixed_batch`` you pass. Evenly spaced and independent of shuffling, so a
     dataset sorted by class (ImageFolder) still gives several classes. The same examples are used for the whole
     run; they are saved to ``<log_dir>/lightning-debug/fixed_batch.pt`` and travel in the checkpoint, so a resumed
-    run keeps them. The checkpoint holds them as tuples, lists and dicts of tensors (what ``torch.load(...,
-    weights_only=True)`` reads): NamedTuples and Mapping classes get their types back on resume from the batch
-    picked then (the checkpoint's examples are kept); a batch holding other classes (a dataclass) is left out of
-    the checkpoint and picked again on resume (the same examples when the dataset is the same).
+    run keeps them. Only a batch of tuples, lists and dicts of tensors travels in the checkpoint (what
+    ``torch.load(..., weights_only=True)`` reads); one holding other classes (NamedTuples, Mapping classes, a
+    dataclass) is picked again on resume: the same examples when the dataset is the same.
 
     Every ``every_n_steps`` optimizer steps (and once before the first step) it runs the model on that
     batch: in eval mode, without gradients, under the trainer's precision context, on the underlying
@@ -252,7 +251,6 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         self._disabled = False
         self._device_batch: Any = None
         self._warmup_step = 0
-        self._stored_batch: tuple[Any, str | None] | None = None  # a checkpoint's batch whose types were lost
         self._start_fit: dict[str, float] | None = None  # the first log's loss and the best constant predictor's
         self._fine_tuning = False  # InitLossCallback found trained weights at fit start (init_loss.trained)
         self._late_step: int | None = None
@@ -285,8 +283,6 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             return
         if not trainer.is_global_zero or self._disabled:
             return
-        if self._stored_batch is not None:
-            self._restore_stored_batch(trainer, pl_module)
         if self.fixed_batch is None:
             self.fixed_batch, self.fixed_batch_source = self._choose_fixed_batch(trainer, pl_module)
             if self.fixed_batch is None:
@@ -363,25 +359,6 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             if batch is not None:
                 return _to_cpu(batch), name
         return None, None
-
-    def _restore_stored_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The checkpoint's examples in their own container types, taken from the batch picked now.
-
-        A checkpoint holds the fixed batch as tuples, lists and dicts (``torch.load(weights_only=True)`` rejects the
-        user's classes). When it held NamedTuples or Mapping classes, the batch picked now (or ``fixed_batch``) gives
-        the types back; when its structure differs, it is used instead; without one, the tuples and dicts are.
-        """
-        assert self._stored_batch is not None
-        (stored, source), self._stored_batch = self._stored_batch, None
-        template, template_source = self.fixed_batch, self.fixed_batch_source
-        if template is None:
-            template, template_source = self._choose_fixed_batch(trainer, pl_module)
-        rebuilt = _rebuild(template, stored) if template is not None else None
-        if rebuilt is not None or template is None:
-            self.fixed_batch, self.fixed_batch_source = (stored if rebuilt is None else rebuilt), source
-        else:
-            self.fixed_batch, self.fixed_batch_source = template, template_source
-        self._device_batch = None
 
     def _save_fixed_batch(self) -> None:
         if self.output_dir is None:
@@ -788,13 +765,9 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         }
 
     def extra_state(self) -> dict[str, Any]:
-        try:
-            batch, exact = _plain(self.fixed_batch)
-        except TypeError:  # a dataclass or another class of the user's: picked again on resume
-            batch, exact = None, False
         return {
-            "fixed_batch": batch,
-            "fixed_batch_exact": exact,
+            # only tuples, lists and dicts of tensors load under weights_only=True: others are picked again on resume
+            "fixed_batch": self.fixed_batch if _is_plain(self.fixed_batch) else None,
             "fixed_batch_source": self.fixed_batch_source,
             "resolved_task": self.resolved_task,
             "steps": list(self.steps),
@@ -811,12 +784,10 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        if state.get("fixed_batch") is not None and state.get("fixed_batch_exact", True):
+        if state.get("fixed_batch") is not None:
             self.fixed_batch = state["fixed_batch"]
             self.fixed_batch_source = state.get("fixed_batch_source")
             self._device_batch = None
-        elif state.get("fixed_batch") is not None:  # NamedTuples or Mapping classes stored as tuples and dicts
-            self._stored_batch = (state["fixed_batch"], state.get("fixed_batch_source"))
         self.resolved_task = state.get("resolved_task")
         self.steps = [int(s) for s in state.get("steps", [])]
         self.history = {name: [float(v) for v in values] for name, values in state.get("history", {}).items()}
@@ -918,60 +889,18 @@ def _first_examples(loader: DataLoader, count: int) -> Any:
 _PRIMITIVES = (bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
 
-def _plain(batch: Any) -> tuple[Any, bool]:
-    """``batch`` in tuples, lists and dicts of tensors and primitives (what ``torch.load(weights_only=True)`` reads),
-    and whether it was already so (False: NamedTuples or Mapping classes became tuples and dicts).
-
-    Raises:
-        TypeError: for anything else (a dataclass, another class of the user's).
-    """
+def _is_plain(batch: Any) -> bool:
+    """Whether ``batch`` is tuples, lists and dicts of tensors and primitives only: what ``torch.load(...,
+    weights_only=True)`` reads back (not NamedTuples, Mapping classes, dataclasses or tensor subclasses)."""
     if batch is None or isinstance(batch, _PRIMITIVES):
-        return batch, True
+        return True
     if isinstance(batch, Tensor):
-        return (batch if type(batch) in (Tensor, torch.nn.Parameter) else batch.as_subclass(Tensor)), True
-    if isinstance(batch, Mapping):
-        if not all(isinstance(key, (str, int)) for key in batch):
-            raise TypeError(f"a Mapping with keys {sorted(map(repr, batch))}")
-        items = {key: _plain(value) for key, value in batch.items()}
-        return {key: value for key, (value, _) in items.items()}, type(batch) is dict and all(
-            exact for _, exact in items.values()
-        )
-    if isinstance(batch, (tuple, list)):
-        children = [_plain(value) for value in batch]
-        values = [value for value, _ in children]
-        exact = type(batch) in (tuple, list) and all(flag for _, flag in children)
-        return (values if isinstance(batch, list) else tuple(values)), exact
-    raise TypeError(f"a {type(batch).__name__}")
-
-
-def _rebuild(template: Any, plain: Any) -> Any:
-    """``plain``'s values in ``template``'s containers (NamedTuples, Mapping classes); None when the structures or
-    the tensors' shapes beyond the batch dimension differ."""
-    if isinstance(template, Tensor):
-        fits = isinstance(plain, Tensor) and plain.dtype == template.dtype and plain.shape[1:] == template.shape[1:]
-        return plain if fits and plain.ndim == template.ndim else None
-    if isinstance(template, Mapping):
-        if not isinstance(plain, Mapping) or set(plain) != set(template):
-            return None
-        values = {key: _rebuild(template[key], plain[key]) for key in template}
-        if any(value is None and template[key] is not None for key, value in values.items()):
-            return None
-        try:
-            return type(template)(values)  # type: ignore[call-arg]
-        except Exception:  # a Mapping class not built from a dict
-            return None
-    if isinstance(template, (tuple, list)):
-        if not isinstance(plain, (tuple, list)) or len(plain) != len(template):
-            return None
-        children = [_rebuild(t, p) for t, p in zip(template, plain)]
-        if any(child is None and t is not None for child, t in zip(children, template)):
-            return None
-        if isinstance(template, tuple) and hasattr(template, "_fields"):  # a NamedTuple
-            return type(template)(*children)
-        return type(template)(children)
-    if not isinstance(template, (type(None), *_PRIMITIVES)):  # a dataclass or another class: not stored anyway
-        return None
-    return plain if type(plain) is type(template) else None
+        return type(batch) in (Tensor, torch.nn.Parameter)
+    if type(batch) is dict:
+        return all(isinstance(key, (str, int)) and _is_plain(value) for key, value in batch.items())
+    if type(batch) in (tuple, list):
+        return all(_is_plain(value) for value in batch)
+    return False
 
 
 def _batch_length(batch: Any) -> int:
