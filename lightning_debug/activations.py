@@ -472,7 +472,8 @@ def _storage(tensor: Tensor) -> tuple[torch.device, int] | None:
     """The device and address of ``tensor``'s storage (shared by its views); None where it has none."""
     try:
         pointer = tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, tensor subclasses without storage
+    except (RuntimeError, NotImplementedError, TypeError):  # no storage to compare: matched by identity only
+        # (sparse layouts raise NotImplementedError; wrapper subclasses may raise the others)
         return None
     return (tensor.device, pointer) if pointer else None
 

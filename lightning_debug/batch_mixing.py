@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_debug.base import OneShotCheck
 from lightning_debug.batches import check_probe_fns, default_input
 from lightning_debug.distributed import reduce
-from lightning_debug.isolation import isolated, probe_batches
+from lightning_debug.isolation import isolated, on_device, probe_batches
 from lightning_debug.stats import to_host
 
 InputFn = Callable[[Any], Tensor]
@@ -157,8 +157,7 @@ class BatchMixingCheck(OneShotCheck):
         batches, loaders = probe
         try:
             with isolated(pl_module, train_mode=False, loaders=loaders), torch.enable_grad():
-                batch = next(iter(batches))
-                batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+                batch = on_device(trainer, next(iter(batches)))
                 return self._probe(trainer, pl_module, batch, _loader_batch_size(loaders))
         except StopIteration:
             return {"problem": "the training dataloader is empty"}

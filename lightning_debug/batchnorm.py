@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from lightning_debug.base import OneShotCheck
 from lightning_debug.batches import check_probe_fns, default_input
 from lightning_debug.distributed import reduce
-from lightning_debug.isolation import isolated, probe_batches
+from lightning_debug.isolation import isolated, on_device, probe_batches
 from lightning_debug.stats import to_host
 
 InputFn = Callable[[Any], Tensor]
@@ -201,8 +201,7 @@ class BatchNormCheck(OneShotCheck):
             with isolated(pl_module, train_mode=True, loaders=loaders):
                 for module, training in modes:
                     module.training = training
-                batch = next(iter(batches))
-                batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+                batch = on_device(trainer, next(iter(batches)))
                 with trainer.precision_plugin.forward_context():
                     self._forward(pl_module, batch)  # as it trains
                     if dropouts and recorder.passes[0]:

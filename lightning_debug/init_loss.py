@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_debug.base import OneShotCheck
 from lightning_debug.distributed import all_ranks, any_rank, reduce
-from lightning_debug.isolation import OneShotLoader, call_training_step, isolated, training_batches
+from lightning_debug.isolation import OneShotLoader, call_training_step, isolated, on_device, training_batches
 
 Task = Literal["multiclass", "binary", "regression"]
 TASKS: tuple[str, ...] = ("multiclass", "binary", "regression")
@@ -178,7 +178,7 @@ class InitLossCallback(OneShotCheck):
             for batch_idx, batch in enumerate(batches_in):
                 if batch_idx >= self.num_batches:
                     break
-                batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+                batch = on_device(trainer, batch)
                 try:
                     with trainer.precision_plugin.forward_context():
                         output = call_training_step(pl_module, batch, batch_idx)

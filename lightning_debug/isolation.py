@@ -207,6 +207,11 @@ def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
         del pl_module.log_dict
 
 
+def on_device(trainer: pl.Trainer, batch: Any) -> Any:
+    """``batch`` as ``training_step`` receives it: moved to the device and converted by the precision plugin."""
+    return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+
+
 def call_training_step(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Any:
     """``pl_module.training_step`` on ``batch``, passing ``batch_idx`` only when it takes one (as Lightning does)."""
     if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):

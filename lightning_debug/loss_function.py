@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_debug.base import OneShotCheck
 from lightning_debug.distributed import reduce
-from lightning_debug.isolation import call_training_step, isolated, probe_batches
+from lightning_debug.isolation import call_training_step, isolated, on_device, probe_batches
 from lightning_debug.stats import to_host
 
 _SOFTMAX = {torch.softmax, F.softmax, Tensor.softmax}
@@ -99,8 +99,7 @@ class LossFunctionCheck(OneShotCheck):
         recorder = _LossCalls()
         try:
             with isolated(pl_module, train_mode=None, loaders=loaders, restore_parameters=True):
-                batch = next(iter(batches))
-                batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+                batch = on_device(trainer, next(iter(batches)))
                 with trainer.precision_plugin.forward_context(), recorder:
                     call_training_step(pl_module, batch, 0)
         except StopIteration:
