@@ -262,6 +262,7 @@ class NaNGuard(DiagnosticCallback):
         self._batch: Any = None
         self._checked: list[tuple[str, Tensor]] = []
         self._param_names: dict[int, str] = {}
+        self._param_order: dict[int, int] = {}  # id -> registration index
         self._last_loss_scale: float | None = None
         self._params_due = False  # check the parameters at the next optimizer step (a snapshot found them bad)
         self._has_scaler = False  # the run has an enabled GradScaler (read once per run: the plugin is fixed)
@@ -289,6 +290,7 @@ class NaNGuard(DiagnosticCallback):
         after = callbacks[callbacks.index(self) + 1 :] if self in callbacks else callbacks
         self._norms_read_after = any(isinstance(cb, (GradNormMonitor, UpdateRatioMonitor)) for cb in after)
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._param_order = {key: index for index, key in enumerate(self._param_names)}
         self._refresh_checked(pl_module)
         self._carry_backoffs(trainer)
         for optimizer in trainer.optimizers:
@@ -586,8 +588,13 @@ class NaNGuard(DiagnosticCallback):
             loss_total, loss_bad = local_loss_value, float(local_loss_bad)
             grad_bad, param_bad, skip = float(len(grad_bad_indices)), float(len(param_bad_indices)), local_skip
         if grads_host is not None:
-            grad_first = float(grad_bad_indices[0]) if grad_bad_indices else math.inf
-            grad_last = float(grad_bad_indices[-1]) if grad_bad_indices else -1.0
+            if grad_bad_indices:  # in registration order: the optimizer's groups may list them otherwise
+                order = self._param_order
+                rank_of = [order.get(id(grad_params[i]), len(order) + i) for i in grad_bad_indices]
+                grad_first = float(grad_bad_indices[rank_of.index(min(rank_of))])
+                grad_last = float(grad_bad_indices[rank_of.index(max(rank_of))])
+            else:
+                grad_first, grad_last = math.inf, -1.0
         else:
             grad_first = grad_last = math.nan
         if params_host is not None:

@@ -272,6 +272,36 @@ def test_nan_gradient_skips_the_adam_step_and_names_the_parameter(tmp_path: Path
     assert weights_finite(model)
 
 
+class GroupedBackwards(FaultyMLP):
+    """The optimizer gets the parameters in two groups (biases, then weights), each last layer first; at
+    ``nan_grad_at`` the middle layer's and the first layer's gradients go NaN, the last layer's stay finite."""
+
+    def on_after_backward(self) -> None:
+        if self.global_step in self.nan_grad_at:
+            for layer in self.layers[:2]:
+                layer.weight.grad[0, 0] = NAN  # type: ignore[index]
+                layer.bias.grad[0] = NAN  # type: ignore[index]
+
+    def configure_optimizers(self) -> Any:
+        layers = list(reversed(self.layers))
+        groups = [{"params": [layer.bias for layer in layers]}, {"params": [layer.weight for layer in layers]}]
+        return torch.optim.SGD(groups, lr=self.hparams["lr"], momentum=0.9)
+
+
+def test_the_nonfinite_gradients_are_named_in_registration_order_whatever_the_optimizer_s_order(
+    tmp_path: Path,
+) -> None:
+    pl.seed_everything(0, workers=True)
+    model = GroupedBackwards(hidden=(32, 32))
+    model.nan_grad_at = frozenset({3})
+    guard = NaNGuard()
+    fit(tmp_path, model, [guard], max_steps=5)
+    finding = next(f for f in guard.findings if f.check == "nan_guard.nonfinite_grad")
+    assert finding.data["first_nonfinite"] == "layers.0.weight"  # the optimizer lists it last
+    assert finding.data["nearest_output"] == "layers.1.bias"  # the optimizer lists it second
+    assert "`layers.1.bias` in backward order (`layers.0.weight` first in registration order)" in finding.message
+
+
 def test_nan_parameter_rolls_back_to_the_last_good_snapshot(tmp_path: Path) -> None:
     class PoisonWeight(Callback):
         def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
