@@ -46,7 +46,12 @@ class InitLossCallback(OneShotCheck):
     errors, the weights are trained (fine-tuning, loaded weights) and ``init_loss.trained`` (info) says the check
     does not apply; when they are at chance the loss is computed wrong (``init_loss.too_low``). Class priors and
     target statistics come from the arguments, else from the measured batches when a batch is
-    ``(inputs, ..., target)`` or ``target_fn`` extracts the target.
+    ``(inputs, ..., target)`` or ``target_fn`` extracts the target. Measured class frequencies are used only when
+    they differ from equal ones beyond chance (a G-test at the 0.1% level: a few examples of a balanced dataset
+    look imbalanced); otherwise the classes count as balanced (best constant ``ln C``, bias zero). The suggested
+    log priors are smoothed by half a count per class, so a class the probe batches missed gets a finite bias.
+    A loss at init about as many times too high as there are targets per batch is named as a loss summed over
+    the batch (``reduction='sum'``) instead of averaged.
 
     Training afterwards is bit-identical to training without the callback: the global RNG, the
     loaders' generators, BatchNorm statistics, parameters (an EMA teacher updated in ``training_step``),
@@ -313,22 +318,34 @@ class InitLossCallback(OneShotCheck):
         refs: dict[str, Any] = {"expected": self.expected_loss, "best_constant": None, "bias": None}
         if self.task == "multiclass":
             num_classes = int(self.num_classes or 2)
-            priors = self.class_priors
-            if priors is None and target_stats is not None and sum(target_stats) > 0:
-                priors = [c / sum(target_stats) for c in target_stats]
+            priors, bias_priors = self.class_priors, self.class_priors
             refs["expected"] = self.expected_loss if self.expected_loss is not None else math.log(num_classes)
-            if priors is not None:
+            if priors is None and target_stats is not None and sum(target_stats) > 0:
+                total = sum(target_stats)
+                refs["majority_rate"] = max(target_stats) / total  # always the sample's commonest class
+                if _departs_from_uniform(target_stats):
+                    priors = [c / total for c in target_stats]
+                    # smoothed (add one half): a class the probe batches missed gets a finite log prior
+                    bias_priors = [(c + 0.5) / (total + 0.5 * len(target_stats)) for c in target_stats]
+                else:  # the sample cannot tell the classes' frequencies from equal ones: no bias to learn
+                    refs["best_constant"], refs["priors_uniform"] = math.log(num_classes), True
+            if priors is not None and bias_priors is not None:
                 refs["best_constant"] = _entropy(priors)
                 floor = 1e-6
-                log_p = [math.log(max(p, floor)) for p in priors]
+                log_p = [math.log(max(p, floor)) for p in bias_priors]
                 refs["bias"] = [round(v - sum(log_p) / len(log_p), 3) for v in log_p]
                 refs["priors"] = [round(p, 4) for p in priors]
                 refs["majority_rate"] = max(priors)  # the accuracy of always predicting the commonest class
         elif self.task == "binary":
             rate = self.positive_rate
-            if rate is None and target_stats is not None and target_stats[1] > 0:
-                rate = target_stats[0] / target_stats[1]
             refs["expected"] = self.expected_loss if self.expected_loss is not None else math.log(2)
+            if rate is None and target_stats is not None and target_stats[1] > 0:
+                positives, count = target_stats
+                refs["majority_rate"] = max(positives, count - positives) / count
+                if _departs_from_uniform([positives, count - positives]):
+                    rate = positives / count
+                else:
+                    refs["best_constant"], refs["priors_uniform"] = math.log(2), True
             if rate is not None and 0 < rate < 1:
                 refs["best_constant"] = _entropy([rate, 1 - rate])
                 refs["bias"] = round(math.log(rate / (1 - rate)), 4)
@@ -380,13 +397,28 @@ class InitLossCallback(OneShotCheck):
             return result
         if measured > expected * (1 + self.rtol):
             result["status"] = "too_high"
+            ratio = measured / expected
+            per_batch = _targets_per_batch(self.task, measurement)
+            summed = per_batch is not None and per_batch >= 4 and 0.8 <= ratio / per_batch <= 1.25
+            if summed:  # the loss of one example times the batch: a sum where a mean was meant
+                data["targets_per_batch"] = per_batch
+                cause = (
+                    f", about the {per_batch:.4g} targets per batch: the loss is summed over the batch, not averaged"
+                )
+                hint = (
+                    "Average the loss over the batch: reduction='mean' (the default of torch's losses) instead of "
+                    "'sum', or divide the sum by the batch size. A summed loss scales the gradients, and so the "
+                    "effective learning rate, with the batch size."
+                )
+            else:
+                cause, hint = self._cause_words(result), self._too_high_hint(result)
             self.report(
                 trainer,
                 "init_loss.too_high",
                 "warning",
                 f"The loss at init is {measured:.4g}, expected about {expected:.4g} "
-                f"({self._expected_words()}); it is {measured / expected:.3g}x too high{self._cause_words(result)}.",
-                self._too_high_hint(result),
+                f"({self._expected_words()}); it is {ratio:.3g}x too high{cause}.",
+                hint,
                 data,
             )
             return result
@@ -536,6 +568,31 @@ def _constant_loss(task: str | None, stats: list[float]) -> float | None:
         total, squares, count = stats
         return max(squares / count - (total / count) ** 2, 0.0)
     return None
+
+
+def _targets_per_batch(task: str | None, measurement: dict[str, Any]) -> float | None:
+    """How many targets (examples, tokens, pixels: the loss's terms) one probe batch held on average."""
+    stats, batches = measurement.get("target_stats"), measurement.get("batches")
+    if not stats or not batches:
+        return None
+    count = {"multiclass": sum(stats), "binary": stats[-1], "regression": stats[-1]}.get(str(task))
+    return count / batches if count else None
+
+
+def _departs_from_uniform(counts: Sequence[float], z: float = 3.09) -> bool:
+    """Whether label counts differ from equal class frequencies beyond chance: a G-test at the 0.1% level.
+
+    G = 2 n KL(counts / n || uniform) is chi-squared with K - 1 degrees of freedom under equal frequencies (its
+    quantile by Wilson and Hilferty's approximation, z = 3.09 for 0.1%). A few examples of a balanced dataset look
+    imbalanced: 8 digits drawn from ten equal classes have a label entropy around 1.2, not ln 10 = 2.30.
+    """
+    n, k = float(sum(counts)), len(counts)
+    if n <= 0 or k < 2:
+        return False
+    g = 2.0 * sum(c * math.log(c * k / n) for c in counts if c > 0)
+    df = k - 1
+    quantile = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    return g > quantile
 
 
 def _entropy(probabilities: Sequence[float]) -> float:

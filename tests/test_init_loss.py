@@ -42,8 +42,55 @@ def test_multiclass_references_are_ln_c_and_prior_entropy():
     assert refs["expected"] == pytest.approx(math.log(4))
     priors = [0.1, 0.1, 0.1, 0.7]
     assert refs["best_constant"] == pytest.approx(-sum(p * math.log(p) for p in priors))
-    # bias = centred log priors: softmax(bias) reproduces the priors
-    assert torch.softmax(torch.tensor(refs["bias"]), 0).tolist() == pytest.approx(priors, abs=1e-3)
+    # bias = centred log priors, smoothed by half a count per class: softmax(bias) reproduces them
+    smoothed = [(c + 0.5) / 102 for c in (10, 10, 10, 70)]
+    assert torch.softmax(torch.tensor(refs["bias"]), 0).tolist() == pytest.approx(smoothed, abs=1e-3)
+
+
+def test_a_class_the_probe_batches_missed_gets_a_finite_bias():
+    refs = InitLossCallback(task="multiclass", num_classes=4)._references([0, 30, 30, 140])
+    assert refs["priors"][0] == 0 and refs["best_constant"] < math.log(4) * 0.75
+    # add-half smoothing: log(0.5 / 202) centred, not log(1e-6) (a class the model would then never predict)
+    assert min(refs["bias"]) > -5
+    assert torch.softmax(torch.tensor(refs["bias"]), 0)[0] == pytest.approx(0.5 / 202, abs=1e-4)
+
+
+def test_a_few_labels_of_a_balanced_set_are_not_taken_for_imbalance():
+    # 8 digits drawn from ten equal classes (counts 1, 4, 2, 1): label entropy 1.21, but chance gives that
+    counts = [0, 0, 1, 0, 4, 0, 2, 0, 1, 0]
+    refs = InitLossCallback(task="multiclass", num_classes=10)._references(counts)
+    assert refs["best_constant"] == pytest.approx(math.log(10)) and refs["bias"] is None and refs["priors_uniform"]
+    assert refs["majority_rate"] == pytest.approx(0.5)
+    # the same proportions over 80 examples are imbalance
+    refs = InitLossCallback(task="multiclass", num_classes=10)._references([10 * c for c in counts])
+    assert refs["best_constant"] == pytest.approx(1.2130, abs=1e-3) and len(refs["bias"]) == 10
+    # binary: 3 positives of 4 is chance, 60 of 80 is not
+    assert InitLossCallback(task="binary")._references([3.0, 4.0])["best_constant"] == pytest.approx(math.log(2))
+    assert InitLossCallback(task="binary")._references([60.0, 80.0])["positive_rate"] == pytest.approx(0.75)
+
+
+def test_a_balanced_set_read_one_example_per_batch_is_not_called_imbalanced(tmp_path):
+    # 4 probe examples hold at most 4 of the 10 classes: label entropy <= ln 4 = 1.39, against ln 10 = 2.30
+    pl.seed_everything(0)
+    callback = InitLossCallback(task="multiclass", num_classes=10)
+    fit(tmp_path, DigitsMLP(), callback, datamodule=DigitsDataModule(batch_size=1))
+    assert [f.check for f in callback.findings] == [] and callback.result["status"] == "ok"
+
+
+class SummedLoss(DigitsMLP):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y, reduction="sum")
+
+
+def test_a_loss_summed_over_the_batch_is_named_as_such(tmp_path):
+    pl.seed_everything(0)
+    callback = InitLossCallback(task="multiclass", num_classes=10)
+    fit(tmp_path, SummedLoss(), callback, datamodule=DigitsDataModule(batch_size=64))
+    [finding] = warnings_of(callback)
+    assert finding.check == "init_loss.too_high" and finding.data["targets_per_batch"] == 64
+    assert finding.data["measured"] / finding.data["expected"] == pytest.approx(64, rel=0.25)
+    assert "summed over the batch" in finding.message and "reduction='mean'" in finding.hint
 
 
 def test_binary_references_are_ln2_and_entropy_of_the_positive_rate():
@@ -70,7 +117,8 @@ def test_last_layer_scaled_60x_gets_a_warning_with_a_last_layer_hint(tmp_path):
     assert finding.check == "init_loss.too_high" and finding.severity == "warning"
     assert finding.data["measured"] > 3 * math.log(10)
     assert finding.data["final_layer"] == "head"
-    assert "`head`" in finding.hint and "log class priors" in finding.hint
+    # digits' ten classes are balanced: the bias to start from is zero, not the probe batches' sampling noise
+    assert "`head`" in finding.hint and "set its bias to zero" in finding.hint
     # the suggested factor brings the measured output std to ~0.5
     factor = float(finding.hint.split("initial weights by ")[1].split(" ")[0])
     assert factor * finding.data["output_std"] == pytest.approx(0.5, rel=0.01)
