@@ -906,14 +906,22 @@ class DeadActivationMonitor(DiagnosticCallback):
         )
         hints: list[str] = []
         producer = entry["producer"]
-        if weights.get("weight_std") is not None:
-            ratio = weights["weight_std"] / max(weights["init_std"], 1e-12)
+        normalise = "normalise the inputs (zero mean, unit std) or add a LayerNorm/BatchNorm before the activation"
+        ratio = weights["weight_std"] / max(weights["init_std"], 1e-12) if weights.get("weight_std") else None
+        if ratio is not None and ratio > 1.5:
             hints.append(
                 f"`{producer}`'s weight std is {weights['weight_std']:.3g}, {ratio:.2g}x the Xavier init's "
                 f"{weights['init_std']:.3g}: initialise it with `nn.init.xavier_normal_(w, gain={weights['gain']:.3g})`"
-                + (f" (or scale it by {1 / ratio:.2g})" if ratio > 1.5 else "")
+                f" (or scale it by {1 / ratio:.2g})"
             )
-        hints.append("normalise the inputs (zero mean, unit std) or add a LayerNorm/BatchNorm before the activation")
+            hints.append(normalise)
+        else:  # the weights are not too large: what feeds the layer is (unnormalised inputs, a growing residual)
+            hints.append(normalise)
+            if ratio is not None:
+                hints.append(
+                    f"`{producer}`'s weights are not the cause (std {weights['weight_std']:.3g}, "
+                    f"{ratio:.2g}x the Xavier init's {weights['init_std']:.3g}): its inputs are too large"
+                )
         hints.append("lower the learning rate" if grew_from is not None else "if it grows in training, lower the LR")
         hints.append("or use a non-saturating activation (ReLU family) for hidden layers")
         self.report(trainer, "activations.saturated", "warning", message, "; ".join(hints) + ".", data)

@@ -193,6 +193,16 @@ def test_tanh_with_weights_scaled_12x_is_reported_saturated(tmp_path):
     assert "Xavier" in saturated[0].hint and "layers.0" in saturated[0].hint
 
 
+def test_tanh_saturated_by_large_inputs_blames_the_inputs_not_the_weights(tmp_path):
+    # default init (std 0.072, about 0.35x Xavier's tanh std): enlarging the weights would saturate it further
+    callback = monitor()
+    fit(tmp_path, DigitsMLP(activation="tanh", input_mask=100.0, lr=1e-5), callback)
+    [saturated] = findings_for(callback, "activations.saturated", "tanh_0")
+    assert saturated.data["weight_std"] < saturated.data["init_std"]
+    assert saturated.hint.startswith("normalise the inputs")
+    assert "`layers.0`'s weights are not the cause" in saturated.hint and "xavier_normal_" not in saturated.hint
+
+
 @pytest.mark.parametrize(
     ("make_model", "image_shape", "expected"),
     [
