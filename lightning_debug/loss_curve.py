@@ -44,6 +44,10 @@ class LossCurveMonitor(DiagnosticCallback):
       labels with a default init lose 61% (speedup ~30). With an InitLossCallback in the run, a fast start that
       ends below half the best constant predictor's loss learned features, not the bias, and is no hockey stick
       (He-initialised MLPs on digits: 2.4 to 0.64 in 10 steps against a constant predictor's 2.27, speedup 12-14).
+      Its reference also rules out the bias when there is none to learn (the best constant within InitLossCallback's
+      ``rtol`` of the uniform prediction: balanced classes) and when the start was a too-large init being undone
+      (``init_loss.too_high`` names that). A loss that first rose to over twice its first value, or a start with
+      steps NaNGuard skipped, is a divergence caught, not a start: not judged.
     - **overfitting**: the validation loss averaged over the last ``patience`` epochs (the validations of an
       epoch averaged into one) above its lowest such average by more than ``min_decrease`` (relative) and by more
       than 3 standard errors of its epoch-to-epoch noise, while the training loss kept falling (the gap grew) and
@@ -52,7 +56,10 @@ class LossCurveMonitor(DiagnosticCallback):
       0.2: 0.29 -> 1.10 while the LR rose 4x, back to 95% accuracy by the end). Validating every 10 steps on one
       batch, a healthy run's validation loss wobbled ~10% between validations while it fell 0.37 -> 0.054. It takes
       ``2 * patience`` epochs with a validation to judge; a run of one long epoch (each example seen once, e.g.
-      ``max_steps`` within the first epoch) is not judged for overfitting.
+      ``max_steps`` within the first epoch) is not judged for overfitting. With an InitLossCallback in the run,
+      a validation loss that never went below the best constant predictor's is no overfitting (there is no best
+      step to stop at): ``loss_curve.no_generalisation`` when the training loss fell below it (memorised: labels
+      misaligned with the inputs, validation preprocessed otherwise), else nothing.
     - **regularisation dominating**: when both ``reg_metric`` and ``data_metric`` are logged (``self.log``), their
       ratio above ``reg_ratio`` for ``patience`` measurements in a row.
     - **overfit one batch** (the checklist's test, run with ``Trainer(overfit_batches=1)``): when such a run ends,
@@ -96,6 +103,8 @@ class LossCurveMonitor(DiagnosticCallback):
     ``loss_curve.hockey_stick``         warning   a sharp drop in the first steps, then flat (see above)
     ``loss_curve.overfitting``          warning   validation rose for ``patience`` validations, training
                                                   fell
+    ``loss_curve.no_generalisation``    warning   the same, but validation never beat the best constant
+                                                  predictor while training fell below it
     ``loss_curve.reg_dominates``        warning   ``reg_metric / data_metric > reg_ratio``
     ``loss_curve.no_loss``              info      ``training_step`` returns no loss tensor
     ``loss_curve.overfit_batches_*``    see       ``Trainer(overfit_batches=...)``: ``_passed`` (info),
@@ -526,6 +535,12 @@ class LossCurveMonitor(DiagnosticCallback):
         if len(losses) < 5 * k or not all(math.isfinite(v) for v in losses):
             self.hockey = {"status": "not_measured"}
             return
+        guard_steps = _guard_bad_steps(trainer, 5 * k)
+        if guard_steps or (losses[0] > 0 and max(losses[: k + 1]) > 2 * losses[0]):
+            # a loss that rose first (or steps NaNGuard skipped or rolled back) fell back from a divergence: no
+            # start to compare with
+            self.hockey = {"status": "unstable_start", "max_early": max(losses[: k + 1]), "guard_steps": guard_steps}
+            return
         start = sum(losses[:2]) / 2
         knee = sum(losses[k - 1 : k + 1]) / 2
         late = sum(losses[5 * k - 2 : 5 * k]) / 2
@@ -540,6 +555,18 @@ class LossCurveMonitor(DiagnosticCallback):
         if constant is not None:
             self.hockey["best_constant"] = constant
         beyond_bias = constant is not None and knee < 0.5 * constant
+        # and a bias can only take the loss from the uniform prediction's to the best constant's: with
+        # InitLossCallback in the run, a start well above the uniform prediction's is a too-large init being undone
+        # (init_loss.too_high says so), and with (nearly) balanced targets there is no bias to learn
+        init_result = _init_loss_result(trainer)
+        if init_result is not None and early_drop >= 0.5 and speedup >= 10 and not solved and not beyond_bias:
+            expected, rtol = init_result.get("expected"), init_result["rtol"]
+            if init_result.get("status") == "too_high":
+                self.hockey["status"] = "init_too_high"
+                return
+            if isinstance(expected, float) and constant is not None and constant > expected * (1 - rtol):
+                self.hockey["status"] = "no_bias_to_learn"
+                return
         if early_drop >= 0.5 and speedup >= 10 and not solved and not beyond_bias:
             self.hockey["status"] = "hockey_stick"
             self.report(
@@ -586,6 +613,14 @@ class LossCurveMonitor(DiagnosticCallback):
             return  # both rose: not overfitting (divergence, a bad LR step)
         if point.get("lr", math.nan) > best.get("lr", math.nan) * (1 + 1e-6):
             return  # the LR rose since the best validation (a warm-up, a one-cycle or cyclic schedule): its doing
+        constant = _best_constant(trainer)
+        lowest = self.best_val["val"] if self.best_val is not None else best["val"]
+        if constant is not None and lowest >= constant:
+            # validation never beat predicting a constant: nothing generalised, so there is no best step to stop at
+            self._reported.add("overfitting")
+            if point["train"] < constant:
+                self._report_no_generalisation(trainer, point, lowest, constant)
+            return
         self._reported.add("overfitting")
         self.report(
             trainer,
@@ -602,6 +637,24 @@ class LossCurveMonitor(DiagnosticCallback):
             "AdamW(weight_decay=1e-2) or SGD weight_decay=5e-4), dropout 0.1-0.5, data augmentation, more data or "
             "a smaller model.",
             {"best": best, "now": point, "best_step": best["step"]},
+        )
+
+    def _report_no_generalisation(
+        self, trainer: pl.Trainer, point: dict[str, float], lowest: float, constant: float
+    ) -> None:
+        self.report(
+            trainer,
+            "loss_curve.no_generalisation",
+            "warning",
+            f"Nothing the model learned carries over to validation: {self.val_metric} was never below the best "
+            f"constant predictor's loss {constant:.4g} (InitLossCallback, from the training targets; its lowest "
+            f"{lowest:.4g}, now {point['val']:.4g}), while the training loss fell to {point['train']:.4g}. The "
+            "model memorises the training examples; this is not ordinary overfitting, and there is no good step "
+            "to stop at.",
+            "Check that the labels line up with the inputs (a shuffle or a sort applied to one of them only, an "
+            "off-by-one join), that the validation data get the same preprocessing as the training data, and that "
+            "the task has signal: a small model should beat the constant predictor on validation within an epoch.",
+            {"now": point, "lowest_val": lowest, "best_constant": constant},
         )
 
     def _judge_regularisation(self, trainer: pl.Trainer, reg: float, data: float, ratio: float) -> None:
@@ -701,6 +754,22 @@ def _host_floats(values: list[Tensor | float]) -> list[float]:
     tensors = [v for v in values if isinstance(v, Tensor)]
     host = iter(to_host([t.reshape(()) for t in tensors]) if tensors else [])
     return [next(host) if isinstance(v, Tensor) else float(v) for v in values]
+
+
+def _init_loss_result(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """The run's InitLossCallback's result and tolerance (None without a measured one)."""
+    callback = _init_loss_callback(trainer)
+    if callback is None or not callback.result or callback.result.get("status") in (None, "not_measured"):
+        return None
+    return {**callback.result, "rtol": callback.rtol}
+
+
+def _guard_bad_steps(trainer: pl.Trainer, before: int) -> list[int]:
+    """The steps before ``before`` that a NaNGuard of the run skipped (and maybe rolled back from)."""
+    from lightning_debug.nan_guard import NaNGuard
+
+    guard = next((cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, NaNGuard)), None)
+    return [] if guard is None else [int(b["step"]) for b in guard.bad_steps if int(b["step"]) < before]
 
 
 def _best_constant(trainer: pl.Trainer) -> float | None:

@@ -162,6 +162,47 @@ def test_a_big_model_on_100_examples_overfits_and_the_hint_names_the_best_step(t
     assert f"Stop at step {best['step']}" in finding.hint and "weight decay" in finding.hint
 
 
+def test_shuffled_training_labels_are_no_generalisation_not_overfitting(tmp_path):
+    """The training labels permuted apart from the inputs: the model memorises them (the training loss falls)
+    while the validation loss never gets below the constant predictor's ln 10. There is no good step to stop at."""
+    pl.seed_everything(0)
+    images, labels = load_digits_tensors()
+    shuffled = labels[:100][torch.randperm(100, generator=torch.Generator().manual_seed(1))]
+    train = DataLoader(TensorDataset(images[:100], shuffled), batch_size=50, shuffle=True)
+    val = DataLoader(TensorDataset(images[1000:1400], labels[1000:1400]), batch_size=200)
+    callback = LossCurveMonitor()
+    model = DigitsMLP(hidden=(256, 256), optimizer="adam", lr=1e-2)
+    init_loss = InitLossCallback(task="multiclass", num_classes=10)
+    fit(tmp_path, model, callback, train, val, max_epochs=12, extra=[init_loss])
+    [finding] = [f for f in callback.findings if f.severity != "info"]
+    assert finding.check == "loss_curve.no_generalisation"
+    constant = init_loss.result["best_constant"]
+    assert constant == pytest.approx(math.log(10)) and min(p["val"] for p in callback.validations) >= constant
+    assert finding.data["now"]["train"] < finding.data["best_constant"]
+    assert "labels line up with the inputs" in finding.hint and "Stop at step" not in finding.hint
+
+
+def test_a_too_large_init_being_undone_is_no_hockey_stick(tmp_path):
+    """Inputs 200x too large: the loss starts at ~10x ln 10 and 70% of it is gone in 10 steps, the logits
+    shrinking back, not a bias being learned (the classes are balanced). InitLossCallback names the cause."""
+    pl.seed_everything(0)
+    callback, init_loss = LossCurveMonitor(), InitLossCallback(task="multiclass", num_classes=10)
+    model = DigitsMLP(input_mask=200.0, lr=1e-2, optimizer="adam")
+    fit(tmp_path, model, callback, datamodule=DigitsDataModule(batch_size=32), max_steps=60, extra=[init_loss])
+    assert init_loss.result["status"] == "too_high"
+    assert callback.hockey["status"] == "init_too_high"
+    assert callback.hockey["early_drop"] > 0.5 and callback.hockey["speedup"] > 10  # the shape alone: a hockey stick
+    assert "loss_curve.hockey_stick" not in [f.check for f in callback.findings]
+
+
+def test_a_start_that_diverged_and_was_rolled_back_is_not_judged(tmp_path):
+    callback = LossCurveMonitor(hockey_steps=2)
+    callback._early_host = [0.9, 2.9, 357.0, 0.92, 0.8, 0.3, 0.29, 0.28, 0.27, 0.26]
+    trainer = type("T", (), {"world_size": 1, "callbacks": [callback]})()
+    callback._judge_hockey(trainer)
+    assert callback.hockey["status"] == "unstable_start" and callback.hockey["max_early"] == 357.0
+
+
 def test_validation_loss_rising_with_a_one_cycle_lr_is_not_overfitting(tmp_path):
     """OneCycleLR to max_lr 0.2: while the LR rises 4x the validation loss climbs from 0.29 to ~1 (training still
     falls); that is the LR's doing, and the run ends at 95% validation accuracy. Stopping at the best step, as
