@@ -61,7 +61,9 @@ class NaNGuard(DiagnosticCallback):
        step whose loss or gradients are non-finite (a non-finite weight the forward reads makes the loss
        non-finite on the very step a per-step check would have caught it, and is then named and rolled back
        at once), every ``every_n_steps`` steps (weights no loss reads: unused rows, eval-only buffers), before
-       every snapshot (a snapshot is always finite) and in every checkpoint. Optionally (``spike_factor``) a
+       every snapshot (a snapshot is always finite) and in every checkpoint. Buffers that already hold NaN/Inf
+       when training starts (an attention mask of -inf) hold them by design: they are left out of these checks
+       (``nan_guard.nonfinite_buffers_by_design``, info). Optionally (``spike_factor``) a
        loss above ``spike_factor`` times the median of the last ``spike_window`` good losses counts as bad too.
     2. **Skip.** A bad step is skipped: ``optimizer.step`` is unwound right after its closure, before the
        optimizer reads anything, so parameters and optimizer state (moments, step counters) are untouched.
@@ -144,6 +146,8 @@ class NaNGuard(DiagnosticCallback):
     ``nan_guard.checkpoint_nonfinite``   error     non-finite weights and no snapshot: save refused
     ``nan_guard.halt``                   error     training stopped; LR history and LR to try
     ``nan_guard.not_supported``          info      no optimizer could be guarded (documented no-op)
+    ``nan_guard.nonfinite_buffers_by_``  info      buffers non-finite before any update (masks):
+    ``design``                                     not checked
     ===================================  ========  ================================================
 
     Works with automatic and manual optimization and several optimizers (each optimizer step is checked;
@@ -263,6 +267,7 @@ class NaNGuard(DiagnosticCallback):
         self._checked: list[tuple[str, Tensor]] = []
         self._param_names: dict[int, str] = {}
         self._param_order: dict[int, int] = {}  # id -> registration index
+        self._nonfinite_buffers: set[str] = set()  # buffers non-finite at fit start: by design (masks), not checked
         self._last_loss_scale: float | None = None
         self._params_due = False  # check the parameters at the next optimizer step (a snapshot found them bad)
         self._has_scaler = False  # the run has an enabled GradScaler (read once per run: the plugin is fixed)
@@ -291,10 +296,12 @@ class NaNGuard(DiagnosticCallback):
         self._norms_read_after = any(isinstance(cb, (GradNormMonitor, UpdateRatioMonitor)) for cb in after)
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
         self._param_order = {key: index for index, key in enumerate(self._param_names)}
+        self._find_nonfinite_buffers(trainer, pl_module)
         self._refresh_checked(pl_module)
         self._carry_backoffs(trainer)
         for optimizer in trainer.optimizers:
-            self._install_gate(optimizer)
+            if optimizer.param_groups:  # (not Lightning's stand-in when configure_optimizers returns None)
+                self._install_gate(optimizer)
         if not self._gates:
             self.report(
                 trainer,
@@ -931,7 +938,12 @@ class NaNGuard(DiagnosticCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         state = checkpoint.get("state_dict") or {}
-        named = [(k, v) for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and v.numel()]
+        skip = self._nonfinite_buffers
+        named = [
+            (k, v)
+            for k, v in state.items()
+            if isinstance(v, Tensor) and v.is_floating_point() and v.numel() and k not in skip
+        ]
         if not named:
             return
         bad_count, first, _, _ = _nonfinite_summary([v for _, v in named], named[0][1].device)
@@ -1028,8 +1040,35 @@ class NaNGuard(DiagnosticCallback):
         return total, first_index
 
     def _refresh_checked(self, pl_module: pl.LightningModule) -> None:
-        named = [*pl_module.named_parameters(), *pl_module.named_buffers()]
+        skip = self._nonfinite_buffers
+        buffers = [(name, t) for name, t in pl_module.named_buffers() if name not in skip]
+        named = [*pl_module.named_parameters(), *buffers]
         self._checked = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
+
+    def _find_nonfinite_buffers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Buffers that hold NaN/Inf when training starts hold them by design (an attention mask of -inf above
+        the diagonal, a -inf padding bias): no update wrote them, so they are left out of the parameter and
+        checkpoint checks (one read of the floating-point buffers per fit; an info finding names them)."""
+        named = [(name, t) for name, t in pl_module.named_buffers() if t.is_floating_point() and t.numel()]
+        self._nonfinite_buffers = set()
+        if not named:
+            return
+        flags = torch.stack([(~torch.isfinite(t)).any() for _, t in named]).cpu().tolist()
+        found = [name for (name, _), bad in zip(named, flags) if bad]
+        if not found:
+            return
+        self._nonfinite_buffers = set(found)
+        self.report(
+            trainer,
+            "nan_guard.nonfinite_buffers_by_design",
+            "info",
+            f"{len(found)} buffer(s) hold NaN/Inf before any update ({', '.join(f'`{n}`' for n in found[:5])}"
+            f"{', ...' if len(found) > 5 else ''}): taken as values by design (e.g. an attention mask of -inf), so "
+            "NaNGuard does not check them.",
+            "Nothing to do for a mask. If such a buffer should be finite, fix how it is built (NaNGuard cannot roll "
+            "back a buffer that was never finite).",
+            {"buffers": found},
+        )
 
     def _install_gate(self, optimizer: torch.optim.Optimizer) -> None:
         """Put a gate in front of ``optimizer.step`` (an instance attribute, removed when training ends)."""
@@ -1142,7 +1181,8 @@ class _Snapshot:
         for index, optimizer in enumerate(optimizers):
             old = self.optimizers[index] if index < len(self.optimizers) else {}
             state: dict[Any, Any] = {}
-            for param_id, param_state in optimizer.state_dict()["state"].items():
+            # (Lightning's stand-in when configure_optimizers returns None has an empty state_dict)
+            for param_id, param_state in optimizer.state_dict().get("state", {}).items():
                 old_param = old.get(param_id, {})
                 state[param_id] = {
                     k: _host_copy(v, old_param.get(k)) if isinstance(v, Tensor) else copy.deepcopy(v)
@@ -1174,6 +1214,8 @@ class _Snapshot:
                     tensor.copy_(self.model[name])
         for optimizer, saved in zip(optimizers, self.optimizers):
             current = optimizer.state_dict()  # keeps the current param groups: the backed-off LRs stay
+            if "state" not in current:
+                continue  # no real optimizer (configure_optimizers returned None)
             current["state"] = copy.deepcopy(saved)
             optimizer.load_state_dict(current)
         for attr, saved_value in self.scaler.items():

@@ -302,6 +302,52 @@ def test_the_nonfinite_gradients_are_named_in_registration_order_whatever_the_op
     assert "`layers.1.bias` in backward order (`layers.0.weight` first in registration order)" in finding.message
 
 
+class MaskedLogits(DigitsMLP):
+    """Adds a mask buffer of -inf to the logits of one impossible class (the way a causal attention mask is
+    kept), as a persistent and as a non-persistent buffer: -inf by design, never written by an update."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        mask = torch.zeros(10)
+        mask[9] = -math.inf
+        self.register_buffer("logit_mask", mask)
+        self.register_buffer("scratch_mask", mask.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + torch.maximum(self.logit_mask, self.scratch_mask)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y.clamp(max=8))
+
+
+def test_buffers_non_finite_by_design_are_not_taken_for_divergence(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    guard = NaNGuard()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1)
+    trainer = fit(
+        tmp_path, MaskedLogits(), [guard, checkpoints], max_steps=30, log_every_n_steps=5, enable_checkpointing=True
+    )
+    assert trainer.global_step == 30 and guard.halted_reason is None and guard.skipped_steps == 0
+    assert guard_checks(guard) == ["nan_guard.nonfinite_buffers_by_design"]
+    [info] = guard.findings
+    assert info.severity == "info" and info.data["buffers"] == ["logit_mask", "scratch_mask"]
+    saved = torch.load(tmp_path / "ckpt" / "epoch=1-step=30.ckpt", weights_only=True)["state_dict"]
+    assert saved["logit_mask"][9] == -math.inf  # written as it is
+
+
+class NoOptimizer(DigitsMLP):
+    def configure_optimizers(self) -> Any:
+        return None  # Lightning trains without stepping
+
+
+def test_a_run_without_an_optimizer_is_an_info_not_a_crash(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    guard = NaNGuard()
+    trainer = fit(tmp_path, NoOptimizer(), [guard], max_steps=4)
+    assert trainer.global_step == 4 and guard_checks(guard) == ["nan_guard.not_supported"]
+
+
 def test_nan_parameter_rolls_back_to_the_last_good_snapshot(tmp_path: Path) -> None:
     class PoisonWeight(Callback):
         def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
