@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from torch import Tensor
 
-from lightning_debug.base import DiagnosticCallback
+from lightning_debug.base import DiagnosticCallback, trained_at_start
 from lightning_debug.distributed import all_ranks, reduce
 from lightning_debug.optimizers import max_lr
 from lightning_debug.stats import to_host
@@ -35,7 +35,8 @@ class LossCurveMonitor(DiagnosticCallback):
 
     - **not decreasing**: after ``window`` measurements, the mean of the latest ``window // 2`` is not below the
       mean of the first ``window // 2`` of the run by at least ``min_decrease`` (relative). Judged against the
-      start of the run, so a loss that converged and flattened is not flagged.
+      start of the run, so a loss that converged and flattened is not flagged. When InitLossCallback found the
+      weights trained at the start (fine-tuning), a flat loss is an info: it may start near its floor.
     - **hockey stick**: the losses of the first ``5 * hockey_steps`` steps are kept on the device and moved once.
       At least half the starting loss gone after ``hockey_steps`` steps, falling at least 10x faster per step
       than over the next ``4 * hockey_steps``, and not simply solved (still above 1% of the start): the first
@@ -50,7 +51,8 @@ class LossCurveMonitor(DiagnosticCallback):
       steps NaNGuard skipped, is a divergence caught, not a start: not judged.
     - **overfitting**: the validation loss averaged over the last ``patience`` epochs (the validations of an
       epoch averaged into one) above its lowest such average by more than ``min_decrease`` (relative) and by more
-      than 3 standard errors of its epoch-to-epoch noise, while the training loss kept falling (the gap grew) and
+      than 3 standard errors of its epoch-to-epoch noise, while the training loss kept falling (its average over
+      the same windows lower, and the latest point below the best validation's: the gap grew) and
       the learning rate was not above its value at the best validation: a rising LR (a warm-up, a one-cycle or
       cyclic schedule) raises the validation loss by itself (measured on digits, SGD under OneCycleLR to max_lr
       0.2: 0.29 -> 1.10 while the LR rose 4x, back to 95% accuracy by the end). Validating every 10 steps on one
@@ -509,6 +511,21 @@ class LossCurveMonitor(DiagnosticCallback):
             return
         self._reported.add("not_decreasing")
         first_step, last_step = self.recent_losses[0][0], self.recent_losses[-1][0]
+        data = {"start": start, "recent": recent, "first_step": first_step, "last_step": last_step}
+        if trained_at_start(trainer):  # fine-tuning: trained weights start near their floor on familiar data
+            self.report(
+                trainer,
+                "loss_curve.not_decreasing",
+                "info",
+                f"The training loss stayed flat: {recent:.4g} on average over steps {first_step}-{last_step}, "
+                f"{start:.4g} over the first {len(self.start_losses)} measurements. The weights were trained when "
+                "the fit started (init_loss.trained), so the loss may start near its floor: fine-tuning often "
+                "moves the validation metric more than the training loss.",
+                "Judge the run on the validation metric. If that does not improve either, raise the learning rate "
+                "(AdamW 1e-5 to 1e-4 is the usual fine-tuning range) or unfreeze more layers.",
+                data,
+            )
+            return
         self.report(
             trainer,
             "loss_curve.not_decreasing",
@@ -519,7 +536,7 @@ class LossCurveMonitor(DiagnosticCallback):
             "Overfit a single batch first; if that fails too, look for a bug (optimizer without the model's "
             "parameters, missing zero_grad, detached loss, labels misaligned with inputs). Otherwise raise the "
             "learning rate 10x (Adam at 3e-4 is a safe start) and check the LR schedule is not decaying it to 0.",
-            {"start": start, "recent": recent, "first_step": first_step, "last_step": last_step},
+            data,
         )
 
     def _judge_hockey(self, trainer: pl.Trainer) -> None:
@@ -611,6 +628,10 @@ class LossCurveMonitor(DiagnosticCallback):
         best = min((p for e in best_window for p in e["points"]), key=lambda p: p["val"])
         if not (math.isfinite(point["train"]) and point["train"] < best["train"]):
             return  # both rose: not overfitting (divergence, a bad LR step)
+        trains_then = [e["train"] for e in best_window if math.isfinite(e["train"])]
+        trains_now = [e["train"] for e in epochs[-k:] if math.isfinite(e["train"])]
+        if trains_then and trains_now and statistics.fmean(trains_now) >= statistics.fmean(trains_then):
+            return  # over the same windows the training loss rose too: the gap did not grow (a noisy bump)
         if point.get("lr", math.nan) > best.get("lr", math.nan) * (1 + 1e-6):
             return  # the LR rose since the best validation (a warm-up, a one-cycle or cyclic schedule): its doing
         constant = _best_constant(trainer)

@@ -99,6 +99,24 @@ def test_a_learning_rate_far_too_small_is_not_decreasing(tmp_path):
     assert "learning rate" in finding.hint
 
 
+def test_a_flat_loss_while_fine_tuning_trained_weights_is_an_info(tmp_path):
+    """Weights trained for 3 epochs, then fine-tuned on one batch of 64 with Adam at 1e-7: the loss starts near its
+    floor and stays there. InitLossCallback finds the weights trained; "raise the LR 10x" is not the advice."""
+    pl.seed_everything(0)
+    model = DigitsMLP(optimizer="adam", lr=1e-2)
+    fit(tmp_path / "pretrain", model, LossCurveMonitor(), max_epochs=3)
+    model.hparams["lr"] = 1e-7
+    images, labels = load_digits_tensors()
+    one_batch = DataLoader(TensorDataset(images[:64], labels[:64]), batch_size=64)
+    callback = LossCurveMonitor(every_n_steps=5, window=6)
+    init_loss = InitLossCallback(task="multiclass", num_classes=10)
+    fit(tmp_path, model, callback, one_batch, extra=[init_loss], max_epochs=40)
+    assert init_loss.result["status"] == "trained"
+    [finding] = [f for f in callback.findings if f.check == "loss_curve.not_decreasing"]
+    assert finding.severity == "info" and "init_loss.trained" in finding.message
+    assert "validation metric" in finding.hint and "10x" not in finding.hint
+
+
 # ---------------------------------------------------------------- hockey stick
 @pytest.mark.parametrize("guard", [False, True])
 @pytest.mark.parametrize("init_loss", [False, True])
@@ -201,6 +219,31 @@ def test_a_start_that_diverged_and_was_rolled_back_is_not_judged(tmp_path):
     trainer = type("T", (), {"world_size": 1, "callbacks": [callback]})()
     callback._judge_hockey(trainer)
     assert callback.hockey["status"] == "unstable_start" and callback.hockey["max_early"] == 357.0
+
+
+def test_a_validation_bump_while_the_training_loss_rose_too_is_not_overfitting():
+    """A healthy CNN's epochs (from a 25-epoch digits run): validation 0.0102-0.0107, then a bump to 0.0153 and
+    0.0136 (about one of 397 images), back to 0.011 later. Its training loss rose over the same epochs, so the
+    gap did not grow. The last point alone is below the best validation's training loss, which is noise."""
+    vals = [0.30, 0.10, 0.05, 0.03, 0.02, 0.015, 0.0102, 0.0112, 0.0107, 0.0119, 0.0153, 0.0136]
+    trains = [0.50, 0.20, 0.10, 0.06, 0.04, 0.03, 0.0240, 0.0185, 0.0177, 0.0195, 0.0210, 0.0220]
+    callback, reported = LossCurveMonitor(), []
+    callback.report = lambda trainer, check, *args, **kwargs: reported.append(check)
+    trainer = type("T", (), {"world_size": 1, "callbacks": [callback]})()
+    for epoch, (val, train) in enumerate(zip(vals, trains)):
+        point = {"step": 22 * (epoch + 1), "val": val, "train": train, "lr": 1e-3, "epoch": epoch}
+        callback.validations.append(point)
+        callback._judge_overfitting(trainer, point)
+    assert reported == []
+    # the same validations with the training loss falling over those epochs: the gap grew, overfitting
+    callback, reported = LossCurveMonitor(), []
+    callback.report = lambda trainer, check, *args, **kwargs: reported.append(check)
+    falling = [*trains[:9], 0.0150, 0.0120, 0.0100]
+    for epoch, (val, train) in enumerate(zip(vals, falling)):
+        point = {"step": 22 * (epoch + 1), "val": val, "train": train, "lr": 1e-3, "epoch": epoch}
+        callback.validations.append(point)
+        callback._judge_overfitting(trainer, point)
+    assert reported == ["loss_curve.overfitting"]
 
 
 def test_validation_loss_rising_with_a_one_cycle_lr_is_not_overfitting(tmp_path):
