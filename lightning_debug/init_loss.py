@@ -40,7 +40,9 @@ class InitLossCallback(OneShotCheck):
 
     A loss above ``expected * (1 + rtol)`` means the final layer's outputs are too large at init; the
     hint names the final layer, the factor to scale its weights by (from the measured output std) and
-    the bias to start from (log class priors, ``logit(p)``, or the target mean). A loss below
+    the bias to start from (log class priors, ``logit(p)``, or the target mean). When the final layer's weights
+    are at a standard init's scale (std at most 1.5/sqrt(fan_in)), its large outputs come from the features
+    reaching it (unnormalised inputs, growing activations), and the hint says so instead. A loss below
     ``best_constant * (1 - rtol)`` cannot come from untrained weights: when the final layer's predictions
     (class logits lined up with the targets) beat always predicting the majority class by more than 5 standard
     errors, the weights are trained (fine-tuning, loaded weights) and ``init_loss.trained`` (info) says the check
@@ -241,6 +243,7 @@ class InitLossCallback(OneShotCheck):
             "output_std": out_std,
             "output_mean": out_mean,
             "final_layer": final_layer.name,
+            **_weight_scale(pl_module, final_layer.name),
             "target_stats": stats if has_targets else None,
             # the final layer's predictions against the targets (None when its outputs do not line up with them)
             "accuracy": correct / counted if has_targets and counted > 0 else None,
@@ -489,6 +492,13 @@ class InitLossCallback(OneShotCheck):
     def _cause_words(self, result: dict[str, Any]) -> str:
         if self._scale_factor(result) is None:
             return ""
+        if _standard_weights(result):
+            return (
+                f": the final layer `{result['final_layer']}`'s outputs are large (std {result['output_std']:.3g}, "
+                f"expected about {self._output_std_target(result):.2g} or less) although its weights are at the "
+                f"standard scale (std {result['final_weight_std']:.3g}; 1/sqrt(fan_in) = "
+                f"{result['final_fan_in'] ** -0.5:.3g}): the features reaching it are too large"
+            )
         return (
             f": the final layer `{result['final_layer']}` starts out too large (its outputs have std "
             f"{result['output_std']:.3g}, expected about {self._output_std_target(result):.2g} or less)"
@@ -510,6 +520,12 @@ class InitLossCallback(OneShotCheck):
         layer = f"`{result['final_layer']}`" if result.get("final_layer") else "the final layer"
         fixes = []
         factor = self._scale_factor(result)
+        if factor is not None and _standard_weights(result):
+            return (
+                "Normalise the inputs (zero mean, unit std per feature; DataInspector reports their scale) and look "
+                "for a layer whose activations grow (DeadActivationMonitor, WeightStatsMonitor). Multiplying "
+                f"{layer}'s weights by {factor:.3g} would bring the loss at init down but hide the cause."
+            )
         if factor is not None:
             target = self._output_std_target(result)
             code = f"{layer.strip('`')}.weight.data.mul_({factor:.3g})"
@@ -568,6 +584,25 @@ def _constant_loss(task: str | None, stats: list[float]) -> float | None:
         total, squares, count = stats
         return max(squares / count - (total / count) ** 2, 0.0)
     return None
+
+
+def _weight_scale(model: nn.Module, name: str | None) -> dict[str, Any]:
+    """The final layer's weight std and fan-in (one read, at fit start), when it has a matrix-shaped weight."""
+    try:
+        weight = getattr(model.get_submodule(name), "weight", None) if name else None
+    except AttributeError:
+        return {}
+    if not isinstance(weight, Tensor) or weight.ndim < 2 or weight.numel() < 2:
+        return {}
+    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
+    return {"final_weight_std": float(weight.detach().float().std()), "final_fan_in": int(fan_in)}
+
+
+def _standard_weights(result: dict[str, Any]) -> bool:
+    """Whether the final layer's weights are at a standard init's scale (at most 1.5/sqrt(fan_in): PyTorch's
+    default is 0.58/sqrt(fan_in), LeCun's 1/sqrt(fan_in)), so large outputs come from large features."""
+    std, fan_in = result.get("final_weight_std"), result.get("final_fan_in")
+    return bool(std is not None and fan_in and std <= 1.5 / math.sqrt(fan_in))
 
 
 def _targets_per_batch(task: str | None, measurement: dict[str, Any]) -> float | None:

@@ -77,6 +77,18 @@ def test_a_balanced_set_read_one_example_per_batch_is_not_called_imbalanced(tmp_
     assert [f.check for f in callback.findings] == [] and callback.result["status"] == "ok"
 
 
+def test_large_outputs_from_large_inputs_are_blamed_on_the_inputs_not_the_final_layer(tmp_path):
+    # the inputs 200x their standardised scale; every layer at PyTorch's default init (std 0.58/sqrt(fan_in))
+    pl.seed_everything(0)
+    callback = InitLossCallback(task="multiclass", num_classes=10)
+    fit(tmp_path, DigitsMLP(input_mask=200.0), callback)
+    [finding] = warnings_of(callback)
+    assert finding.check == "init_loss.too_high" and finding.data["output_std"] > 5
+    assert finding.data["final_weight_std"] == pytest.approx((3 * 64) ** -0.5, rel=0.15)
+    assert "the features reaching it are too large" in finding.message and "starts out too large" not in finding.message
+    assert finding.hint.startswith("Normalise the inputs") and "would bring the loss at init down" in finding.hint
+
+
 class SummedLoss(DigitsMLP):
     def training_step(self, batch, batch_idx):
         x, y = batch
