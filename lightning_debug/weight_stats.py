@@ -224,9 +224,11 @@ class WeightStatsMonitor(DiagnosticCallback):
                 f"{len(bad)} weight(s) start far from any standard init: {words}. Expected between "
                 f"{self.too_small:g}x the smallest and {self.too_large:g}x the largest of the default, Kaiming and "
                 "Xavier stds for their fan-in/fan-out.",
-                f"Initialise `{name}` with a scaled init, e.g. nn.init.kaiming_normal_(w, nonlinearity='relu') "
-                f"(std {refs['kaiming_in']:.3g}) or nn.init.xavier_uniform_(w) (std {refs['xavier']:.3g}), "
-                "instead of an unscaled randn / a constant std / a stray multiplier; with many layers, add "
+                f"Initialise {', '.join(f'`{n}`' for n, *_ in bad[:5])}{' and the rest' if len(bad) > 5 else ''} "
+                "with a scaled init instead of an unscaled randn / a constant std / a stray multiplier: "
+                "nn.init.kaiming_normal_(w, nonlinearity='relu') before ReLU-family activations, "
+                "nn.init.xavier_uniform_(w) before tanh/sigmoid (gain=5/3 for tanh) or for a linear output "
+                f"(for `{name}`: std {refs['kaiming_in']:.3g} and {refs['xavier']:.3g}); with many layers, add "
                 "BatchNorm/LayerNorm so the spread stays consistent across depth.",
                 {"weights": [{"name": n, "std": s, "fan_in": f, "side": d, **r} for n, s, f, r, d in bad]},
             )

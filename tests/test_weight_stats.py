@@ -39,6 +39,8 @@ def test_hidden_weights_scaled_20x_are_a_bad_init_at_step_0(tmp_path):
     assert weights["layers.0.weight"]["std"] == pytest.approx(expected_std, rel=1e-4)
     assert weights["layers.0.weight"]["side"] == "large"
     assert "kaiming_normal_" in finding.hint and "std 0.177" in finding.hint  # sqrt(2 / 64)
+    assert finding.hint.startswith("Initialise `layers.0.weight`, `layers.1.weight` with")  # both, not the worst
+    assert "xavier_uniform_(w) before tanh/sigmoid (gain=5/3 for tanh)" in finding.hint
 
 
 def test_weights_scaled_down_100x_are_a_bad_init_too(tmp_path):
