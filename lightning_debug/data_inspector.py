@@ -516,16 +516,33 @@ class DataInspector(OneShotCheck):
             ratio_words = "infinite: it never appears"
         data = {"class_counts": result["class_counts"], "ratio": ratio, "rare": rare, "common": common}
         if self._per_position:  # a label per token or pixel: skewed by nature, not a sampling problem
+            # among the classes that appear: a vocabulary's unused ids (a padding index) are no rare class
+            present = counts[seen[seen < classes]]
+            rarest = int(seen[seen < classes][int(np.argmin(present))])
+            absent = classes - present.size
+            missing = (
+                f"; {absent} of the {classes} classes do not appear in the sample (unused ids such as a padding "
+                "index, rare tokens)"
+                if absent
+                else ""
+            )
             self.report(
                 trainer,
                 "data.class_imbalance",
                 "info",
                 f"The per-position labels (a label per token or pixel) are imbalanced: class {common} has "
-                f"{int(largest)} of {int(total)}, class {rare} {int(smallest)}; ratio {ratio_words}. Usual for such "
-                "labels: token frequencies follow Zipf's law, backgrounds dominate segmentation masks.",
+                f"{int(largest)} of {int(total)}, the rarest class present, {rarest}, {int(present.min())} (ratio "
+                f"{largest / float(present.min()):.3g}:1){missing}. Usual for such labels: token frequencies follow "
+                "Zipf's law, backgrounds dominate segmentation masks.",
                 "Nothing to fix for language modelling. For segmentation, a class-weighted or Dice loss and "
                 "per-class IoU keep the rare classes from being ignored.",
-                {**data, "per_position": True},
+                {
+                    **data,
+                    "per_position": True,
+                    "rare": rarest,
+                    "ratio": largest / float(present.min()),
+                    "absent": absent,
+                },
             )
             return
         self.report(

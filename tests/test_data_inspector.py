@@ -142,6 +142,20 @@ def test_token_labels_skewed_like_language_are_an_info_not_an_imbalance_warning(
     assert "Zipf" in finding.message
 
 
+def test_token_ids_that_never_occur_are_counted_apart_from_the_rare_ones(tmp_path):
+    """Id 0 is a padding index that is never a target: the message names the rarest id present and counts the
+    absent ones, instead of calling id 0 the rare class with an infinite ratio."""
+    pl.seed_everything(0)
+    vocab, generator = 50, torch.Generator().manual_seed(0)
+    zipf = 1.0 / torch.arange(1, vocab, dtype=torch.float64)
+    tokens = 1 + torch.multinomial(zipf, 512 * 16, replacement=True, generator=generator).reshape(512, 16)
+    callback = DataInspector(num_batches=8, num_classes=vocab)
+    fit(tmp_path, NextToken(vocab), callback, DataLoader(TensorDataset(tokens, tokens.roll(-1, 1)), batch_size=64))
+    [finding] = [f for f in callback.findings if f.check == "data.class_imbalance"]
+    assert "the rarest class present" in finding.message and "never appears" not in finding.message
+    assert "1 of the 50 classes do not appear in the sample" in finding.message
+
+
 @pytest.mark.parametrize("image_shape", [False, True])
 def test_standardised_digits_get_no_warnings(tmp_path, image_shape):
     pl.seed_everything(0)
