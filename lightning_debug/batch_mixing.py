@@ -46,7 +46,11 @@ class BatchMixingCheck(OneShotCheck):
     (or dim 0, a per-sequence output). When no batch size tells, and examples leak only from earlier indices along
     dim 0 (index ``i`` depends on ``0..i``, never later: the signature of a time axis read by a recurrent layer),
     the result is an info, not a warning; with the batch size confirming dim 0, such a leak is a warning (a
-    recurrent layer without ``batch_first=True`` reading the batch as time).
+    recurrent layer without ``batch_first=True`` reading the batch as time). When the batch size is on both dim 0 and
+    dim 1 (a time-major batch whose sequence length equals the batch size, ``T == B``), both are probed: clean along
+    dim 0 is clean; a leak along both is a warning; a leak along dim 0 only is an info, not a warning, because a
+    correct time-major model and a batch-first model mixing dim 0 give the same gradients there (a batch size other
+    than the sequence length tells them apart).
 
     BatchNorm layers without running statistics (``track_running_stats=False``: transductive BatchNorm in few-shot
     learning, MAML) normalise with the batch's statistics at evaluation too and mix the batch by design. The probe
@@ -80,8 +84,9 @@ class BatchMixingCheck(OneShotCheck):
     ``batch_mixing.non_causal``   warning   the output at ``t`` has a gradient on an input after ``t``
     ``batch_mixing.by_design``    info      only BatchNorm layers without running statistics mix the batch
     ``batch_mixing.not_checked``  info      no float input or embedding, batch of 1, output without the
-                                            batch on dim 0, dim 0 looks like time (see above), or the
-                                            forward raised
+                                            batch on dim 0, dim 0 looks like time or the batch size is on
+                                            dims 0 and 1 and only dim 0 leaks (see above), or the forward
+                                            raised
     ============================  ========  ==============================================================
 
     Args:
@@ -171,7 +176,8 @@ class BatchMixingCheck(OneShotCheck):
         if not isinstance(inputs, Tensor):
             return {"problem": f"no input tensor found in the batch ({type(batch).__name__}); pass input_fn"}
         reference = _labels_length(batch, inputs) or loader_batch_size
-        batch_dim = _batch_dim(inputs, reference)
+        candidates = _batch_dims(inputs, reference)  # [0, 1] when the batch size is on both: ambiguous
+        batch_dim = candidates[0]
         if inputs.dim() == 0 or inputs.shape[batch_dim] < 2:
             return {"problem": f"the batch has {inputs.shape[0] if inputs.dim() else 0} example(s); need 2 or more"}
         batch_size = int(inputs.shape[batch_dim])
@@ -196,9 +202,15 @@ class BatchMixingCheck(OneShotCheck):
         out = _first_float_tensor(output)
         if out is None:
             return {"problem": f"the model output ({type(output).__name__}) holds no floating-point tensor"}
-        out_dim = _output_batch_dim(out, batch_dim, batch_size)
-        if out_dim is None or probe.dim() <= batch_dim or probe.shape[batch_dim] != batch_size:
-            where = "dim 0" if batch_dim == 0 else "dim 0 or 1"
+        out_dims = {
+            dim: out_dim
+            for dim in candidates
+            if (out_dim := _output_batch_dim(out, dim, batch_size)) is not None
+            and probe.dim() > dim
+            and probe.shape[dim] == batch_size
+        }
+        if not out_dims:
+            where = "dim 0" if candidates == [0] else "dim 0 or 1"
             return {
                 "problem": f"the output's {where} ({tuple(out.shape)}) is not the batch of {batch_size}; "
                 "pass forward_fn returning a batch-first output"
@@ -206,11 +218,16 @@ class BatchMixingCheck(OneShotCheck):
         if not out.requires_grad:
             return {"problem": "the output does not depend on the input through autograd (no gradient path)"}
         probed = "embedding output" if embedding is not None else "input"
-        result = self._gradients(out.movedim(out_dim, 0), probe, batch_dim, batch_size, probed)
-        result["batch_dim"] = batch_dim
-        # a leak on earlier indices only, along a dimension no batch size confirms: a time axis rather than the batch
-        later = result.pop("later", False)
-        result["time_like"] = bool(result.get("pairs")) and not later and reference != batch_size
+        results = []
+        for dim, out_dim in out_dims.items():
+            result = self._gradients(out.movedim(out_dim, 0), probe, dim, batch_size, probed)
+            result["batch_dim"] = dim
+            # a leak on earlier indices only: the signature of a time axis read by a recurrent layer
+            result["earlier_only"] = bool(result.get("pairs")) and not result.pop("later", False)
+            results.append(result)
+        result = _choose(results, self.tolerance, tuple(probe.shape))
+        # ... along a dimension no batch size confirms: a time axis rather than the batch
+        result["time_like"] = result.pop("earlier_only") and reference != batch_size
         if batch_stats.ran:
             result["batch_statistics"] = batch_stats.ran
         return result
@@ -263,6 +280,7 @@ class BatchMixingCheck(OneShotCheck):
         device = trainer.strategy.root_device
         local_leak = _finite(local.get("leak", 0.0))
         time_like = bool(local.get("time_like"))
+        ambiguous = local.get("ambiguous")
         flags = torch.tensor(
             [
                 float("problem" in local),
@@ -271,11 +289,12 @@ class BatchMixingCheck(OneShotCheck):
                 float("causal_problem" in local),
                 local_leak if time_like else 0.0,
                 float(bool(local.get("batch_statistics"))),
+                _finite(ambiguous["leak"]) if ambiguous else 0.0,
             ],
             dtype=torch.float64,
             device=device,
         )
-        problem_any, leak, causal_leak, causal_problem_any, time_leak, batch_statistics_any = to_host(
+        problem_any, leak, causal_leak, causal_problem_any, time_leak, batch_statistics_any, ambiguous_leak = to_host(
             list(reduce(trainer, flags, "max").unbind())
         )
         result = {k: v for k, v in local.items() if k not in ("problem", "time_like")}
@@ -303,6 +322,25 @@ class BatchMixingCheck(OneShotCheck):
                 "with a batch_size so the check can find the batch dimension. If dim 0 is the batch, a recurrent or "
                 "causal-attention layer built without batch_first=True reads the batch as time.",
                 {"time_leak": time_leak, "pairs": local.get("pairs", []), "size": local.get("batch_size")},
+            )
+        elif leak <= self.tolerance and ambiguous_leak > self.tolerance:
+            result.update(status="not_checked", reason="the batch dimension is ambiguous")
+            self.report(
+                trainer,
+                "batch_mixing.not_checked",
+                "info",
+                self._ambiguous_message(local, ambiguous_leak),
+                "Run the check once with a batch size different from the sequence length (another DataLoader "
+                "batch_size, or sequences of another length) so it can find the batch dimension. Nothing to fix if "
+                "dim 1 is the batch. If dim 0 is: build nn.LSTM/GRU/RNN/Transformer layers with batch_first=True for "
+                "(B, T, F) inputs, and look for a .T/.transpose()/.view() that swaps the batch with another dimension "
+                "or a reduction over dim 0.",
+                {
+                    "ambiguous_leak": ambiguous_leak,
+                    "pairs": (ambiguous or {}).get("pairs", []),
+                    "shape": local.get("shape"),
+                    "batch_size": local.get("batch_size"),
+                },
             )
         elif leak <= self.tolerance and batch_statistics_any > 0:
             names = local.get("batch_statistics") or ["(on another rank)"]
@@ -370,10 +408,41 @@ class BatchMixingCheck(OneShotCheck):
             f"example {p['probe']}'s output depends on example(s) {', '.join(map(str, p['others']))}" for p in pairs[:3]
         )
         where = f" ({words})" if words else " (on another rank)"
+        both = (
+            f" The batch size {local.get('batch_size')} is on both dim 0 and dim 1 of the "
+            f"{local.get('probed', 'input')} {local.get('shape')}: it mixes along both "
+            f"(shown: dim {local.get('batch_dim')})."
+            if local.get("batch_dims")
+            else ""
+        )
         return (
             f"Backpropagating one example's output to the {local.get('probed', 'input')} gives a non-zero gradient "
             f"on other examples of the batch{where}: {_ratio_words(leak, 'the example')}, expected exactly 0. "
-            "The model mixes information across the batch dimension."
+            f"The model mixes information across the batch dimension.{both}"
+        )
+
+    def _ambiguous_message(self, local: dict[str, Any], ambiguous_leak: float) -> str:
+        ambiguous = local.get("ambiguous")
+        if not ambiguous:
+            return (
+                "The batch-mixing check could not tell the batch dimension on another rank: the batch size is on both "
+                "dim 0 and dim 1 of its input, and the model mixes the examples along dim 0 only."
+            )
+        words = "; ".join(
+            f"index {p['probe']} depends on {', '.join(map(str, p['others']))}" for p in ambiguous["pairs"][:3]
+        )
+        how = (
+            "each index on earlier ones only, as a recurrent layer built without batch_first=True reads a batch-first "
+            "batch"
+            if ambiguous.get("earlier_only")
+            else "the examples are mixed"
+        )
+        return (
+            f"The batch-mixing check could not tell the batch dimension: the batch size {local.get('batch_size')} is "
+            f"on both dim 0 and dim 1 of the {local.get('probed', 'input')} {local.get('shape')}. Along dim 1 no "
+            f"example leaks into another; along dim 0 they do ({words}: {_ratio_words(ambiguous_leak, 'the index')}). "
+            "If dim 1 is the batch (a time-major (T, B, ...) batch, the layout of nn.LSTM/GRU/RNN without "
+            f"batch_first), the model is correct and dim 0 is its time axis; if dim 0 is the batch, {how}."
         )
 
     def _time_axis_message(self, local: dict[str, Any], time_leak: float) -> str:
@@ -492,11 +561,37 @@ def _labels_length(batch: Any, inputs: Tensor) -> int | None:
     return lengths.pop() if len(lengths) == 1 else None
 
 
-def _batch_dim(inputs: Tensor, reference: int | None) -> int:
-    """0, or 1 for a time-major input: dim 0 is not the batch size the loader (or the labels) give, dim 1 is."""
-    if reference is None or reference < 2 or inputs.dim() < 2:
-        return 0
-    return 1 if inputs.shape[0] != reference and inputs.shape[1] == reference else 0
+def _batch_dims(inputs: Tensor, reference: int | None) -> list[int]:
+    """The candidate batch dimensions of the input: ``[1]`` for a time-major input (dim 0 is not the batch size the
+    loader or the labels give, dim 1 is), ``[0, 1]`` when the batch size is on both (ambiguous), else ``[0]``."""
+    if reference is None or reference < 2 or inputs.dim() < 2 or inputs.shape[1] != reference:
+        return [0]
+    return [0, 1] if inputs.shape[0] == reference else [1]
+
+
+def _choose(results: list[dict[str, Any]], tolerance: float, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The verdict of the probes along the candidate batch dimensions (dims 0 and 1 when both have the batch size).
+
+    Dim 0 clean is clean (dim 0 is the batch unless something says otherwise). Dim 0 leaking with dim 1 clean is
+    ``ambiguous``: a time-major ``(T, B, ...)`` batch with ``T == B`` through a correct model gives the same gradients
+    as a batch-first batch through a model that mixes dim 0 (e.g. a recurrent layer without ``batch_first=True``).
+    Both leaking is mixing whichever is the batch, shown along the dimension with the smaller leak.
+    """
+    if len(results) == 1:
+        return results[0]
+    first, second = results
+    both = {"batch_dims": [first["batch_dim"], second["batch_dim"]], "shape": shape}
+    if first["leak"] <= tolerance:
+        return first | both
+    if second["leak"] <= tolerance:
+        ambiguous = {
+            "dim": first["batch_dim"],
+            "leak": first["leak"],
+            "pairs": first["pairs"],
+            "earlier_only": first["earlier_only"],
+        }
+        return second | both | {"ambiguous": ambiguous}
+    return min(results, key=lambda result: float(result["leak"])) | both
 
 
 def _output_batch_dim(out: Tensor, batch_dim: int, batch_size: int) -> int | None:

@@ -542,3 +542,66 @@ def test_a_true_precision_run_is_checked(tmp_path):
         DigitsMLP(), datamodule=DigitsDataModule(batch_size=64)
     )
     assert callback.findings == [] and callback.result["leak"] == 0.0
+
+
+# ---------------------------------------------------------------- the batch size on dims 0 and 1 (T == B)
+class TimeMajorGRU(_Classifier):
+    """A GRU on time-major (T, B, F) rows, as nn.GRU expects without batch_first; `centre_batch=True` subtracts the
+    batch mean (over dim 1), which mixes the examples."""
+
+    def __init__(self, centre_batch: bool = False) -> None:
+        super().__init__()
+        self.centre_batch = centre_batch
+        self.rnn = nn.GRU(8, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        if self.centre_batch:
+            x = x - x.mean(1, keepdim=True)
+        sequence, _ = self.rnn(x)  # (T, B, 32)
+        return self.head(sequence[-1])
+
+
+def time_major_rows_loader():
+    """Digits as 8 rows of 8 pixels, collated time-major in batches of 8: (T=8, B=8, F=8), the batch size on dim 0
+    and dim 1."""
+    images, labels = load_digits_tensors()
+
+    def collate(items):
+        return torch.stack([x for x, _ in items]).transpose(0, 1), torch.stack([y for _, y in items])
+
+    return DataLoader(TensorDataset(images.reshape(-1, 8, 8), labels), batch_size=8, collate_fn=collate)
+
+
+def test_a_time_major_gru_whose_sequence_length_equals_the_batch_size_is_not_a_warning(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    quiet_trainer(tmp_path, [callback], max_steps=1).fit(TimeMajorGRU(), time_major_rows_loader())
+    # clean along dim 1, every time step feeds the output along dim 0: the same gradients as a batch-first model
+    # mixing dim 0, so an info that names the ambiguity, not a warning
+    assert checks(callback) == [("batch_mixing.not_checked", "info")]
+    finding = callback.findings[0]
+    assert "could not tell the batch dimension" in finding.message and "(8, 8, 8)" in finding.message
+    assert "If dim 1 is the batch" in finding.message and "batch size different" in finding.hint
+    assert callback.result["status"] == "not_checked" and callback.result["leak"] == 0.0
+    assert callback.result["batch_dim"] == 1 and callback.result["batch_dims"] == [0, 1]
+
+
+def test_a_leak_over_the_batch_of_a_time_major_input_with_t_equal_to_b_is_still_a_warning(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    quiet_trainer(tmp_path, [callback], max_steps=1).fit(TimeMajorGRU(centre_batch=True), time_major_rows_loader())
+    [finding] = callback.findings
+    assert (finding.check, finding.severity) == ("batch_mixing.detected", "warning")
+    assert "on both dim 0 and dim 1" in finding.message
+    # shown along the batch (dim 1, the smaller leak): x - x.mean(1) brings in the 7 other examples
+    assert callback.result["batch_dim"] == 1 and finding.data["pairs"][0]["count"] == 7
+
+
+def test_an_lstm_without_batch_first_on_batch_first_input_with_t_equal_to_b_is_still_a_warning(tmp_path):
+    pl.seed_everything(0)
+    callback = BatchMixingCheck()
+    images, labels = load_digits_tensors()
+    loader = DataLoader(TensorDataset(images.reshape(-1, 8, 8), labels), batch_size=8)  # (B=8, T=8, F=8)
+    quiet_trainer(tmp_path, [callback], max_steps=1).fit(BatchFirstIntoTimeMajorLSTM(), loader)
+    assert checks(callback) == [("batch_mixing.detected", "warning")]
