@@ -5,16 +5,20 @@ probe) must leave training bit-identical: the global RNG streams (which dropout 
 DataLoader iterator draw from), the loaders' own generators, the random generators a dataset keeps for its
 augmentation (numpy, ``random.Random`` or torch generators in its attributes and transforms), BatchNorm running
 statistics, each module's train/eval flag, the user's ``self.log`` results and the state of torchmetrics
-``Metric`` submodules are all put back exactly. Python attributes a ``training_step`` changes (a list of outputs,
+``Metric`` submodules are all put back exactly. The probes read an ``IterableDataset`` through a copy of it
+(:func:`probe_loader`), so a stream that keeps its position on itself is not moved, and never read data that yields
+each batch once (:func:`one_shot`). Python attributes a ``training_step`` changes (a list of outputs,
 a counter, a scheduler stepped inside it) cannot be restored: keep such state in buffers or metrics.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from types import BuiltinFunctionType, FunctionType, ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,22 +30,37 @@ from torch.utils.data import DataLoader, IterableDataset
 
 
 def probe_loader(loader: Any) -> Any:
-    """A loader yielding the same batches as ``loader`` for a few extra passes, without touching its workers.
+    """A loader yielding the same batches as ``loader`` for a few extra passes, without touching its workers or its
+    dataset's position.
 
     A DataLoader with worker processes (``persistent_workers=True`` above all) caches its first iterator, and
     creating it early changes the order in which training later draws its seeds. The probe loads in the main
     process instead, sharing the dataset, batch sampler and collate function.
+
+    An ``IterableDataset`` may keep its position on itself (a stream that continues where it stopped): the probe
+    reads a copy of it (:func:`stream_copy`), whatever the number of workers, so training starts where it would
+    have started without the probe.
+
+    Raises:
+        OneShotLoader: when the loader's ``IterableDataset`` cannot be copied (it holds a socket, a file, a lock, a
+            generator, or too many objects): reading it could take batches from training.
     """
-    if not isinstance(loader, DataLoader) or loader.num_workers == 0:
+    if not isinstance(loader, DataLoader):
         return loader
     if isinstance(loader.dataset, IterableDataset):  # (takes no sampler: batched by the loader itself)
+        dataset = stream_copy(loader.dataset)
+        if dataset is None:
+            raise OneShotLoader(_UNCOPYABLE.format(type(loader.dataset).__name__))
         return DataLoader(
-            loader.dataset,
+            dataset,
             batch_size=loader.batch_size,
             drop_last=loader.drop_last,
             collate_fn=loader.collate_fn,
             num_workers=0,
+            generator=loader.generator,
         )
+    if loader.num_workers == 0:
+        return loader
     if loader.batch_sampler is not None:
         return DataLoader(
             loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn, num_workers=0
@@ -49,13 +68,93 @@ def probe_loader(loader: Any) -> Any:
     return DataLoader(loader.dataset, batch_size=None, collate_fn=loader.collate_fn, num_workers=0)
 
 
+COPY_BYTES = 64 << 20
+"""Bytes a stream's copy may spend copying its tensors and arrays (:func:`stream_copy`); beyond it they are shared."""
+
+COPY_OBJECTS = 1_000_000
+"""A stream made of more objects (containers, tensors, instances) than this is not copied (:func:`stream_copy`)."""
+
+
+def stream_copy(dataset: IterableDataset) -> IterableDataset | None:
+    """A deep copy of ``dataset`` for a probe to iterate, or None when it cannot be copied.
+
+    An ``IterableDataset`` whose ``__iter__`` continues where the last pass stopped (a position counter, an
+    iterator or a buffer in its attributes) would start training further on if a probe read the dataset itself;
+    its copy starts where the dataset stands and advances alone. A dataset that starts afresh on every ``iter``
+    reads the same from its copy. None (and the probes treat the data as read-once) when ``deepcopy`` refuses the
+    dataset (it holds a socket, an open file, a lock, a generator object) or it is made of more than
+    :data:`COPY_OBJECTS` objects.
+
+    The copy's tensors and numpy arrays cost at most :data:`COPY_BYTES`: the smallest (a position kept in a tensor,
+    a random state) are copied, and once that is spent the rest (the examples of an in-memory stream) are shared
+    with the dataset, not duplicated: a stream that changes one of those in place during ``__iter__`` is not
+    protected. Nor is a position kept outside the dataset object (a server-side queue, a consumer group's offsets,
+    a pipe): the copy reads from the same source.
+    """
+    arrays = _arrays(dataset)
+    if arrays is None:
+        return None
+    memo: dict[int, Any] = {}
+    spent = 0
+    for size, array in sorted(arrays, key=lambda item: item[0]):
+        spent += size + 512  # (and the tensor object itself)
+        if spent > COPY_BYTES:
+            memo[id(array)] = array
+    try:
+        return copy.deepcopy(dataset, memo)
+    except Exception:
+        return None
+
+
+_ATOMIC = (str, bytes, int, float, complex, bool, type(None), type, ModuleType, FunctionType, BuiltinFunctionType)
+
+
+def _arrays(root: Any) -> list[tuple[int, Any]] | None:
+    """The tensors and numpy arrays ``root`` refers to, directly or through its attributes and containers, with
+    their sizes in bytes; None when that means visiting more than :data:`COPY_OBJECTS` objects. Classes, modules
+    and functions are not searched (``deepcopy`` does not copy them either)."""
+    found: list[tuple[int, Any]] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, _ATOMIC):
+            continue
+        seen.add(id(obj))
+        if len(seen) > COPY_OBJECTS:
+            return None
+        if isinstance(obj, torch.Tensor):
+            found.append((_tensor_bytes(obj), obj))
+        elif isinstance(obj, np.ndarray):
+            found.append((obj.nbytes, obj))
+        else:
+            stack.extend(gc.get_referents(obj))
+    return found
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    """The bytes a deep copy of ``tensor`` allocates: its whole storage (a view is copied with it)."""
+    try:
+        return int(tensor.untyped_storage().nbytes())
+    except Exception:  # (a sparse or other storage-less tensor)
+        return tensor.numel() * tensor.element_size()
+
+
 class OneShotLoader(ValueError):
     """The training data is an iterator that yields each batch once: a probe's read would take batches from training."""
 
 
 def one_shot(loader: Any) -> bool:
-    """Whether iterating ``loader`` consumes it: a generator or other iterator (``iter(x) is x``), or a DataLoader over
-    an IterableDataset that is its own iterator. Checked without calling ``iter``: no side effect."""
+    """Whether iterating ``loader`` could consume it: a generator or other iterator (``iter(x) is x``), or a DataLoader
+    over an IterableDataset that is its own iterator or cannot be copied for a probe (:func:`stream_copy`). Checked
+    without calling ``iter``: no side effect."""
+    if isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset):
+        return _self_iterating(loader) or stream_copy(loader.dataset) is None
+    return _self_iterating(loader)
+
+
+def _self_iterating(loader: Any) -> bool:
+    """Whether ``loader`` is an iterator or a DataLoader over an IterableDataset that is its own iterator."""
     if isinstance(loader, DataLoader):
         return isinstance(loader.dataset, IterableDataset) and isinstance(loader.dataset, Iterator)
     return isinstance(loader, Iterator)
@@ -66,17 +165,18 @@ def training_batches(trainer: pl.Trainer) -> tuple[Iterable[Any], list[Any]] | N
 
     One loader: :func:`probe_loader` of it. Several (a dict or list of loaders, or a ``CombinedLoader``, given to
     ``fit``): combined as the fit loop combines them, in its mode, so each batch is the dict or list of batches
-    ``training_step`` gets.
+    ``training_step`` gets. An ``IterableDataset`` is read from a copy (:func:`probe_loader`).
 
     Raises:
         OneShotLoader: when a training loader is an iterator that yields each batch once (a generator, a stream
-            whose ``__iter__`` returns itself): the batches a probe read would never reach training.
+            whose ``__iter__`` returns itself) or a stream that cannot be copied: the batches a probe read would
+            never reach training.
     """
     loaders = trainer.train_dataloader
     if loaders is None:
         return None
     if not isinstance(loaders, (Mapping, list, tuple)):
-        if one_shot(loaders):
+        if _self_iterating(loaders):
             raise OneShotLoader(_ONE_SHOT.format(type(loaders).__name__))
         return probe_loader(loaders), [loaders]
     from lightning.pytorch.utilities.combined_loader import CombinedLoader
@@ -86,7 +186,7 @@ def training_batches(trainer: pl.Trainer) -> tuple[Iterable[Any], list[Any]] | N
     if mode not in ("min_size", "max_size"):
         mode = "max_size_cycle"  # the fit loop's default (and "sequential" does not train)
     for loader in CombinedLoader(loaders).flattened:
-        if one_shot(loader):
+        if _self_iterating(loader):
             raise OneShotLoader(_ONE_SHOT.format(type(loader).__name__))
     combined = CombinedLoader(apply_to_collection(loaders, DataLoader, probe_loader), mode=mode)  # type: ignore[arg-type]
 
@@ -100,6 +200,11 @@ def training_batches(trainer: pl.Trainer) -> tuple[Iterable[Any], list[Any]] | N
 _ONE_SHOT = (
     "the training data ({}) is an iterator that yields each batch once, so a probe would take batches from training; "
     "pass a DataLoader or another re-iterable object to fit"
+)
+_UNCOPYABLE = (
+    "the training data is a stream ({}) that cannot be copied for a probe (it holds a socket, a file, a lock or "
+    "another object deepcopy refuses, or too many objects), and reading the stream itself could take batches from "
+    "training"
 )
 
 

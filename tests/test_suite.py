@@ -2,8 +2,10 @@
 between measured steps, the odd models users bring, DDP and mixed precision."""
 
 import json
+import math
 import random
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -334,3 +336,105 @@ def test_suite_without_a_task_leaves_out_the_init_loss_check_and_keeps_nanguard_
     names = [type(cb).__name__ for cb in callbacks]
     assert "InitLossCallback" not in names and isinstance(callbacks[-1], NaNGuard)
     assert len(lightning_debug.suite(nan_guard=False)) == len(callbacks) - 1
+
+
+class _ResumingStream(torch.utils.data.IterableDataset):
+    """A stream that continues where the last pass stopped (a queue or socket reader): its position lives on the
+    dataset object and every ``iter`` goes on from there, so a probe that read the dataset itself would move
+    training further down the stream."""
+
+    def __init__(self, lock: bool = False) -> None:
+        self.position = 0
+        self.lock = threading.Lock() if lock else None  # state deepcopy refuses, as a socket's
+
+    def __iter__(self):
+        while True:
+            generator = torch.Generator().manual_seed(self.position)
+            x = torch.randn(16, 64, generator=generator)
+            x[:, 0] = self.position  # tags the batch with its position in the stream
+            self.position += 1
+            yield x, torch.randint(0, 10, (16,), generator=generator)
+
+
+class _PositionsSeen(DigitsMLP):
+    """Records the stream positions of the batches the training loop (not a probe) hands to training_step."""
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.2)
+        self.positions: list[int] = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.positions.append(int(batch[0][0, 0]))
+
+
+@pytest.mark.parametrize("lock", [False, True], ids=["copyable", "holds-a-lock"])
+def test_a_stream_that_resumes_where_it_stopped_reaches_training_whole_under_the_probes(tmp_path, lock):
+    """The probes read a copy of an IterableDataset: the stream's own position is not moved, and training sees the
+    positions and weights it sees without callbacks. A stream that cannot be copied is not read at all."""
+
+    def run(root, callbacks):
+        pl.seed_everything(0)
+        model = _PositionsSeen()
+        trainer = quiet_trainer(root, callbacks, max_steps=6, limit_val_batches=0)
+        trainer.fit(model, train_dataloaders=DataLoader(_ResumingStream(lock), batch_size=None))
+        return model.positions, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    positions_without, without = run(tmp_path / "a", [])
+    callbacks = lightning_debug.suite(num_classes=10)
+    positions_with, with_suite = run(tmp_path / "b", callbacks)
+    assert positions_without == positions_with == [0, 1, 2, 3, 4, 5]
+    assert_bit_identical(without, with_suite)
+    assert warnings_of(callbacks) == []
+    init_loss = next(cb for cb in callbacks if isinstance(cb, lightning_debug.InitLossCallback))
+    predictions = next(cb for cb in callbacks if isinstance(cb, lightning_debug.PredictionDynamicsLogger))
+    skipped = {f.check for cb in callbacks if isinstance(cb, DiagnosticCallback) for f in cb.findings}
+    if lock:
+        assert init_loss.result == {"status": "not_measured"} and predictions.fixed_batch is None
+        assert {"init_loss.not_measured", "loss_fn.not_checked", "batch_mixing.not_checked"} <= skipped
+    else:
+        assert math.isfinite(init_loss.result["measured"]) and predictions.fixed_batch_source == "train"
+        assert not any(check.endswith(("not_measured", "not_checked")) for check in skipped)
+
+
+class _RestartingStream(torch.utils.data.IterableDataset):
+    """The common IterableDataset: every ``iter`` starts a fresh pass, drawing from the global RNG."""
+
+    def __iter__(self):
+        for _ in range(8):
+            yield torch.randn(16, 64), torch.randint(0, 10, (16,))
+
+
+def test_a_stream_that_restarts_on_every_iter_is_still_probed_and_trains_bit_identically(tmp_path):
+    kwargs = dict(max_steps=6, limit_val_batches=0)
+
+    def run(root, callbacks):
+        pl.seed_everything(0)
+        model = DigitsMLP(dropout=0.2)
+        quiet_trainer(root, callbacks, **kwargs).fit(model, train_dataloaders=DataLoader(_RestartingStream(), None))
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    without = run(tmp_path / "a", [])
+    init_loss = lightning_debug.InitLossCallback(task="multiclass", num_classes=10)
+    predictions = lightning_debug.PredictionDynamicsLogger()
+    with_probes = run(tmp_path / "b", [init_loss, predictions])
+    assert_bit_identical(without, with_probes)
+    assert init_loss.result is not None and init_loss.result["status"] == "ok"
+    assert math.isfinite(init_loss.result["measured"]) and init_loss.result["batches"] == 4
+    assert predictions.fixed_batch_source == "train"
+
+
+def test_a_stream_s_copy_shares_its_large_tensors_and_copies_its_position(monkeypatch):
+    """The copy a probe reads must not double the memory of an in-memory stream, nor advance the original: the
+    smallest tensors (a position, a random state) are copied within the budget, the examples beyond it shared."""
+    from lightning_debug import isolation
+
+    monkeypatch.setattr(isolation, "COPY_BYTES", 1 << 20)
+    stream = _ResumingStream()
+    stream.examples = [torch.zeros(1 << 18) for _ in range(2)]  # 1 MiB each: over the budget
+    stream.small = torch.zeros(3)
+    copied = isolation.stream_copy(stream)
+    assert copied is not None and copied.small is not stream.small
+    assert all(a is b for a, b in zip(copied.examples, stream.examples, strict=True))
+    next(iter(copied))
+    assert (copied.position, stream.position) == (1, 0)
+    assert isolation.stream_copy(_ResumingStream(lock=True)) is None
