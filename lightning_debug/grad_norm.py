@@ -46,6 +46,7 @@ class _StepLog:
     spikes: list[dict[str, float]] = field(default_factory=list)
     peak_median: float = 0.0  # the largest running median so far: the norms of the run at its most active
     judged_through: int = -1  # the latest step judged: NaNGuard's feed sends the steps after it
+    stepping: int = -1  # the optimizer step seen last: a second call within it is a closure re-evaluation (LBFGS)
 
 
 class GradNormMonitor(DiagnosticCallback):
@@ -82,6 +83,16 @@ class GradNormMonitor(DiagnosticCallback):
       rescales nearly every step: that is gradient normalisation, not outlier clipping (info finding).
     - Steps with non-finite gradients (with a GradScaler: the steps it skips for overflow) are counted apart and
       kept out of every statistic, ``grad_norm.no_grad`` included. Acting on them is NaNGuard's job.
+    - **Missing gradients** are seen on measured steps. A parameter that had none on every measured step so far is
+      fingerprinted (the L1 and L2 norms of its weights, on the device, on measured steps only and only while such
+      parameters exist); if its weights moved by a later measured step (read in that step's transfer, or once when
+      training ends), it got a gradient on a step in between and is not ``grad_norm.no_grad``: e.g. a multi-task
+      head used on odd steps while the cadence measures even ones. A parameter whose gradient was an all-zero tensor
+      while its param group has weight decay is not cleared so: decay moves weights without a gradient.
+    - **Several closure evaluations per step** (LBFGS): Lightning calls ``on_before_optimizer_step`` after each.
+      One optimizer step is one step here (counted, judged and logged once): its norms are those of the step's first
+      closure evaluation, the gradient at the parameters the step starts from; the later evaluations are not
+      recorded (with ``autoclip`` their gradients are clipped at the same threshold).
     - **Sparse gradients** (``nn.Embedding(sparse=True)``) are measured by the norm of their stored values.
     - **Embedding tables** (``nn.Embedding``, ``nn.EmbeddingBag``) and parameters with sparse gradients are logged
       but not judged vanishing: a batch's gradient reaches only the rows of the tokens it holds, so the RMS over
@@ -122,7 +133,8 @@ class GradNormMonitor(DiagnosticCallback):
                                            >= ``clip_factor`` x the run's largest running median)
     ``grad_norm.no_grad``        warning   parameters with ``requires_grad=True`` in an optimizer that never
                                            got a gradient, or only zeros, over ``patience`` measured steps
-                                           with finite gradients (also at the end of training)
+                                           with finite gradients, and whose weights did not move in between
+                                           (also at the end of training)
     ``grad_norm.vanishing``      warning   a weight (>= 2-D) whose gradient RMS stays below
                                            ``vanishing_ratio`` x the largest parameter's for ``patience``
                                            measured steps; ``info`` for 1-D parameters (biases, norms);
@@ -207,6 +219,10 @@ class GradNormMonitor(DiagnosticCallback):
         self._measured = 0
         self._finite_measured = 0  # measured steps whose per-parameter gradient norms were all finite
         self._grad_seen: dict[str, bool] = {}  # name -> ever a non-zero gradient
+        # parameters without a gradient so far: their weights' fingerprint when first seen so (weight_fingerprints),
+        # and whether weight decay may move them; weights that moved since got a gradient between measured steps
+        self._marks: dict[str, tuple[nn.Parameter, Tensor, bool]] = {}
+        self._zero_grads: set[str] = set()  # parameters whose gradient was an all-zero tensor on a measured step
         self._vanishing_run: dict[str, int] = {}  # name -> consecutive measured steps below vanishing_ratio
         self._reported: set[str] = set()  # "check:name" reported once
         self._last_rms_ratio: dict[str, float] = {}
@@ -227,6 +243,9 @@ class GradNormMonitor(DiagnosticCallback):
         tables = {id(m.weight) for m in pl_module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
         self._embeddings = {name for key, name in self._names.items() if key in tables}
         self._params.clear()  # a new fit: new optimizers
+        self._marks.clear()  # (the parameters they hold may be others now)
+        for log in self._logs.values():
+            log.stepping = -1
         self._feed = None
         guard = next((cb for cb in trainer.callbacks if callable(getattr(cb, "grad_norm_feed", None))), None)  # type: ignore[attr-defined]
         self._guarded = guard is not None  # NaNGuard skips the non-finite steps (the finding says so)
@@ -260,6 +279,12 @@ class GradNormMonitor(DiagnosticCallback):
         log = self._logs.get(index)
         if log is None:
             log = self._logs[index] = _StepLog()
+        step = self.global_step(trainer)
+        if step == log.stepping:  # the closure evaluated again within the same optimizer step (LBFGS)
+            if self.autoclip:
+                self._clip_again(trainer, optimizer, log)
+            return
+        log.stepping = step
         measured = self.is_measured_optimizer_step(trainer, log.optimizer_steps)
         params = self._params.get(optimizer, refresh=measured)
         if not params:
@@ -272,7 +297,7 @@ class GradNormMonitor(DiagnosticCallback):
         # the per-step work is the fused norm shared with NaNGuard; this monitor only keeps a reference to it
         if len(log.unread) > self.measure_interval(trainer):
             self._flush_log(trainer, index, log)  # cannot happen with one read per interval: read, lose nothing
-        log.unread.append((int(trainer.global_step), norms, inv_scale))
+        log.unread.append((step, norms, inv_scale))
         if self._feed:
             self._drain(log)  # the steps this hook dozed through (after the append: not this step twice)
         if self.autoclip and grads:
@@ -282,13 +307,18 @@ class GradNormMonitor(DiagnosticCallback):
             self._clip(log, grads, global_sq)
         log.optimizer_steps += 1
         if measured:
-            self._measure(trainer, index, log, params, norms, inv_scale)
+            self._measure(trainer, index, log, params, norms, inv_scale, optimizer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer)
+        if self._marks and "no_grad" not in self._reported:  # moved since the last measured step: one transfer
+            marks = list(self._marks.items())
+            moved = to_host([reduce_squares(trainer, moved_since([m[0] for _, m in marks], [m[1] for _, m in marks]))])
+            self._clear_moved([name for name, _ in marks], moved)
+        self._marks.clear()
         if self._measured:
             self._judge_no_grad(trainer)
 
@@ -303,6 +333,18 @@ class GradNormMonitor(DiagnosticCallback):
                 pass
 
     # ------------------------------------------------------------------ measure (device)
+    def _clip_again(self, trainer: pl.Trainer, optimizer: Optimizer, log: _StepLog) -> None:
+        """``autoclip`` on a repeated closure evaluation (LBFGS): its gradients are clipped like the first's, at the
+        same threshold; nothing is recorded."""
+        grads = [g for g in map(_GRAD, self._params.get(optimizer)) if g is not None]
+        if not grads:
+            return
+        global_sq = stacked(shared_grad_norms(grads)).double().square().sum()
+        inv_scale = _inverse_grad_scale(trainer, optimizer)
+        if inv_scale is not None:
+            global_sq = global_sq * inv_scale.double().square()
+        self._clip(log, grads, global_sq)
+
     def _clip(self, log: _StepLog, grads: list[Tensor], global_sq: Tensor) -> None:
         threshold = self._clip_value(log)
         if threshold is None:
@@ -350,6 +392,7 @@ class GradNormMonitor(DiagnosticCallback):
         params: list[nn.Parameter],
         norms: StepNorms,
         inv_scale: Tensor | None,
+        optimizer: Optimizer,
     ) -> None:
         device = params[0].device
         per_param_sq = torch.zeros(len(params), dtype=torch.float64, device=device)
@@ -362,19 +405,59 @@ class GradNormMonitor(DiagnosticCallback):
             per_param_sq[with_grad] = squares
             has_grad[with_grad] = 1.0
         unread = self._unread(log)
-        parts = [per_param_sq, has_grad] + ([unread.to(device)] if unread is not None else [])
+        names = [self._names.get(id(p), f"opt{index}.param{i}") for i, p in enumerate(params)]
+        # parameters without a gradient on the measured steps so far: did their weights move since? (in the same
+        # transfer; only while there are such parameters)
+        marked = [name for name in names if name in self._marks] if self._marks else []
+        parts = [per_param_sq, has_grad]
+        if marked:
+            marks = [self._marks[name] for name in marked]
+            parts.append(moved_since([m[0] for m in marks], [m[1] for m in marks]).to(device))
+        if unread is not None:
+            parts.append(unread.to(device))
         host = to_host([reduce_squares(trainer, torch.cat(parts))])
         count = len(params)
-        self._ingest_steps(trainer, index, log, host[2 * count :])
+        self._ingest_steps(trainer, index, log, host[2 * count + len(marked) :])
         self._measured += 1
-        names = [self._names.get(id(p), f"opt{index}.param{i}") for i, p in enumerate(params)]
+        self._clear_moved(marked, host[2 * count : 2 * count + len(marked)])
         numels = [p.numel() for p in params]
         ndims = [p.ndim for p in params]
         # embedding tables and sparse gradients: a batch reaches a few rows, their RMS over the table is not judged
         rows = {name for name, p in zip(names, params) if p.grad is not None and p.grad.is_sparse} | self._embeddings
         self._ingest_params(trainer, names, numels, ndims, host[:count], host[count : 2 * count], rows)
+        self._mark(optimizer, names, params)
         self._judge_no_grad(trainer)
         self._log_clip(trainer, index, log)
+
+    def _mark(self, optimizer: Optimizer, names: list[str], params: list[nn.Parameter]) -> None:
+        """Fingerprint the weights of the parameters that got no gradient so far (once each, on the device): if they
+        move by a later measured step, they got a gradient on a step in between (a head used on odd steps only, while
+        the measured steps are even). Not for a parameter whose gradient was an all-zero tensor while weight decay
+        applies to it: decay moves weights without a gradient."""
+        for name in [n for n in self._marks if self._grad_seen.get(n, True)]:
+            del self._marks[name]  # it got a gradient on this measured step
+        if "no_grad" in self._reported:
+            self._marks.clear()
+            return
+        new = [i for i, name in enumerate(names) if not self._grad_seen.get(name, True) and name not in self._marks]
+        if not new:
+            return
+        decayed = {id(p) for group in optimizer.param_groups if group.get("weight_decay") for p in group["params"]}
+        new = [i for i in new if not (names[i] in self._zero_grads and id(params[i]) in decayed)]
+        if not new:
+            return
+        fingerprints = weight_fingerprints([params[i] for i in new])
+        for i, fingerprint in zip(new, fingerprints.unbind()):
+            self._marks[names[i]] = (params[i], fingerprint, id(params[i]) in decayed)
+
+    def _clear_moved(self, names: list[str], moved: Sequence[float]) -> None:
+        """The marked parameters whose weights moved since they were marked got a gradient at some step."""
+        for name, distance in zip(names, moved):
+            if distance == 0.0:
+                continue
+            _, _, decayed = self._marks.pop(name)
+            if not (decayed and name in self._zero_grads):
+                self._grad_seen[name] = True
 
     def _flush(self, trainer: pl.Trainer) -> None:
         self._fed_log()
@@ -483,6 +566,8 @@ class GradNormMonitor(DiagnosticCallback):
             self._finite_measured += 1
         for name, square, got in zip(names, squares, has_grad):
             self._grad_seen[name] = self._grad_seen.get(name, False) or (got > 0 and square > 0)
+            if got > 0 and square == 0:
+                self._zero_grads.add(name)
         scalars = {f"grad_norm/{key}": math.sqrt(sq) for key, sq in self._group(names, squares).items() if sq >= 0}
         self.log_scalars(trainer, {k: v for k, v in scalars.items() if math.isfinite(v)})
         if not finite:
@@ -737,6 +822,7 @@ class GradNormMonitor(DiagnosticCallback):
             "measured": self._measured,
             "finite_measured": self._finite_measured,
             "grad_seen": dict(self._grad_seen),
+            "zero_grads": sorted(self._zero_grads),
             "vanishing_run": dict(self._vanishing_run),
             "reported": sorted(self._reported),
         }
@@ -758,6 +844,7 @@ class GradNormMonitor(DiagnosticCallback):
         self._measured = int(state.get("measured", 0))
         self._finite_measured = int(state.get("finite_measured", self._measured))
         self._grad_seen = {str(k): bool(v) for k, v in state.get("grad_seen", {}).items()}
+        self._zero_grads = {str(name) for name in state.get("zero_grads", [])}
         self._vanishing_run = {str(k): int(v) for k, v in state.get("vanishing_run", {}).items()}
         self._reported = set(state.get("reported", []))
 
@@ -797,3 +884,40 @@ def _by_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:
     for tensor in tensors:
         groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
     return list(groups.values())
+
+
+def weight_fingerprints(params: Sequence[Tensor]) -> Tensor:
+    """A cheap fingerprint of each tensor's values, to tell later whether it changed: its L1 and L2 norms,
+    accumulated in float64 (``(len(params), 2)``, on the first tensor's device). Any ordinary update moves both; only
+    a change that leaves both norms exactly equal goes unseen (then the tensor reads as unchanged)."""
+    device = params[0].device
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, param in enumerate(params):
+        groups.setdefault((param.device, param.dtype), []).append(i)
+    blocks: list[Tensor] = []
+    order: list[int] = []
+    with torch.no_grad():
+        for indices in groups.values():
+            group = [params[i].detach() for i in indices]
+            l1: Sequence[Tensor]
+            l2: Sequence[Tensor]
+            try:
+                l1 = torch._foreach_norm(group, 1, dtype=torch.float64)
+                l2 = torch._foreach_norm(group, 2, dtype=torch.float64)
+            except RuntimeError:  # (no fused kernel for this layout: one tensor at a time)
+                l1 = [torch.linalg.vector_norm(t, 1, dtype=torch.float64) for t in group]
+                l2 = [torch.linalg.vector_norm(t, 2, dtype=torch.float64) for t in group]
+            blocks.append(torch.stack([torch.stack(list(l1)), torch.stack(list(l2))], dim=1).to(device))
+            order += indices
+    if len(blocks) == 1:
+        return blocks[0]
+    return torch.cat(blocks)[torch.tensor(order).argsort().to(device)]  # back in the order of ``params``
+
+
+def moved_since(params: Sequence[Tensor], fingerprints: Sequence[Tensor]) -> Tensor:
+    """How far each tensor's fingerprint (:func:`weight_fingerprints`) moved from the one given (float64, on the first
+    tensor's device): exactly 0 for a tensor whose values did not change; non-negative, so it survives averaging or
+    summing across ranks (``reduce_squares``)."""
+    now = weight_fingerprints(params)
+    then = torch.stack([f.to(now.device) for f in fingerprints])
+    return (now - then).abs().sum(dim=1)

@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from lightning_debug.base import DiagnosticCallback, trained_at_start
 from lightning_debug.distributed import is_sharded, reduce_squares
 from lightning_debug.findings import Severity
+from lightning_debug.grad_norm import moved_since, weight_fingerprints
 from lightning_debug.optimizers import (
     SIGNIFICANT_BITS,
     float16_eps_problems,
@@ -64,11 +65,14 @@ class UpdateRatioMonitor(DiagnosticCallback):
     the LR schedule and gradient clipping included): on measured steps the parameters of the optimizer about to
     step are copied in ``on_before_optimizer_step`` and compared with the result in an optimizer step post-hook.
     Each optimizer is measured on its own (several optimizers, manual optimization); under gradient
-    accumulation only the real steps are measured.
+    accumulation only the real steps are measured. An optimizer that evaluates its closure several times per step
+    (LBFGS; Lightning calls ``on_before_optimizer_step`` after each evaluation) is measured once per step: the copy is
+    taken at the first evaluation, before the step moves anything, and the ratio is that of the whole step.
 
     **Memory:** one transient copy of the stepping optimizer's parameters (the size of the model's trainable
     weights, in their dtype) exists from ``on_before_optimizer_step`` to the end of that step, on measured steps
-    only; nothing is kept between measured steps.
+    only; between measured steps nothing is kept but two float64 numbers (a fingerprint, see below) per parameter
+    that has not changed on any measured step so far.
 
     Judgement uses weights with two or more dimensions (matrices, kernels): a bias or a norm scale that starts
     at zero has no meaningful ratio, and a bias before BatchNorm legitimately receives no gradient. Embedding
@@ -107,6 +111,12 @@ class UpdateRatioMonitor(DiagnosticCallback):
     it) is dropped and counted in ``update_ratio/skipped_steps``. Only ``patience`` such all-unchanged steps in a
     row with finite gradients (learning rate 0, everything frozen) raise ``update_ratio.frozen``.
 
+    Changes are seen on measured steps. A parameter unchanged on every measured step so far (or every parameter, on
+    an all-unchanged step) is fingerprinted: the L1 and L2 norms of its weights, on the device, on measured steps only
+    and only while such parameters exist. If its weights moved by a later measured step (read in that step's transfer,
+    or once when training ends, for the summary), it changed on a step in between: not frozen (e.g. a multi-task head
+    used on odd steps while the cadence measures even ones, or steps skipped on the measured steps only).
+
     Under DDP the parameters agree across ranks; the norms are averaged on measured steps so every rank judges
     the same numbers, and rank 0 logs. Sharded strategies (FSDP, DeepSpeed) sum squared shard norms.
 
@@ -138,8 +148,8 @@ class UpdateRatioMonitor(DiagnosticCallback):
     ``update_ratio.too_large``                warning   a weight's ratio > ``too_large`` for ``patience``
                                                         measurements
     ``update_ratio.frozen``                   warning   a parameter in an optimizer never changed over
-                                                        ``patience`` measurements (or no parameter changed in
-                                                        ``patience`` steps)
+                                                        ``patience`` measurements nor in between (or no parameter
+                                                        changed in ``patience`` steps nor in between)
     ``update_ratio.eps_underflow``            warning   at the start: an Adam-family optimizer's ``eps`` is below
                                                         float16's smallest normal (6.1e-05) while it updates
                                                         float16 weights (``precision="16-true"``): NaN updates
@@ -198,6 +208,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._hooks: dict[int, Any] = {}  # optimizer index -> step post-hook handle, while a measurement is pending
         self._pending: dict[int, _Snapshot] = {}
         self._optimizer_steps: dict[int, int] = {}
+        self._stepping: dict[int, int] = {}  # optimizer index -> the step seen last (LBFGS evaluates its closure again)
         self._ratios: dict[str, deque[float]] = {}  # last `patience` ratios of each judged weight
         # too_small's streak: (ratio, peak LR / the step's LR) per measurement, restarted while the LR rises
         self._small: dict[str, deque[tuple[float, float]]] = {}
@@ -206,6 +217,9 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._first_loss: float | None = None  # the first measured step's training loss (ranks' mean)
         self._recent_losses: deque[float] = deque(maxlen=patience)
         self._changed: dict[str, bool] = {}
+        # parameters that did not change on the measured steps so far: their weights' fingerprint when first seen so
+        # (weight_fingerprints); weights that moved since changed on a step in between
+        self._marks: dict[str, tuple[nn.Parameter, Tensor]] = {}
         self._valid_measurements: dict[str, int] = {}
         self._unchanged_run = 0
         self._measured = 0
@@ -234,6 +248,8 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._embeddings = {name for key, name in self._names.items() if key in tables}
         self._remove_hooks()
         self._close_norm_probe()
+        self._stepping.clear()
+        self._marks.clear()  # (the parameters they hold may be others now)
         self._norm_probe = BiasBeforeNormProbe(pl_module)  # watches the first training forward only
         problems = float16_eps_problems(trainer.optimizers)
         if problems and "eps_underflow" not in self._flagged:
@@ -258,9 +274,14 @@ class UpdateRatioMonitor(DiagnosticCallback):
     ) -> None:
         self._close_norm_probe()
         index = optimizer_index(trainer, optimizer)
+        step = self.global_step(trainer)
+        if self._stepping.get(index) == step:
+            return  # the closure evaluated again within the same optimizer step (LBFGS): measured from its start
+        self._stepping[index] = step
         steps = self._optimizer_steps.get(index, 0)
         self._optimizer_steps[index] = steps + 1
-        if not self.is_measured_optimizer_step(trainer, steps):
+        # is_measured_optimizer_step(trainer, steps), with the step already read
+        if (step if len(trainer.optimizers) <= 1 else steps) % (self._interval or self.measure_interval(trainer)):
             return
         if index in self._pending:  # the same optimizer stepped twice in one batch: finish the first
             self._finish(trainer, index, self._pending.pop(index))
@@ -277,7 +298,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
             torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # (a LightningOptimizer wraps it)
             self._hooks[index] = torch_optimizer.register_step_post_hook(self._post_hook(trainer, index))
         self._pending[index] = _Snapshot(
-            step=int(trainer.global_step),
+            step=step,
             names=[self._names.get(id(p), f"opt{index}.param{i}") for i, p in enumerate(params)],
             ndims=[p.ndim for p in params],
             params=params,
@@ -314,6 +335,11 @@ class UpdateRatioMonitor(DiagnosticCallback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._judge_pending_decay(trainer)
+        if self._marks:  # weights that moved since the last measured step changed (for the summary): one transfer
+            marks = list(self._marks.items())
+            moved = to_host([reduce_squares(trainer, moved_since([m[0] for _, m in marks], [m[1] for _, m in marks]))])
+            self._clear_moved([name for name, _ in marks], moved)
+        self._marks.clear()
         self._pending.clear()
         self._remove_hooks()
         self._close_norm_probe()
@@ -355,10 +381,18 @@ class UpdateRatioMonitor(DiagnosticCallback):
         else:
             loss_term = delta_sq.new_full((1,), math.nan)
         rounding = snapshot.rounding.to(device) if snapshot.rounding is not None else delta_sq.new_full((2,), math.nan)
-        packed = reduce_squares(trainer, torch.cat([snapshot.weight_sq, delta_sq, flags, loss_term, rounding]))
+        parts = [snapshot.weight_sq, delta_sq, flags, loss_term, rounding]
+        # parameters unchanged on the measured steps so far: did their weights move since? (only while there are any)
+        marked = [name for name in snapshot.names if name in self._marks] if self._marks else []
+        if marked:
+            marks = [self._marks[name] for name in marked]
+            parts.append(moved_since([m[0] for m in marks], [m[1] for m in marks]).to(device))
+        packed = reduce_squares(trainer, torch.cat(parts))
         host = to_host(list(packed.unbind()))
         weight_sq, delta_host = host[:count], host[count : 2 * count]
-        grads_finite, stepped_all, loss_value, with_grad, unchanged = host[2 * count :]
+        grads_finite, stepped_all, loss_value, with_grad, unchanged = host[2 * count : 2 * count + 5]
+        if self._clear_moved(marked, host[2 * count + 5 :]):
+            self._unchanged_run = 0  # weights changed on a step between the measured ones: not frozen for good
         self._measured += 1
         if math.isfinite(loss_value):
             if self._first_loss is None:
@@ -370,6 +404,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         if all(d == 0.0 for d in delta_host):
             self._skip(trainer)  # nothing moved: a skipped step (NaNGuard), unless it persists
             self._unchanged_run += 1
+            self._mark(snapshot, every=True)  # whether anything changes on the steps in between: asked at the next
             if self._unchanged_run >= self.patience:
                 self._report_all_frozen(trainer, snapshot)
             return
@@ -377,6 +412,33 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._ingest(trainer, snapshot, weight_sq, delta_host)
         if snapshot.low and with_grad > 0:  # (NaN without low-precision weights)
             self._judge_rounding(trainer, index, snapshot, unchanged / with_grad)
+
+    def _clear_moved(self, names: list[str], moved: list[float]) -> bool:
+        """The marked parameters whose weights moved since they were marked changed on a step in between (True if
+        any did)."""
+        any_moved = False
+        for name, distance in zip(names, moved):
+            if distance != 0.0:
+                del self._marks[name]
+                self._changed[name] = any_moved = True
+        return any_moved
+
+    def _mark(self, snapshot: _Snapshot, every: bool = False) -> None:
+        """Fingerprint the weights of the parameters that did not change on any measured step so far (``every``: of
+        all the step's parameters, when none changed), once each, on the device: if they move by a later measured
+        step, they changed on a step in between (a head used on odd steps only, while the measured steps are even)."""
+        new = [
+            i
+            for i, name in enumerate(snapshot.names)
+            if (every or not self._changed.get(name, True))
+            and name not in self._marks
+            and name not in self._before_norm
+            and f"frozen:{name}" not in self._flagged
+        ]
+        if new:
+            fingerprints = weight_fingerprints([snapshot.params[i] for i in new])
+            for i, fingerprint in zip(new, fingerprints.unbind()):
+                self._marks[snapshot.names[i]] = (snapshot.params[i], fingerprint)
 
     def _skip(self, trainer: pl.Trainer) -> None:
         self.skipped_steps += 1
@@ -407,6 +469,9 @@ class UpdateRatioMonitor(DiagnosticCallback):
         scalars["update_ratio/skipped_steps"] = float(self.skipped_steps)
         self.log_scalars(trainer, scalars, step=snapshot.step)
         self._judge(trainer, snapshot)
+        for name in [n for n in self._marks if self._changed.get(n, True) or f"frozen:{n}" in self._flagged]:
+            del self._marks[name]  # changed on this measured step, or reported
+        self._mark(snapshot)
 
     def _lr_scale(self, name: str, lr: float) -> float | None:
         """The peak learning rate so far over this step's (too_small judges updates as they were at the peak:

@@ -148,3 +148,45 @@ class OneCycleSGD(zoo.DigitsMLP):
         total = self.total_steps or int(self.trainer.estimated_stepping_batches)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class LBFGSDigits(zoo.DigitsMLP):
+    """DigitsMLP under LBFGS (3 iterations per step), automatic or manual: Lightning calls on_before_optimizer_step
+    after each closure evaluation."""
+
+    def __init__(self, manual: bool = False) -> None:
+        super().__init__()
+        self.automatic_optimization = not manual
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.automatic_optimization:
+            return super().training_step(batch, batch_idx)
+        optimizer = self.optimizers()
+        x, y = batch
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(self(x), y)
+            self.manual_backward(loss)
+            return loss
+
+        return optimizer.step(closure=closure)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+
+
+class AlternatingHeads(zoo.DigitsMLP):
+    """Two tasks, one head each: ``head`` on even steps, ``odd_head`` on odd ones. Both heads train (on every other
+    step); a cadence of 2 steps (the default, ``2 * log_every_n_steps``, is always even) measures even steps only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.odd_head = torch.nn.Linear(64, 10)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        head = self.head if self.global_step % 2 == 0 else self.odd_head
+        return torch.nn.functional.cross_entropy(head(x), y)

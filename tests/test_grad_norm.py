@@ -12,6 +12,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import (
+    AlternatingHeads,
+    LBFGSDigits,
     OneCycleSGD,
     SparseEmbedding,
     assert_bit_identical,
@@ -481,3 +483,57 @@ def test_the_non_finite_finding_says_whether_the_step_was_applied(tmp_path: Path
         assert "NaNGuard skipped these steps" in finding.message and "NaNGuard" not in finding.hint.split("(")[0]
     else:
         assert "The optimizer applied them" in finding.message and finding.hint.startswith("Add NaNGuard")
+
+
+def test_a_head_that_gets_gradients_only_between_measured_steps_is_not_no_grad(tmp_path: Path) -> None:
+    grad = GradNormMonitor()  # every 2 steps with log_every_n_steps=1: the odd head never has a gradient there
+    _fit(tmp_path, AlternatingHeads(), DigitsDataModule(batch_size=32), [grad], max_steps=16, log_every_n_steps=1)
+    assert grad._finite_measured >= grad.patience  # judged
+    assert _warnings(grad) == [] and "no_grad" not in grad.summary()
+
+
+class _ZeroGradientBranch(zoo.DigitsMLP):
+    """An extra layer whose gradient is an all-zero tensor on every step (multiplied by 0), under AdamW's decay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dead = torch.nn.Linear(64, 10)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) + 0.0 * self.dead(batch[0]).sum()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.1)
+
+
+def test_weights_moved_by_weight_decay_alone_still_got_no_gradient(tmp_path: Path) -> None:
+    """Weights that moved between measured steps got a gradient there, unless their gradient was an all-zero tensor
+    under weight decay: decay moves them without one."""
+    grad = GradNormMonitor(every_n_steps=2)
+    _fit(tmp_path, _ZeroGradientBranch(), DigitsDataModule(batch_size=32), [grad], max_steps=16)
+    (finding,) = [f for f in grad.findings if f.check == "grad_norm.no_grad"]
+    assert finding.data["parameters"] == ["dead.weight", "dead.bias"]
+
+
+class _FirstEvaluationNorms(_AppliedNorms):
+    """The global gradient norm at the first closure evaluation of each optimizer step (its starting point)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.evaluations: list[int] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if len(self.evaluations) == trainer.global_step:
+            self.evaluations.append(0)
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.evaluations[-1] += 1
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_lbfgs_closure_evaluations_make_one_step_each(tmp_path: Path, manual: bool) -> None:
+    grad, first = GradNormMonitor(every_n_steps=2), _FirstEvaluationNorms()
+    _fit(tmp_path, LBFGSDigits(manual), DigitsDataModule(batch_size=32), [grad, first], max_steps=12)
+    assert min(first.evaluations) > 1 and len(first.evaluations) == 12  # several closure evaluations per step
+    assert grad.summary()["global"]["steps"] == 12 and grad.summary()["measured_steps"] == 6
+    assert [n for _, n in _recorded(grad)] == pytest.approx(first.norms, rel=1e-5)
+    assert _warnings(grad) == []

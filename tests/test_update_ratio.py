@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    AlternatingHeads,
+    LBFGSDigits,
     SparseEmbedding,
     assert_bit_identical,
     fp16_cpu_plugin,
@@ -741,3 +743,53 @@ def test_biases_before_batchnorm_in_16_bit_weights_are_not_frozen_warnings(tmp_p
         assert [f.check for f in findings if f.severity != "info"] == [], precision
         (monitor,) = [cb for cb in callbacks if isinstance(cb, UpdateRatioMonitor)]
         assert monitor._before_norm >= {"features.3.bias"}
+
+
+def test_a_head_that_changes_only_between_measured_steps_is_not_frozen(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor()  # every 2 steps with log_every_n_steps=1: the odd head never changes there
+    _fit(tmp_path, AlternatingHeads(), [monitor], max_steps=16, log_every_n_steps=1)
+    assert monitor._valid_measurements["odd_head.weight"] >= monitor.patience  # judged
+    assert _checks(monitor) == [] and "never_changed" not in monitor.summary()
+
+
+class _TrainsOnOddSteps(zoo.DigitsMLP):
+    """Skips the even steps (training_step returns None): on every measured step no parameter changes."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        return super().training_step(batch, batch_idx) if self.global_step % 2 else None
+
+
+def test_a_run_that_changes_only_between_measured_steps_is_not_frozen(tmp_path: Path) -> None:
+    monitor = UpdateRatioMonitor(every_n_steps=2)
+    _fit(tmp_path, _TrainsOnOddSteps(), [monitor], max_steps=16)
+    assert monitor._measured == 8 and monitor.skipped_steps == 8  # each measured step changed nothing
+    assert _checks(monitor) == []
+
+
+class _StepRatios(pl.Callback):
+    """The applied ||Δw|| / ||w|| of ``head.weight`` over each whole training step, and the closure evaluations."""
+
+    def __init__(self) -> None:
+        self.ratios: list[float] = []
+        self.evaluations: list[int] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.before = pl_module.head.weight.detach().clone()
+        self.evaluations.append(0)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.evaluations[-1] += 1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        delta = pl_module.head.weight.detach() - self.before
+        self.ratios.append((torch.linalg.vector_norm(delta) / torch.linalg.vector_norm(self.before)).item())
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_lbfgs_is_measured_once_per_optimizer_step_over_the_whole_step(tmp_path: Path, manual: bool) -> None:
+    monitor, applied = UpdateRatioMonitor(every_n_steps=2, patience=3), _StepRatios()
+    _fit(tmp_path, LBFGSDigits(manual), [monitor, applied], max_steps=12)
+    assert min(applied.evaluations) > 1  # several closure evaluations per step
+    assert monitor._measured == 6 and monitor.skipped_steps == 0
+    assert "update_ratio.frozen" not in _checks(monitor)  # (LBFGS's steps are large: too_large is fair)
+    assert monitor.last_ratios["head.weight"] == pytest.approx(applied.ratios[10], rel=1e-4)  # the last measured
