@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_debug.base import OneShotCheck
-from lightning_debug.batches import default_input
+from lightning_debug.batches import ForwardSignature, default_input, target_index
 from lightning_debug.distributed import reduce
 from lightning_debug.validation import check_float, check_int
 
@@ -102,8 +102,9 @@ class DataInspector(OneShotCheck):
         grid_size: how many examples the image grid shows (0 disables it).
         input_fn: maps a batch to the input tensor (default: the batch if a tensor, its first element if a
             tuple/list, or ``x``/``input``/``inputs``/``image(s)``/``input_ids`` of a dict).
-        target_fn: maps a batch to integer class labels or None (default: the last element of a tuple/list,
-            or ``y``/``label(s)``/``target(s)`` of a dict, when it holds integers).
+        target_fn: maps a batch to integer class labels or None (default: the second element of a tuple/list,
+            ``(inputs, target, ...)``, or its last when ``forward`` takes all the others as inputs, or
+            ``y``/``label(s)``/``target(s)`` of a dict, when it holds integers).
 
     Raises:
         ValueError: if an argument is out of range (the message names it and the accepted values).
@@ -150,6 +151,7 @@ class DataInspector(OneShotCheck):
         self.grid_size = grid_size
         self.input_fn = input_fn
         self.target_fn = target_fn
+        self._signature: ForwardSignature | None = None  # the model's forward: where the batch's target sits
         self.result: dict[str, Any] | None = None
         self._reset()
 
@@ -184,6 +186,8 @@ class DataInspector(OneShotCheck):
     ) -> None:
         if self.result is not None or self._batches >= self.num_batches:
             return
+        if self._signature is None:
+            self._signature = ForwardSignature(pl_module.forward)
         self._accumulate(batch)
         self._batches += 1
         if self._batches >= self.num_batches:
@@ -205,7 +209,9 @@ class DataInspector(OneShotCheck):
             self._problem = self._problem or f"no input tensor found in the batch ({type(batch).__name__})"
             return
         x = inputs.detach()
-        targets = self.target_fn(batch) if self.target_fn is not None else _default_target(batch, len(x))
+        targets = (
+            self.target_fn(batch) if self.target_fn is not None else _default_target(batch, len(x), self._signature)
+        )
         if isinstance(targets, Tensor) and (targets.is_floating_point() or targets.is_complex()):
             targets = None
         if self._sums is None:
@@ -727,10 +733,12 @@ def _grid_image(images: np.ndarray) -> tuple[np.ndarray, float, float]:
     return grid, low, high
 
 
-def _default_target(batch: Any, size: int) -> Tensor | None:
+def _default_target(batch: Any, size: int, signature: ForwardSignature | None) -> Tensor | None:
     target = None
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[-1], Tensor):
-        target = batch[-1]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        target = batch[target_index(len(batch), signature)]
+        if not isinstance(target, Tensor):
+            return None
     elif isinstance(batch, Mapping):
         target = next((batch[k] for k in _TARGET_KEYS if isinstance(batch.get(k), Tensor)), None)
     if target is None or target.dim() == 0 or target.shape[0] != size:

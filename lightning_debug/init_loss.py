@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_debug.base import OneShotCheck
+from lightning_debug.batches import ForwardSignature, target_index
 from lightning_debug.distributed import all_ranks, any_rank, reduce
 from lightning_debug.isolation import OneShotLoader, call_training_step, isolated, on_device, training_batches
 
@@ -48,12 +49,13 @@ class InitLossCallback(OneShotCheck):
     errors, the weights are trained (fine-tuning, loaded weights) and ``init_loss.trained`` (info) says the check
     does not apply; when they are at chance the loss is computed wrong (``init_loss.too_low``). Class priors and
     target statistics come from the arguments, else from the measured batches when a batch is
-    ``(inputs, ..., target)`` or ``target_fn`` extracts the target. Measured class frequencies are used only when
-    they differ from equal ones beyond chance (a G-test at the 0.1% level: a few examples of a balanced dataset
-    look imbalanced); otherwise the classes count as balanced (best constant ``ln C``, bias zero). The suggested
-    log priors are smoothed by half a count per class, so a class the probe batches missed gets a finite bias.
-    A loss at init about as many times too high as there are targets per batch is named as a loss summed over
-    the batch (``reduction='sum'``) instead of averaged.
+    ``(inputs, target)``, ``(inputs, target, ...)`` (sample weights, indices after the target) or ``(x1, ..., xn,
+    target)`` for a ``forward`` that takes ``n`` inputs, or ``target_fn`` extracts the target. Measured class
+    frequencies are used only when they differ from equal ones beyond chance (a G-test at the 0.1% level: a few
+    examples of a balanced dataset look imbalanced); otherwise the classes count as balanced (best constant
+    ``ln C``, bias zero). The suggested log priors are smoothed by half a count per class, so a class the probe
+    batches missed gets a finite bias. A loss at init about as many times too high as there are targets per batch
+    is named as a loss summed over the batch (``reduction='sum'``) instead of averaged.
 
     Training afterwards is bit-identical to training without the callback: the global RNG, the
     loaders' generators, BatchNorm statistics, parameters (an EMA teacher updated in ``training_step``),
@@ -131,6 +133,7 @@ class InitLossCallback(OneShotCheck):
         self.rtol = rtol
         self.strict = strict
         self.target_fn = target_fn
+        self._signature: ForwardSignature | None = None  # the model's forward: where the batch's target sits
         self.result: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ hook
@@ -180,6 +183,7 @@ class InitLossCallback(OneShotCheck):
         batches = 0
         has_targets = True
         final_layer = _FinalLayerProbe(pl_module)
+        self._signature = ForwardSignature(pl_module.forward)
         problem: str | None = None
         with isolated(pl_module, train_mode=None, loaders=loaders, restore_parameters=True), final_layer:
             for batch_idx, batch in enumerate(batches_in):
@@ -253,8 +257,10 @@ class InitLossCallback(OneShotCheck):
     def _target(self, batch: Any) -> Tensor | None:
         if self.target_fn is not None:
             return self.target_fn(batch)
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[-1], Tensor):
-            target = batch[-1]
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            target = batch[target_index(len(batch), self._signature)]
+            if not isinstance(target, Tensor):
+                return None
             if self.task == "multiclass" and not target.is_floating_point():
                 return target
             if self.task == "binary" and bool(((target == 0) | (target == 1)).all()):
@@ -293,6 +299,7 @@ class InitLossCallback(OneShotCheck):
         LossCurveMonitor's "overfit one batch" verdict compares the loss on the memorised batches with it.
         """
         pl_module = trainer.lightning_module
+        self._signature = ForwardSignature(pl_module.forward)
         device = trainer.strategy.root_device
         stats = torch.zeros(self._target_stats_size(), dtype=torch.float64, device=device)
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_debug.base import DiagnosticCallback, trained_at_start
+from lightning_debug.batches import ForwardSignature, target_index
 from lightning_debug.isolation import isolated, one_shot, probe_loader
 
 Task = Literal["auto", "classification", "regression", "summary"]
@@ -164,9 +164,10 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         batch_fn: splits a batch into ``(inputs, targets or None)``. The model is called as ``module(*inputs)``
             when the inputs are a tuple/list and ``forward`` takes that many positional parameters (2 or more),
             ``module(**inputs)`` when they are a dict whose keys are ``forward``'s parameter names (its required ones
-            included), else ``module(inputs)``. Default: ``(batch[0], batch[-1])`` for a tuple/list of 2 or more
-            (``(batch[:-1], batch[-1])`` when ``forward`` requires 2 or more positional arguments and takes
-            ``len(batch) - 1``), ``(batch, None)`` for a tensor.
+            included), else ``module(inputs)``. Default: ``(batch[0], batch[1])`` for a tuple/list of 2 or more
+            (``(inputs, target, ...)``: sample weights, an index or lengths after the target; ``(batch[:-1],
+            batch[-1])`` when ``forward`` requires 2 or more positional arguments and takes ``len(batch) - 1``),
+            ``(batch, None)`` for a tensor.
         output_transform: maps the model's output to one tensor (e.g. ``lambda out: out["logits"]``); required
             when the output is not a tensor.
         log_images: log the images and the summary histogram (TensorBoard only); the scalars and findings do not
@@ -372,7 +373,7 @@ class PredictionDynamicsLogger(DiagnosticCallback):
         if isinstance(batch, Tensor):
             return batch, None
         if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            target = batch[-1]
+            target = batch[target_index(len(batch), signature)]
             # forward(x1, x2) cannot take batch[0] alone: a batch (x1, x2, y) gives it (x1, x2)
             several = signature.required >= 2 and signature.takes(len(batch) - 1)
             inputs = tuple(batch[:-1]) if several else batch[0]
@@ -804,28 +805,8 @@ class PredictionDynamicsLogger(DiagnosticCallback):
 
 
 # ---------------------------------------------------------------------- measurement helpers
-class _Signature:
+class _Signature(ForwardSignature):
     """How the model's ``forward`` takes the inputs: ``module(*inputs)``, ``module(**inputs)`` or ``module(inputs)``."""
-
-    def __init__(self, forward: Callable[..., Any]) -> None:
-        try:
-            parameters = list(inspect.signature(forward).parameters.values())
-        except (TypeError, ValueError):  # a builtin or wrapped forward without a signature: one argument
-            parameters = []
-        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        positional = [p for p in parameters if p.kind in kinds]
-        self.positional = len(positional)
-        self.required = sum(p.default is inspect.Parameter.empty for p in positional)
-        self.var_positional = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
-        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        self.names = {p.name for p in parameters if p.kind in named}
-        self.required_names = {p.name for p in parameters if p.kind in named and p.default is inspect.Parameter.empty}
-
-    def takes(self, count: int) -> bool:
-        """Whether ``count`` >= 2 inputs fit forward's positional parameters (it takes several)."""
-        if count < 2 or self.positional < 2:
-            return False
-        return self.required <= count and (count <= self.positional or self.var_positional)
 
     def style(self, inputs: Any) -> str:
         if isinstance(inputs, (tuple, list)) and self.takes(len(inputs)):

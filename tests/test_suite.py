@@ -438,3 +438,39 @@ def test_a_stream_s_copy_shares_its_large_tensors_and_copies_its_position(monkey
     next(iter(copied))
     assert (copied.position, stream.position) == (1, 0)
     assert isolation.stream_copy(_ResumingStream(lock=True)) is None
+
+
+class IndexedDigits(DigitsMLP):
+    """Batches of ``(inputs, target, index)``: the example's index rides along after the target."""
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return super().training_step((x, y), batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return super().validation_step((x, y), batch_idx)
+
+
+def indexed_digits_loaders():
+    from lightning_debug.data import load_digits_tensors
+
+    images, labels = load_digits_tensors()
+    index = torch.arange(len(labels))
+    train = DataLoader(torch.utils.data.TensorDataset(images[:1400], labels[:1400], index[:1400]), batch_size=64)
+    val = DataLoader(torch.utils.data.TensorDataset(images[1400:], labels[1400:], index[1400:]), batch_size=128)
+    return train, val
+
+
+def test_a_batch_with_an_index_after_the_target_is_read_for_its_target(tmp_path):
+    """(inputs, target, index): the target is the second element, not the last. With the index as the target, the
+    start-of-run check counted priors of 10 examples out of 256 and the fixed batch scored against indices."""
+    callbacks = lightning_debug.suite(num_classes=10, nan_guard=False)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, callbacks, max_epochs=2, log_every_n_steps=10)
+    trainer.fit(IndexedDigits(), *indexed_digits_loaders())
+    by_type = {type(cb).__name__: cb for cb in callbacks}
+    assert by_type["InitLossCallback"].result["examples"] == 4 * 64  # every example's label counted
+    assert sum(by_type["DataInspector"].result["class_counts"]) == by_type["DataInspector"].num_batches * 64
+    assert by_type["PredictionDynamicsLogger"].history["accuracy"][-1] >= 0.8
+    assert warnings_of(callbacks) == []
