@@ -526,6 +526,8 @@ class DataInspector(OneShotCheck):
             present = counts[seen[seen < classes]]
             rarest = int(seen[seen < classes][int(np.argmin(present))])
             absent = classes - present.size
+            if largest / float(present.min()) < self.imbalance_ratio:
+                return  # the classes present are balanced enough; ids that never occur are no imbalance
             missing = (
                 f"; {absent} of the {classes} classes do not appear in the sample (unused ids such as a padding "
                 "index, rare tokens)"

@@ -71,6 +71,9 @@ def probe_loader(loader: Any) -> Any:
 COPY_BYTES = 64 << 20
 """Bytes a stream's copy may spend copying its tensors and arrays (:func:`stream_copy`); beyond it they are shared."""
 
+SHARED_LENGTH = 10_000
+"""Lists, tuples and dicts longer than this in a stream are its data: shared with the stream's copy, not copied."""
+
 COPY_OBJECTS = 1_000_000
 """A stream made of more objects (containers, tensors, instances) than this is not copied (:func:`stream_copy`)."""
 
@@ -87,14 +90,16 @@ def stream_copy(dataset: IterableDataset) -> IterableDataset | None:
 
     The copy's tensors and numpy arrays cost at most :data:`COPY_BYTES`: the smallest (a position kept in a tensor,
     a random state) are copied, and once that is spent the rest (the examples of an in-memory stream) are shared
-    with the dataset, not duplicated: a stream that changes one of those in place during ``__iter__`` is not
+    with the dataset, not duplicated; so are its lists, tuples and dicts of more than :data:`SHARED_LENGTH` items
+    (its examples). A stream that changes one of those in place during ``__iter__`` (pops from a long list) is not
     protected. Nor is a position kept outside the dataset object (a server-side queue, a consumer group's offsets,
     a pipe): the copy reads from the same source.
     """
-    arrays = _arrays(dataset)
-    if arrays is None:
+    walked = _arrays(dataset)
+    if walked is None:
         return None
-    memo: dict[int, Any] = {}
+    arrays, large = walked
+    memo: dict[int, Any] = {id(container): container for container in large}
     spent = 0
     for size, array in sorted(arrays, key=lambda item: item[0]):
         spent += size + 512  # (and the tensor object itself)
@@ -109,11 +114,14 @@ def stream_copy(dataset: IterableDataset) -> IterableDataset | None:
 _ATOMIC = (str, bytes, int, float, complex, bool, type(None), type, ModuleType, FunctionType, BuiltinFunctionType)
 
 
-def _arrays(root: Any) -> list[tuple[int, Any]] | None:
+def _arrays(root: Any) -> tuple[list[tuple[int, Any]], list[Any]] | None:
     """The tensors and numpy arrays ``root`` refers to, directly or through its attributes and containers, with
-    their sizes in bytes; None when that means visiting more than :data:`COPY_OBJECTS` objects. Classes, modules
-    and functions are not searched (``deepcopy`` does not copy them either)."""
+    their sizes in bytes, and the lists, tuples and dicts of more than :data:`SHARED_LENGTH` items it holds (the
+    examples of an in-memory stream: shared with the copy, not searched); None when that means visiting more than
+    :data:`COPY_OBJECTS` objects. Classes, modules and functions are not searched (``deepcopy`` does not copy them
+    either)."""
     found: list[tuple[int, Any]] = []
+    large: list[Any] = []
     seen: set[int] = set()
     stack = [root]
     while stack:
@@ -123,13 +131,15 @@ def _arrays(root: Any) -> list[tuple[int, Any]] | None:
         seen.add(id(obj))
         if len(seen) > COPY_OBJECTS:
             return None
-        if isinstance(obj, torch.Tensor):
+        if type(obj) in (list, tuple, dict) and len(obj) > SHARED_LENGTH:
+            large.append(obj)
+        elif isinstance(obj, torch.Tensor):
             found.append((_tensor_bytes(obj), obj))
         elif isinstance(obj, np.ndarray):
             found.append((obj.nbytes, obj))
         else:
             stack.extend(gc.get_referents(obj))
-    return found
+    return found, large
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:

@@ -581,7 +581,7 @@ class LossCurveMonitor(DiagnosticCallback):
             if init_result.get("status") == "too_high":
                 self.hockey["status"] = "init_too_high"
                 return
-            if isinstance(expected, float) and constant is not None and constant > expected * (1 - rtol):
+            if isinstance(expected, (int, float)) and constant is not None and constant > expected * (1 - rtol):
                 self.hockey["status"] = "no_bias_to_learn"
                 return
         if early_drop >= 0.5 and speedup >= 10 and not solved and not beyond_bias:

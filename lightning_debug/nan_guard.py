@@ -894,6 +894,7 @@ class NaNGuard(DiagnosticCallback):
         if snapshot is None or snapshot.step is None:
             return False
         snapshot.restore(pl_module, trainer.optimizers, _grad_scaler(trainer))
+        self._find_nonfinite_buffers(trainer, pl_module, fresh=False)
         self._refresh_checked(pl_module)
         self.rollbacks += 1
         self._consecutive_bad = 0
@@ -1045,19 +1046,29 @@ class NaNGuard(DiagnosticCallback):
         named = [*pl_module.named_parameters(), *buffers]
         self._checked = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
 
-    def _find_nonfinite_buffers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _find_nonfinite_buffers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, fresh: bool = True) -> None:
         """Buffers that hold NaN/Inf when training starts hold them by design (an attention mask of -inf above
         the diagonal, a -inf padding bias): no update wrote them, so they are left out of the parameter and
-        checkpoint checks (one read of the floating-point buffers per fit; an info finding names them)."""
+        checkpoint checks (one read of the floating-point buffers per fit; an info finding names them). After a
+        rollback (``fresh=False``) only buffers registered since the start (a mask built in the first forward) are
+        read, and a non-finite one is added to them."""
         named = [(name, t) for name, t in pl_module.named_buffers() if t.is_floating_point() and t.numel()]
-        self._nonfinite_buffers = set()
+        if fresh:
+            self._nonfinite_buffers = set()
+            skip = set()
+        else:  # only buffers registered since (the ones checked so far were finite in the snapshot, or diverged)
+            skip = self._nonfinite_buffers | {name for name, _ in self._checked}
+        named = [(name, t) for name, t in named if name not in skip]
         if not named:
             return
-        flags = torch.stack([(~torch.isfinite(t)).any() for _, t in named]).cpu().tolist()
+        device = named[0][1].device
+        flags = torch.stack([(~torch.isfinite(t)).any().to(device) for _, t in named]).cpu().tolist()
         found = [name for (name, _), bad in zip(named, flags) if bad]
         if not found:
             return
-        self._nonfinite_buffers = set(found)
+        self._nonfinite_buffers.update(found)
+        if not fresh:
+            return
         self.report(
             trainer,
             "nan_guard.nonfinite_buffers_by_design",

@@ -402,3 +402,12 @@ def test_ddp_inputs_of_a_different_width_per_rank_are_skipped_on_every_rank_with
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         DataInspector(**kwargs)
+
+
+def test_token_labels_balanced_among_the_ids_that_occur_are_no_imbalance(tmp_path):
+    """Ids 1-9 equally often, id 0 (padding) never a target: no imbalance to report."""
+    pl.seed_everything(0)
+    tokens = 1 + torch.arange(512 * 18).reshape(512, 18) % 9
+    callback = DataInspector(num_batches=8, num_classes=10)
+    fit(tmp_path, NextToken(10), callback, DataLoader(TensorDataset(tokens, tokens.roll(-1, 1)), batch_size=64))
+    assert [f.check for f in callback.findings if f.check == "data.class_imbalance"] == []

@@ -474,3 +474,26 @@ def test_a_batch_with_an_index_after_the_target_is_read_for_its_target(tmp_path)
     assert sum(by_type["DataInspector"].result["class_counts"]) == by_type["DataInspector"].num_batches * 64
     assert by_type["PredictionDynamicsLogger"].history["accuracy"][-1] >= 0.8
     assert warnings_of(callbacks) == []
+
+
+def test_a_large_in_memory_stream_is_copied_for_the_probes_without_its_examples():
+    """A stream over 600,000 examples held in a list: the list is its data, shared with the copy (not walked, not
+    copied), while its position is copied; before, walking it exceeded the object budget and the probes skipped it."""
+    from lightning_debug.isolation import one_shot, stream_copy
+
+    class ListStream(torch.utils.data.IterableDataset):
+        def __init__(self) -> None:
+            self.examples = [(i, i % 10) for i in range(600_000)]
+            self.position = 0
+
+        def __iter__(self):
+            while self.position < len(self.examples):
+                self.position += 1
+                yield self.examples[self.position - 1]
+
+    stream = ListStream()
+    assert not one_shot(DataLoader(stream, batch_size=4))
+    copy = stream_copy(stream)
+    assert copy is not None and copy.examples is stream.examples
+    next(iter(copy))
+    assert copy.position == 1 and stream.position == 0
