@@ -28,7 +28,7 @@ _LSE_TOLERANCE = 0.1
 
 # Every flag the probe can raise, in the order they travel through the ranks' reduction.
 _FLAGS = ("softmax_before_cross_entropy", "nll_on_probabilities", "nll_without_log_probs", "log_of_softmax",
-          "log_of_sigmoid", "bce_on_sigmoid")  # fmt: skip
+          "log_of_sigmoid", "bce_on_sigmoid", "sigmoid_before_bce_with_logits")  # fmt: skip
 
 
 class LossFunctionCheck(OneShotCheck):
@@ -45,6 +45,9 @@ class LossFunctionCheck(OneShotCheck):
       log-likelihood).
     - ``torch.log`` of a ``softmax`` or ``sigmoid`` output: a probability that rounds to 0 gives ``-inf`` and NaN
       gradients, where ``log_softmax`` / ``logsigmoid`` are exact (checklist: "unstable softmax").
+    - ``F.binary_cross_entropy_with_logits`` (``nn.BCEWithLogitsLoss``) applies the sigmoid itself and expects
+      logits. Given a ``sigmoid`` output the sigmoid runs twice: the loss's probabilities stay in [0.5, 0.731], so it
+      cannot fall below ``-ln sigmoid(1)`` = 0.313 on a positive target and ``ln 2`` = 0.693 on a negative one.
     - ``F.binary_cross_entropy`` (``nn.BCELoss``) of a ``sigmoid`` output: an info. Beyond a logit of about 17 a
       float32 sigmoid is exactly 1, BCE clamps its log at -100 and the gradient is lost; under autocast torch refuses
       ``binary_cross_entropy``. ``binary_cross_entropy_with_logits`` computes the same loss stably.
@@ -65,6 +68,8 @@ class LossFunctionCheck(OneShotCheck):
     ``loss_fn.softmax_before_cross_entropy``   warning   ``cross_entropy`` got probabilities
     ``loss_fn.nll_without_log_probs``          warning   ``nll_loss`` got raw scores or probabilities
     ``loss_fn.unstable_log``                   warning   ``torch.log`` of a softmax or sigmoid output
+    ``loss_fn.sigmoid_before_bce_with_``       warning   ``binary_cross_entropy_with_logits`` got a sigmoid
+    ``logits``                                           output
     ``loss_fn.bce_on_sigmoid``                 info      ``binary_cross_entropy`` of a sigmoid output
     ``loss_fn.not_checked``                    info      no training batch, manual optimization, or
                                                          ``training_step`` raised
@@ -141,7 +146,24 @@ class LossFunctionCheck(OneShotCheck):
             self._report_unstable_log(trainer, ops, numbers.get("smallest_probability"))
         if "bce_on_sigmoid" in raised:
             self._report_bce(trainer)
+        if "sigmoid_before_bce_with_logits" in raised:
+            self._report_double_sigmoid(trainer)
         return result
+
+    def _report_double_sigmoid(self, trainer: pl.Trainer) -> None:
+        positive, negative = -math.log(1 / (1 + math.exp(-1))), math.log(2)
+        self.report(
+            trainer, "loss_fn.sigmoid_before_bce_with_logits", "warning",
+            "F.binary_cross_entropy_with_logits (nn.BCEWithLogitsLoss) got the output of a sigmoid, not logits: it "
+            "applies the sigmoid itself, so the predictions pass through two sigmoids and the probabilities it scores "
+            f"stay within [0.5, 0.731]. The loss cannot fall below {positive:.3f} on a positive target "
+            f"(-ln sigmoid(1)) and {negative:.3f} on a negative one (ln 2); expected: towards 0. Its gradients are "
+            "at most a quarter of the logits' and fade as the inner sigmoid saturates.",
+            "Return logits from forward and drop the sigmoid before the loss (a final nn.Sigmoid or torch.sigmoid); "
+            "apply sigmoid only where you need probabilities (metrics, predict_step). Checklist: confirm your loss.",
+            {"loss_floor_positive": round(positive, 4), "loss_floor_negative": round(negative, 4)},
+            step=0,
+        )  # fmt: skip
 
     def _report_double_softmax(self, trainer: pl.Trainer, classes: int | None) -> None:
         if classes is not None and classes >= 2:
@@ -267,6 +289,9 @@ class _LossCalls(TorchFunctionMode):
         elif func is F.binary_cross_entropy and isinstance(first, Tensor):
             if _among(first, self.sigmoid_outputs):
                 self.flags["bce_on_sigmoid"] = 1
+        elif func is F.binary_cross_entropy_with_logits and isinstance(first, Tensor):
+            if _among(first, self.sigmoid_outputs):
+                self.flags["sigmoid_before_bce_with_logits"] = 1
 
 
 def _negated(value: float | None) -> float | None:

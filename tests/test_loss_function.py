@@ -49,6 +49,8 @@ class Loss(zoo.DigitsMLP):
             loss = F.binary_cross_entropy(torch.sigmoid(logits[:, 0]), (y == 0).float())
         elif kind == "bce_with_logits":
             loss = F.binary_cross_entropy_with_logits(logits[:, 0], (y == 0).float())
+        elif kind == "sigmoid_then_bce_with_logits":  # the loss module in training_step
+            loss = nn.BCEWithLogitsLoss()(torch.sigmoid(logits[:, 0]), (y == 0).float())
         else:
             raise AssertionError(kind)
         self.log("train_loss", loss)
@@ -91,6 +93,7 @@ def test_a_softmax_before_cross_entropy_is_found_and_its_loss_floor_holds(tmp_pa
         ("nll_on_probabilities", [("loss_fn.nll_without_log_probs", "warning")]),
         ("log_of_softmax", [("loss_fn.unstable_log", "warning")]),  # log-probabilities for nll_loss: no nll finding
         ("bce_on_sigmoid", [("loss_fn.bce_on_sigmoid", "info")]),
+        ("sigmoid_then_bce_with_logits", [("loss_fn.sigmoid_before_bce_with_logits", "warning")]),
     ],
 )
 def test_each_way_of_computing_the_loss(tmp_path: Path, kind: str, expected: list) -> None:
@@ -105,6 +108,18 @@ def test_each_way_of_computing_the_loss(tmp_path: Path, kind: str, expected: lis
         assert check.findings[0].data["probabilities"] is True
     if kind == "log_of_softmax":
         assert 0 < check.findings[0].data["smallest_probability"] < 0.1  # 10 classes near uniform at init
+
+
+def test_a_sigmoid_before_bce_with_logits_is_found_and_its_loss_floor_holds(tmp_path: Path) -> None:
+    """Sigmoid twice: on positives the loss cannot fall below -ln sigmoid(1) = 0.313, on negatives below ln 2."""
+    check = LossFunctionCheck()
+    model = Loss("sigmoid_then_bce_with_logits", optimizer="adam", lr=3e-3)
+    trainer = _fit(tmp_path, model, [check], max_steps=300, max_epochs=-1, limit_val_batches=0)
+    (finding,) = check.findings
+    assert finding.check == "loss_fn.sigmoid_before_bce_with_logits" and finding.step == 0
+    floor = 0.1 * finding.data["loss_floor_positive"] + 0.9 * finding.data["loss_floor_negative"]  # 1 digit in 10
+    assert finding.data["loss_floor_positive"] == pytest.approx(-math.log(1 / (1 + math.exp(-1))), abs=1e-4)
+    assert floor < float(trainer.callback_metrics["train_loss"]) < floor + 0.1  # fitted against the floor
 
 
 def test_log_of_sigmoid_is_unstable_too(tmp_path: Path) -> None:
