@@ -559,9 +559,15 @@ class DataInspector(OneShotCheck):
             "warning",
             f"The labels are imbalanced: class {common} has {int(largest)} of {int(total)} examples, class {rare} "
             f"{int(smallest)}; ratio {ratio_words} (threshold {self.imbalance_ratio:g}).",
-            "Weight the loss by inverse class frequency (CrossEntropyLoss(weight=N / (K * n_c))) or resample "
-            "(WeightedRandomSampler), initialise the final bias at the log class priors so training does not spend "
-            f"its first steps learning them, and track per-class metrics, not just accuracy{numbers}.",
+            "Weight the loss by inverse class frequency (CrossEntropyLoss(weight=N / (K * n_c))"
+            + (
+                f"; with one logit, BCEWithLogitsLoss(pos_weight=torch.tensor({counts[0] / counts[1]:.3g})), "
+                f"n_0 / n_1, and the final bias at logit(p) = {math.log(counts[1] / counts[0]):.3g}"
+                if classes == 2 and counts[0] > 0 and counts[1] > 0
+                else ""
+            )
+            + ") or resample (WeightedRandomSampler), initialise the final bias at the log class priors so training "
+            f"does not spend its first steps learning them, and track per-class metrics, not just accuracy{numbers}.",
             data,
         )
 

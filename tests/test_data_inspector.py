@@ -1,4 +1,5 @@
 import json
+import math
 
 import lightning.pytorch as pl
 import pytest
@@ -101,6 +102,9 @@ def test_a_1_to_20_class_imbalance_is_flagged_with_weights_and_log_priors(tmp_pa
     assert finding.data["class_counts"] == expected
     assert 12 < finding.data["ratio"] < 35
     assert "class weights" in finding.hint and "log class priors" in finding.hint
+    n0, n1 = expected  # two classes: the single-logit form of the same fix
+    assert f"BCEWithLogitsLoss(pos_weight=torch.tensor({n0 / n1:.3g}))" in finding.hint
+    assert f"logit(p) = {math.log(n1 / n0):.3g}" in finding.hint
 
 
 def test_a_1_to_3_imbalance_is_not_flagged(tmp_path):
