@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_debug.base import OneShotCheck
-from lightning_debug.batches import ForwardSignature, target_index
+from lightning_debug.batches import ForwardSignature, default_input, target_index
 from lightning_debug.distributed import all_ranks, any_rank, reduce
 from lightning_debug.isolation import OneShotLoader, call_training_step, isolated, on_device, training_batches
 
@@ -42,9 +42,9 @@ class InitLossCallback(OneShotCheck):
     A loss above ``expected * (1 + rtol)`` means the final layer's outputs are too large at init; the
     hint names the final layer, the factor to scale its weights by (from the measured output std) and
     the bias to start from (log class priors, ``logit(p)``, or the target mean). When the final layer's weights
-    are at a standard init's scale (std at most 1.5/sqrt(fan_in)), its large outputs come from the features
-    reaching it (unnormalised inputs, growing activations), and the hint says so instead. A loss below
-    ``best_constant * (1 - rtol)`` cannot come from untrained weights: when the final layer's predictions
+    are at a standard init's scale (std at most 1.5/sqrt(fan_in)) and the inputs are far from standardised (root
+    mean square above 4), its large outputs come from the inputs, and the hint says to normalise them instead. A
+    loss below ``best_constant * (1 - rtol)`` cannot come from untrained weights: when the final layer's predictions
     (class logits lined up with the targets) beat always predicting the majority class by more than 5 standard
     errors, the weights are trained (fine-tuning, loaded weights) and ``init_loss.trained`` (info) says the check
     does not apply; when they are at chance the loss is computed wrong (``init_loss.too_low``). Class priors and
@@ -180,6 +180,7 @@ class InitLossCallback(OneShotCheck):
         out_moments = torch.zeros(3, dtype=torch.float64, device=pl_module.device)  # sum, sum of squares, count
         target_stats = torch.zeros(self._target_stats_size(), dtype=torch.float64, device=pl_module.device)
         hits = torch.zeros(2, dtype=torch.float64, device=pl_module.device)  # correct predictions, examples counted
+        in_moments = torch.zeros(2, dtype=torch.float64, device=pl_module.device)  # first batch's inputs: sum x^2, n
         batches = 0
         has_targets = True
         final_layer = _FinalLayerProbe(pl_module)
@@ -205,6 +206,10 @@ class InitLossCallback(OneShotCheck):
                     break
                 loss_total += loss.detach().double().reshape(())
                 batches += 1
+                inputs = default_input(batch)
+                if batch_idx == 0 and isinstance(inputs, Tensor) and inputs.is_floating_point() and inputs.numel():
+                    x = inputs.detach().double()
+                    in_moments = torch.stack([(x * x).sum(), x.new_tensor(x.numel())]).to(loss_total.device)
                 if final_layer.output is not None:
                     out = final_layer.output.double()
                     out_moments += torch.stack([out.sum(), (out * out).sum(), out.new_tensor(out.numel())])
@@ -230,11 +235,13 @@ class InitLossCallback(OneShotCheck):
         has_targets = all_ranks(trainer, has_targets and batches > 0)
         totals = reduce(
             trainer,
-            torch.cat([torch.stack([loss_total, loss_total.new_tensor(batches)]), out_moments, hits, target_stats]),
+            torch.cat(
+                [torch.stack([loss_total, loss_total.new_tensor(batches)]), out_moments, hits, in_moments, target_stats]
+            ),
         )
         values = totals.cpu().tolist()  # the one host transfer
-        loss_sum, batch_count, out_sum, out_sq, out_n, correct, counted = values[:7]
-        stats = values[7:]
+        loss_sum, batch_count, out_sum, out_sq, out_n, correct, counted, in_sq, in_n = values[:9]
+        stats = values[9:]
         if batch_count == 0:
             return None
         out_mean = out_std = None
@@ -248,6 +255,8 @@ class InitLossCallback(OneShotCheck):
             "output_mean": out_mean,
             "final_layer": final_layer.name,
             **_weight_scale(pl_module, final_layer.name),
+            # the root mean square of the first batch's float inputs (None for token ids): ~1 when standardised
+            "input_rms": math.sqrt(in_sq / in_n) if in_n > 0 else None,
             "target_stats": stats if has_targets else None,
             # the final layer's predictions against the targets (None when its outputs do not line up with them)
             "accuracy": correct / counted if has_targets and counted > 0 else None,
@@ -504,7 +513,8 @@ class InitLossCallback(OneShotCheck):
                 f": the final layer `{result['final_layer']}`'s outputs are large (std {result['output_std']:.3g}, "
                 f"expected about {self._output_std_target(result):.2g} or less) although its weights are at the "
                 f"standard scale (std {result['final_weight_std']:.3g}; 1/sqrt(fan_in) = "
-                f"{result['final_fan_in'] ** -0.5:.3g}): the features reaching it are too large"
+                f"{result['final_fan_in'] ** -0.5:.3g}): the inputs are not normalised (root mean square "
+                f"{result['input_rms']:.3g}, ~1 when standardised)"
             )
         return (
             f": the final layer `{result['final_layer']}` starts out too large (its outputs have std "
@@ -606,10 +616,13 @@ def _weight_scale(model: nn.Module, name: str | None) -> dict[str, Any]:
 
 
 def _standard_weights(result: dict[str, Any]) -> bool:
-    """Whether the final layer's weights are at a standard init's scale (at most 1.5/sqrt(fan_in): PyTorch's
-    default is 0.58/sqrt(fan_in), LeCun's 1/sqrt(fan_in)), so large outputs come from large features."""
-    std, fan_in = result.get("final_weight_std"), result.get("final_fan_in")
-    return bool(std is not None and fan_in and std <= 1.5 / math.sqrt(fan_in))
+    """Whether large final-layer outputs come from unnormalised inputs, not the final layer: its weights are at a
+    standard init's scale (at most 1.5/sqrt(fan_in): PyTorch's default is 0.58/sqrt(fan_in), LeCun's
+    1/sqrt(fan_in)) and the float inputs are far from standardised (root mean square above 4; ~1 when standardised,
+    7 for raw 0-16 digit pixels). Standardised inputs with large features are a trained backbone under a new head:
+    scaling the head is the fix then."""
+    std, fan_in, rms = result.get("final_weight_std"), result.get("final_fan_in"), result.get("input_rms")
+    return bool(std is not None and fan_in and std <= 1.5 / math.sqrt(fan_in) and rms is not None and rms > 4)
 
 
 def _targets_per_batch(task: str | None, measurement: dict[str, Any]) -> float | None:

@@ -81,12 +81,28 @@ def test_large_outputs_from_large_inputs_are_blamed_on_the_inputs_not_the_final_
     # the inputs 200x their standardised scale; every layer at PyTorch's default init (std 0.58/sqrt(fan_in))
     pl.seed_everything(0)
     callback = InitLossCallback(task="multiclass", num_classes=10)
-    fit(tmp_path, DigitsMLP(input_mask=200.0), callback)
+    images, labels = load_digits_tensors()
+    raw = DataLoader(TensorDataset(images * 200, labels), batch_size=64, shuffle=True)
+    trainer = quiet_trainer(tmp_path, [callback], max_steps=3)
+    trainer.fit(DigitsMLP(), raw)
     [finding] = warnings_of(callback)
     assert finding.check == "init_loss.too_high" and finding.data["output_std"] > 5
     assert finding.data["final_weight_std"] == pytest.approx((3 * 64) ** -0.5, rel=0.15)
-    assert "the features reaching it are too large" in finding.message and "starts out too large" not in finding.message
+    assert finding.data["input_rms"] > 100  # standardised digits (root mean square 0.9), times 200
+    assert "the inputs are not normalised (root mean square" in finding.message
+    assert "starts out too large" not in finding.message
     assert finding.hint.startswith("Normalise the inputs") and "would bring the loss at init down" in finding.hint
+
+
+def test_large_features_from_standardised_inputs_are_a_new_head_to_scale(tmp_path):
+    # large hidden weights (a trained backbone's large features) under a head at PyTorch's default init: the
+    # inputs are standardised, so scaling the head is the fix (as for a new head on a pretrained network)
+    pl.seed_everything(0)
+    callback = InitLossCallback(task="multiclass", num_classes=10)
+    fit(tmp_path, DigitsMLP(weight_scale=20.0), callback)
+    [finding] = warnings_of(callback)
+    assert finding.check == "init_loss.too_high" and finding.data["input_rms"] < 2
+    assert "not normalised" not in finding.message and finding.hint.startswith("Multiply `head`'s initial weights")
 
 
 class SummedLoss(DigitsMLP):
