@@ -52,7 +52,8 @@ class LossCurveMonitor(DiagnosticCallback):
     - **overfitting**: the validation loss averaged over the last ``patience`` epochs (the validations of an
       epoch averaged into one) above its lowest such average by more than ``min_decrease`` (relative) and by more
       than 3 standard errors of its epoch-to-epoch noise, while the training loss kept falling (its average over
-      the same windows lower, and the latest point below the best validation's: the gap grew) and
+      the same windows lower, and the latest point below the best validation's: the gap grew; and the validation
+      loss above the training loss over the latest window: a gap at all) and
       the learning rate was not above its value at the best validation: a rising LR (a warm-up, a one-cycle or
       cyclic schedule) raises the validation loss by itself (measured on digits, SGD under OneCycleLR to max_lr
       0.2: 0.29 -> 1.10 while the LR rose 4x, back to 95% accuracy by the end). Validating every 10 steps on one
@@ -632,6 +633,8 @@ class LossCurveMonitor(DiagnosticCallback):
         trains_now = [e["train"] for e in epochs[-k:] if math.isfinite(e["train"])]
         if trains_then and trains_now and statistics.fmean(trains_now) >= statistics.fmean(trains_then):
             return  # over the same windows the training loss rose too: the gap did not grow (a noisy bump)
+        if trains_now and now <= statistics.fmean(trains_now):
+            return  # validation still at or below training (dropout, augmentation): no generalisation gap yet
         if point.get("lr", math.nan) > best.get("lr", math.nan) * (1 + 1e-6):
             return  # the LR rose since the best validation (a warm-up, a one-cycle or cyclic schedule): its doing
         constant = _best_constant(trainer)

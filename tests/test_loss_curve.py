@@ -235,6 +235,15 @@ def test_a_validation_bump_while_the_training_loss_rose_too_is_not_overfitting()
         callback.validations.append(point)
         callback._judge_overfitting(trainer, point)
     assert reported == []
+    # the training loss falling over those epochs but still above validation (dropout): no gap, no overfitting
+    callback, reported = LossCurveMonitor(), []
+    callback.report = lambda trainer, check, *args, **kwargs: reported.append(check)
+    above = [*[2 * t for t in trains[:9]], 0.0180, 0.0170, 0.0160]
+    for epoch, (val, train) in enumerate(zip(vals, above)):
+        point = {"step": 22 * (epoch + 1), "val": val, "train": train, "lr": 1e-3, "epoch": epoch}
+        callback.validations.append(point)
+        callback._judge_overfitting(trainer, point)
+    assert reported == []
     # the same validations with the training loss falling over those epochs: the gap grew, overfitting
     callback, reported = LossCurveMonitor(), []
     callback.report = lambda trainer, check, *args, **kwargs: reported.append(check)
