@@ -571,9 +571,11 @@ class DeadActivationMonitor(DiagnosticCallback):
                                                   or from which step the dead share grew (learning rate), with the
                                                   feeding layer's weight std vs Kaiming init and its bias
     ``activations.saturated``           warning   more than ``saturated_threshold`` of a tanh/sigmoid layer's
-                                                  units are saturated, with the weight std vs Xavier init.
-                                                  An activation whose result the outermost module call returns
-                                                  as is or as a view (the model's output, e.g. sigmoid
+                                                  units are saturated, with the weight std vs Xavier init (now
+                                                  and when training started: weights at a standard scale point
+                                                  at the inputs, weights that grew at the LR). An activation
+                                                  whose result the outermost module call returns as is or as
+                                                  a view (the model's output, e.g. sigmoid
                                                   probabilities, ``.squeeze(-1)``-ed or not) is logged but not
                                                   judged: a confident model saturates it by design
     ``activations.none_found``          info      no activation ran inside any module's ``forward``
@@ -660,6 +662,7 @@ class DeadActivationMonitor(DiagnosticCallback):
         self._none_found_reported = False
         self._compiled_reported = False
         self._inconsistent_reported = False
+        self._start_stds: dict[str, float] = {}  # layer -> its weight std when this fit's training started
 
     # ------------------------------------------------------------------ hooks
     def doze_hooks(self) -> tuple[str, ...]:
@@ -695,6 +698,17 @@ class DeadActivationMonitor(DiagnosticCallback):
         self._recorder.detach()
         if self._measuring_step is not None and trainer.global_step != self._measuring_step:
             self._finish_measured_step(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # every layer weight's std as training starts (one transfer, once): the saturated hint tells an init too
+        # large from weights that grew in training
+        named = [(name, getattr(module, "weight", None)) for name, module in pl_module.named_modules()]
+        weights = [(name, w) for name, w in named if isinstance(w, Tensor) and w.ndim >= 2 and w.numel() > 1]
+        self._start_stds = {}
+        if weights:
+            device = weights[0][1].device
+            stds = torch.stack([w.detach().float().std().to(device) for _, w in weights]).cpu().tolist()
+            self._start_stds = {name: std for (name, _), std in zip(weights, stds)}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._recorder.detach()
@@ -908,7 +922,17 @@ class DeadActivationMonitor(DiagnosticCallback):
         producer = entry["producer"]
         normalise = "normalise the inputs (zero mean, unit std) or add a LayerNorm/BatchNorm before the activation"
         ratio = weights["weight_std"] / max(weights["init_std"], 1e-12) if weights.get("weight_std") else None
-        if ratio is not None and ratio > 1.5:
+        start = self._start_stds.get(producer) if producer else None
+        start_ratio = start / max(weights["init_std"], 1e-12) if start is not None and ratio is not None else None
+        if ratio is not None and ratio > 1.5 and start_ratio is not None and start_ratio <= 1.5:
+            data["start_weight_std"] = start
+            hints.append(normalise)  # weights at a standard scale that grew in training: not the init
+            hints.append(
+                f"`{producer}`'s weights started at std {start:.3g} ({start_ratio:.2g}x the Xavier init's "
+                f"{weights['init_std']:.3g}) and grew to {weights['weight_std']:.3g} in training: the init is not the "
+                "cause; lower the learning rate or add weight decay"
+            )
+        elif ratio is not None and ratio > 1.5:
             hints.append(
                 f"`{producer}`'s weight std is {weights['weight_std']:.3g}, {ratio:.2g}x the Xavier init's "
                 f"{weights['init_std']:.3g}: initialise it with `nn.init.xavier_normal_(w, gain={weights['gain']:.3g})`"
@@ -922,7 +946,8 @@ class DeadActivationMonitor(DiagnosticCallback):
                     f"`{producer}`'s weights are not the cause (std {weights['weight_std']:.3g}, "
                     f"{ratio:.2g}x the Xavier init's {weights['init_std']:.3g}): its inputs are too large"
                 )
-        hints.append("lower the learning rate" if grew_from is not None else "if it grows in training, lower the LR")
+        if "start_weight_std" not in data:  # (else the LR is named above)
+            hints.append("lower the learning rate" if grew_from else "if it grows in training, lower the LR")
         hints.append("or use a non-saturating activation (ReLU family) for hidden layers")
         self.report(trainer, "activations.saturated", "warning", message, "; ".join(hints) + ".", data)
 

@@ -203,6 +203,18 @@ def test_tanh_saturated_by_large_inputs_blames_the_inputs_not_the_weights(tmp_pa
     assert "`layers.0`'s weights are not the cause" in saturated.hint and "xavier_normal_" not in saturated.hint
 
 
+def test_tanh_saturated_from_the_start_while_its_weights_grow_does_not_blame_the_init(tmp_path):
+    # inputs 100x too large, SGD at 0.2: saturated from the first window, and by then the weights have grown from
+    # PyTorch's default (0.35x Xavier's tanh std) to 2.6x Xavier's; the init was never the cause
+    callback = monitor(every_n_steps=20, window=2)
+    model = DigitsMLP(activation="tanh", input_mask=100.0, lr=0.2)
+    fit(tmp_path, model, callback, max_steps=40, max_epochs=-1)
+    [saturated] = findings_for(callback, "activations.saturated", "tanh_0")
+    assert saturated.data["start_weight_std"] < saturated.data["init_std"] < saturated.data["weight_std"] / 1.5
+    assert saturated.hint.startswith("normalise the inputs") and "xavier_normal_" not in saturated.hint
+    assert "grew to" in saturated.hint and "the init is not the cause" in saturated.hint
+
+
 @pytest.mark.parametrize(
     ("make_model", "image_shape", "expected"),
     [
