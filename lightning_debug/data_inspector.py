@@ -539,9 +539,9 @@ class DataInspector(OneShotCheck):
                 "data.class_imbalance",
                 "info",
                 f"The per-position labels (a label per token or pixel) are imbalanced: class {common} has "
-                f"{int(largest)} of {int(total)} and the rarest class present, class {rarest}, {int(present.min())} (ratio "
-                f"{largest / float(present.min()):.3g}:1){missing}. Usual for such labels: token frequencies follow "
-                "Zipf's law, backgrounds dominate segmentation masks.",
+                f"{int(largest)} of {int(total)} and the rarest class present, class {rarest}, "
+                f"{int(present.min())} (ratio {largest / float(present.min()):.3g}:1){missing}. Usual for such "
+                "labels: token frequencies follow Zipf's law, backgrounds dominate segmentation masks.",
                 "Nothing to fix for language modelling. For segmentation, a class-weighted or Dice loss and "
                 "per-class IoU keep the rare classes from being ignored.",
                 {
