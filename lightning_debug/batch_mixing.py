@@ -100,6 +100,8 @@ class BatchMixingCheck(OneShotCheck):
             tensor was replaced by the probe (default: ``pl_module(input)``). The output is that tensor, or
             the first floating-point tensor of a tuple/list/dict; its dim 0 must be the batch (or dim 1 for a
             time-major batch, see above).
+        batch_dim: the input's batch dimension, 0 or 1 (time-major); ``None``: found from the batch size (see
+            above), which cannot tell dim 0 from dim 1 when the sequence length equals the batch size.
 
     Raises:
         ValueError: if an argument is out of range (the message names it and the accepted values).
@@ -120,6 +122,7 @@ class BatchMixingCheck(OneShotCheck):
         tolerance: float = 1e-6,
         input_fn: InputFn | None = None,
         forward_fn: ForwardFn | None = None,
+        batch_dim: int | None = None,
     ) -> None:
         super().__init__(every_n_steps=None)
         if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
@@ -135,7 +138,10 @@ class BatchMixingCheck(OneShotCheck):
             or not 0 <= tolerance < 1
         ):
             raise ValueError(f"`tolerance` must be a number in [0, 1), got {tolerance!r}")
+        if (batch_dim is not None and batch_dim not in (0, 1)) or isinstance(batch_dim, bool):
+            raise ValueError(f"`batch_dim` must be None, 0 or 1, got {batch_dim!r}")
         check_probe_fns(input_fn, forward_fn)
+        self.batch_dim = batch_dim
         self.num_probes = num_probes
         self.causal_dim = causal_dim
         self.tolerance = float(tolerance)
@@ -176,7 +182,10 @@ class BatchMixingCheck(OneShotCheck):
         if not isinstance(inputs, Tensor):
             return {"problem": f"no input tensor found in the batch ({type(batch).__name__}); pass input_fn"}
         reference = _labels_length(batch, inputs) or loader_batch_size
-        candidates = _batch_dims(inputs, reference)  # [0, 1] when the batch size is on both: ambiguous
+        # [0, 1] when the batch size is on both: ambiguous, unless batch_dim says
+        candidates = _batch_dims(inputs, reference) if self.batch_dim is None else [self.batch_dim]
+        if self.batch_dim is not None and inputs.dim() <= self.batch_dim:
+            return {"problem": f"the input {tuple(inputs.shape)} has no dim {self.batch_dim} (batch_dim)"}
         batch_dim = candidates[0]
         if inputs.dim() == 0 or inputs.shape[batch_dim] < 2:
             return {"problem": f"the batch has {inputs.shape[0] if inputs.dim() else 0} example(s); need 2 or more"}
@@ -227,7 +236,7 @@ class BatchMixingCheck(OneShotCheck):
             results.append(result)
         result = _choose(results, self.tolerance, tuple(probe.shape))
         # ... along a dimension no batch size confirms: a time axis rather than the batch
-        result["time_like"] = result.pop("earlier_only") and reference != batch_size
+        result["time_like"] = result.pop("earlier_only") and reference != batch_size and self.batch_dim is None
         if batch_stats.ran:
             result["batch_statistics"] = batch_stats.ran
         return result
@@ -330,8 +339,8 @@ class BatchMixingCheck(OneShotCheck):
                 "batch_mixing.not_checked",
                 "info",
                 self._ambiguous_message(local, ambiguous_leak),
-                "Run the check once with a batch size different from the sequence length (another DataLoader "
-                "batch_size, or sequences of another length) so it can find the batch dimension. Nothing to fix if "
+                "Pass BatchMixingCheck(batch_dim=0 or 1), or run the check once with a batch size different from "
+                "the sequence length, so it knows the batch dimension. Nothing to fix if "
                 "dim 1 is the batch. If dim 0 is: build nn.LSTM/GRU/RNN/Transformer layers with batch_first=True for "
                 "(B, T, F) inputs, and look for a .T/.transpose()/.view() that swaps the batch with another dimension "
                 "or a reduction over dim 0.",

@@ -364,6 +364,8 @@ def test_ddp_every_rank_probes_and_rank_zero_writes_one_finding(tmp_path):
         ({"causal_dim": 1.5}, "causal_dim"),
         ({"tolerance": -1e-3}, "tolerance"),
         ({"tolerance": 1.0}, "tolerance"),
+        ({"batch_dim": 2}, "batch_dim"),
+        ({"batch_dim": True}, "batch_dim"),
         ({"input_fn": "x"}, "input_fn"),
         ({"forward_fn": 3}, "forward_fn"),
     ],
@@ -583,8 +585,24 @@ def test_a_time_major_gru_whose_sequence_length_equals_the_batch_size_is_not_a_w
     finding = callback.findings[0]
     assert "could not tell the batch dimension" in finding.message and "(8, 8, 8)" in finding.message
     assert "If dim 1 is the batch" in finding.message and "batch size different" in finding.hint
+    assert "batch_dim=0 or 1" in finding.hint
     assert callback.result["status"] == "not_checked" and callback.result["leak"] == 0.0
     assert callback.result["batch_dim"] == 1 and callback.result["batch_dims"] == [0, 1]
+
+
+def test_batch_dim_settles_the_ambiguity_both_ways(tmp_path):
+    # told dim 1 is the batch: the time-major GRU is clean; told dim 0 (a batch-first LSTM reading the batch as
+    # time): the leak is a warning
+    pl.seed_everything(0)
+    callback = BatchMixingCheck(batch_dim=1)
+    quiet_trainer(tmp_path / "gru", [callback], max_steps=1).fit(TimeMajorGRU(), time_major_rows_loader())
+    assert checks(callback) == [] and callback.result["status"] == "ok" and callback.result["batch_dim"] == 1
+    pl.seed_everything(0)
+    callback = BatchMixingCheck(batch_dim=0)
+    images, labels = load_digits_tensors()
+    loader = DataLoader(TensorDataset(images.reshape(-1, 8, 8), labels), batch_size=8)  # (B=8, T=8, F=8)
+    quiet_trainer(tmp_path / "lstm", [callback], max_steps=1).fit(BatchFirstIntoTimeMajorLSTM(), loader)
+    assert checks(callback) == [("batch_mixing.detected", "warning")]
 
 
 def test_a_leak_over_the_batch_of_a_time_major_input_with_t_equal_to_b_is_still_a_warning(tmp_path):
