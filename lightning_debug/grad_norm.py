@@ -20,7 +20,16 @@ from torch.optim import Optimizer
 from lightning_debug.base import DiagnosticCallback
 from lightning_debug.distributed import reduce_squares
 from lightning_debug.optimizers import OptimizerParams, optimizer_index
-from lightning_debug.stats import StepNorms, is_uniform, round_significant, shared_grad_norms, stacked, to_host
+from lightning_debug.stats import (
+    StepNorms,
+    is_uniform,
+    moved_since,
+    round_significant,
+    shared_grad_norms,
+    stacked,
+    to_host,
+    weight_fingerprints,
+)
 from lightning_debug.validation import check_float, check_int
 
 GroupBy = Literal["parameter", "module"]
@@ -315,9 +324,8 @@ class GradNormMonitor(DiagnosticCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer)
         if self._marks and "no_grad" not in self._reported:  # moved since the last measured step: one transfer
-            marks = list(self._marks.items())
-            moved = to_host([reduce_squares(trainer, moved_since([m[0] for _, m in marks], [m[1] for _, m in marks]))])
-            self._clear_moved([name for name, _ in marks], moved)
+            moved = to_host([reduce_squares(trainer, moved_since(list(self._marks.values())))])
+            self._clear_moved(list(self._marks), moved)
         self._marks.clear()
         if self._measured:
             self._judge_no_grad(trainer)
@@ -411,8 +419,7 @@ class GradNormMonitor(DiagnosticCallback):
         marked = [name for name in names if name in self._marks] if self._marks else []
         parts = [per_param_sq, has_grad]
         if marked:
-            marks = [self._marks[name] for name in marked]
-            parts.append(moved_since([m[0] for m in marks], [m[1] for m in marks]).to(device))
+            parts.append(moved_since([self._marks[name] for name in marked]).to(device))
         if unread is not None:
             parts.append(unread.to(device))
         host = to_host([reduce_squares(trainer, torch.cat(parts))])
@@ -884,40 +891,3 @@ def _by_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:
     for tensor in tensors:
         groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
     return list(groups.values())
-
-
-def weight_fingerprints(params: Sequence[Tensor]) -> Tensor:
-    """A cheap fingerprint of each tensor's values, to tell later whether it changed: its L1 and L2 norms,
-    accumulated in float64 (``(len(params), 2)``, on the first tensor's device). Any ordinary update moves both; only
-    a change that leaves both norms exactly equal goes unseen (then the tensor reads as unchanged)."""
-    device = params[0].device
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, param in enumerate(params):
-        groups.setdefault((param.device, param.dtype), []).append(i)
-    blocks: list[Tensor] = []
-    order: list[int] = []
-    with torch.no_grad():
-        for indices in groups.values():
-            group = [params[i].detach() for i in indices]
-            l1: Sequence[Tensor]
-            l2: Sequence[Tensor]
-            try:
-                l1 = torch._foreach_norm(group, 1, dtype=torch.float64)
-                l2 = torch._foreach_norm(group, 2, dtype=torch.float64)
-            except RuntimeError:  # (no fused kernel for this layout: one tensor at a time)
-                l1 = [torch.linalg.vector_norm(t, 1, dtype=torch.float64) for t in group]
-                l2 = [torch.linalg.vector_norm(t, 2, dtype=torch.float64) for t in group]
-            blocks.append(torch.stack([torch.stack(list(l1)), torch.stack(list(l2))], dim=1).to(device))
-            order += indices
-    if len(blocks) == 1:
-        return blocks[0]
-    return torch.cat(blocks)[torch.tensor(order).argsort().to(device)]  # back in the order of ``params``
-
-
-def moved_since(params: Sequence[Tensor], fingerprints: Sequence[Tensor]) -> Tensor:
-    """How far each tensor's fingerprint (:func:`weight_fingerprints`) moved from the one given (float64, on the first
-    tensor's device): exactly 0 for a tensor whose values did not change; non-negative, so it survives averaging or
-    summing across ranks (``reduce_squares``)."""
-    now = weight_fingerprints(params)
-    then = torch.stack([f.to(now.device) for f in fingerprints])
-    return (now - then).abs().sum(dim=1)

@@ -155,16 +155,9 @@ class OneShotLoader(ValueError):
 
 
 def one_shot(loader: Any) -> bool:
-    """Whether iterating ``loader`` could consume it: a generator or other iterator (``iter(x) is x``), or a DataLoader
-    over an IterableDataset that is its own iterator or cannot be copied for a probe (:func:`stream_copy`). Checked
-    without calling ``iter``: no side effect."""
-    if isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset):
-        return _self_iterating(loader) or stream_copy(loader.dataset) is None
-    return _self_iterating(loader)
-
-
-def _self_iterating(loader: Any) -> bool:
-    """Whether ``loader`` is an iterator or a DataLoader over an IterableDataset that is its own iterator."""
+    """Whether iterating ``loader`` consumes it: a generator or other iterator (``iter(x) is x``), or a DataLoader over
+    an IterableDataset that is its own iterator. Checked without calling ``iter``: no side effect. (A stream that
+    cannot be copied for a probe is found by :func:`probe_loader`, which raises :class:`OneShotLoader`.)"""
     if isinstance(loader, DataLoader):
         return isinstance(loader.dataset, IterableDataset) and isinstance(loader.dataset, Iterator)
     return isinstance(loader, Iterator)
@@ -186,7 +179,7 @@ def training_batches(trainer: pl.Trainer) -> tuple[Iterable[Any], list[Any]] | N
     if loaders is None:
         return None
     if not isinstance(loaders, (Mapping, list, tuple)):
-        if _self_iterating(loaders):
+        if one_shot(loaders):
             raise OneShotLoader(_ONE_SHOT.format(type(loaders).__name__))
         return probe_loader(loaders), [loaders]
     from lightning.pytorch.utilities.combined_loader import CombinedLoader
@@ -196,7 +189,7 @@ def training_batches(trainer: pl.Trainer) -> tuple[Iterable[Any], list[Any]] | N
     if mode not in ("min_size", "max_size"):
         mode = "max_size_cycle"  # the fit loop's default (and "sequential" does not train)
     for loader in CombinedLoader(loaders).flattened:
-        if _self_iterating(loader):
+        if one_shot(loader):
             raise OneShotLoader(_ONE_SHOT.format(type(loader).__name__))
     combined = CombinedLoader(apply_to_collection(loaders, DataLoader, probe_loader), mode=mode)  # type: ignore[arg-type]
 

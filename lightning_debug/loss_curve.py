@@ -798,8 +798,7 @@ def _guard_bad_steps(trainer: pl.Trainer, before: int) -> list[int]:
 
 def _best_constant(trainer: pl.Trainer) -> float | None:
     """The best constant predictor's loss measured by an InitLossCallback of the run (None without one)."""
-    callback = _init_loss_callback(trainer)
-    value = (callback.result or {}).get("best_constant") if callback is not None else None
+    value = (_init_loss_result(trainer) or {}).get("best_constant")
     if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
         return float(value)
     return None

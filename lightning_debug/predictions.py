@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_debug.base import DiagnosticCallback, trained_at_start
 from lightning_debug.batches import ForwardSignature, target_index
-from lightning_debug.isolation import isolated, one_shot, probe_loader
+from lightning_debug.isolation import OneShotLoader, isolated, one_shot, probe_loader
 
 Task = Literal["auto", "classification", "regression", "summary"]
 Source = Literal["auto", "val", "train"]
@@ -355,8 +355,11 @@ class PredictionDynamicsLogger(DiagnosticCallback):
             if loader is None or one_shot(loader):  # a one-shot stream: the examples read would be lost to training
                 continue
             # Building samples or an iterator may draw from the global RNG and the loader's generators.
-            with isolated(pl_module, train_mode=pl_module.training, loaders=[loader]):
-                batch = _first_examples(loader, self.num_examples)
+            try:
+                with isolated(pl_module, train_mode=pl_module.training, loaders=[loader]):
+                    batch = _first_examples(loader, self.num_examples)
+            except OneShotLoader:  # a stream that cannot be copied: reading it would take examples from training
+                continue
             if batch is not None:
                 return _to_cpu(batch), name
         return None, None

@@ -7,6 +7,7 @@ import math
 import operator
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -146,3 +147,26 @@ def round_significant(value: float | None, digits: int = 4) -> float | None:
     if value is None or not math.isfinite(value) or value == 0:
         return value
     return round(value, digits - 1 - math.floor(math.log10(abs(value))))
+
+
+def weight_fingerprints(params: Sequence[Tensor]) -> Tensor:
+    """A cheap fingerprint of each tensor's values, to tell later whether it changed: its L1 and L2 norms,
+    accumulated in float64 (``(len(params), 2)``, on the first tensor's device). Any ordinary update moves both; only
+    a change that leaves both norms exactly equal goes unseen (then the tensor reads as unchanged). Taken on measured
+    steps only, for the few parameters suspected of never changing: one tensor at a time."""
+    device = params[0].device
+    with torch.no_grad():
+        rows = [
+            torch.stack([torch.linalg.vector_norm(p.detach(), order, dtype=torch.float64) for order in (1, 2)])
+            for p in params
+        ]
+    return torch.stack([row.to(device) for row in rows])
+
+
+def moved_since(marks: Sequence[tuple[Any, ...]]) -> Tensor:
+    """How far each marked tensor moved since it was fingerprinted: ``marks`` holds ``(tensor, fingerprint, ...)``
+    (:func:`weight_fingerprints`). Float64 on the first tensor's device: exactly 0 for a tensor whose values did not
+    change; non-negative, so it survives averaging or summing across ranks (``reduce_squares``)."""
+    now = weight_fingerprints([mark[0] for mark in marks])
+    then = torch.stack([mark[1].to(now.device) for mark in marks])
+    return (now - then).abs().sum(dim=1)

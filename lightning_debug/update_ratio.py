@@ -18,7 +18,6 @@ from torch.optim import Optimizer
 from lightning_debug.base import DiagnosticCallback, trained_at_start
 from lightning_debug.distributed import is_sharded, reduce_squares
 from lightning_debug.findings import Severity
-from lightning_debug.grad_norm import moved_since, weight_fingerprints
 from lightning_debug.optimizers import (
     SIGNIFICANT_BITS,
     float16_eps_problems,
@@ -28,7 +27,15 @@ from lightning_debug.optimizers import (
     rounded_away,
     rounded_away_text,
 )
-from lightning_debug.stats import fused_norms, round_significant, shared_grad_norms, stacked, to_host
+from lightning_debug.stats import (
+    fused_norms,
+    moved_since,
+    round_significant,
+    shared_grad_norms,
+    stacked,
+    to_host,
+    weight_fingerprints,
+)
 from lightning_debug.validation import check_float, check_int
 from lightning_debug.weight_stats import BiasBeforeNormProbe
 
@@ -280,8 +287,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         self._stepping[index] = step
         steps = self._optimizer_steps.get(index, 0)
         self._optimizer_steps[index] = steps + 1
-        # is_measured_optimizer_step(trainer, steps), with the step already read
-        if (step if len(trainer.optimizers) <= 1 else steps) % (self._interval or self.measure_interval(trainer)):
+        if not self.is_measured_optimizer_step(trainer, steps):
             return
         if index in self._pending:  # the same optimizer stepped twice in one batch: finish the first
             self._finish(trainer, index, self._pending.pop(index))
@@ -336,9 +342,8 @@ class UpdateRatioMonitor(DiagnosticCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._judge_pending_decay(trainer)
         if self._marks:  # weights that moved since the last measured step changed (for the summary): one transfer
-            marks = list(self._marks.items())
-            moved = to_host([reduce_squares(trainer, moved_since([m[0] for _, m in marks], [m[1] for _, m in marks]))])
-            self._clear_moved([name for name, _ in marks], moved)
+            moved = to_host([reduce_squares(trainer, moved_since(list(self._marks.values())))])
+            self._clear_moved(list(self._marks), moved)
         self._marks.clear()
         self._pending.clear()
         self._remove_hooks()
@@ -385,8 +390,7 @@ class UpdateRatioMonitor(DiagnosticCallback):
         # parameters unchanged on the measured steps so far: did their weights move since? (only while there are any)
         marked = [name for name in snapshot.names if name in self._marks] if self._marks else []
         if marked:
-            marks = [self._marks[name] for name in marked]
-            parts.append(moved_since([m[0] for m in marks], [m[1] for m in marks]).to(device))
+            parts.append(moved_since([self._marks[name] for name in marked]).to(device))
         packed = reduce_squares(trainer, torch.cat(parts))
         host = to_host(list(packed.unbind()))
         weight_sq, delta_host = host[:count], host[count : 2 * count]

@@ -227,32 +227,23 @@ def test_a_validation_bump_while_the_training_loss_rose_too_is_not_overfitting()
     gap did not grow. The last point alone is below the best validation's training loss, which is noise."""
     vals = [0.30, 0.10, 0.05, 0.03, 0.02, 0.015, 0.0102, 0.0112, 0.0107, 0.0119, 0.0153, 0.0136]
     trains = [0.50, 0.20, 0.10, 0.06, 0.04, 0.03, 0.0240, 0.0185, 0.0177, 0.0195, 0.0210, 0.0220]
-    callback, reported = LossCurveMonitor(), []
-    callback.report = lambda trainer, check, *args, **kwargs: reported.append(check)
-    trainer = type("T", (), {"world_size": 1, "callbacks": [callback]})()
-    for epoch, (val, train) in enumerate(zip(vals, trains)):
-        point = {"step": 22 * (epoch + 1), "val": val, "train": train, "lr": 1e-3, "epoch": epoch}
-        callback.validations.append(point)
-        callback._judge_overfitting(trainer, point)
-    assert reported == []
+
+    def judged(train_losses):
+        """The findings of validations ``vals`` with these training losses, one point per epoch."""
+        callback, reported = LossCurveMonitor(), []
+        callback.report = lambda trainer, check, *args, **kwargs: reported.append(check)
+        trainer = type("T", (), {"world_size": 1, "callbacks": [callback]})()
+        for epoch, (val, train) in enumerate(zip(vals, train_losses)):
+            point = {"step": 22 * (epoch + 1), "val": val, "train": train, "lr": 1e-3, "epoch": epoch}
+            callback.validations.append(point)
+            callback._judge_overfitting(trainer, point)
+        return reported
+
+    assert judged(trains) == []
     # the training loss falling over those epochs but still above validation (dropout): no gap, no overfitting
-    callback, reported = LossCurveMonitor(), []
-    callback.report = lambda trainer, check, *args, **kwargs: reported.append(check)
-    above = [*[2 * t for t in trains[:9]], 0.0180, 0.0170, 0.0160]
-    for epoch, (val, train) in enumerate(zip(vals, above)):
-        point = {"step": 22 * (epoch + 1), "val": val, "train": train, "lr": 1e-3, "epoch": epoch}
-        callback.validations.append(point)
-        callback._judge_overfitting(trainer, point)
-    assert reported == []
+    assert judged([*[2 * t for t in trains[:9]], 0.0180, 0.0170, 0.0160]) == []
     # the same validations with the training loss falling over those epochs: the gap grew, overfitting
-    callback, reported = LossCurveMonitor(), []
-    callback.report = lambda trainer, check, *args, **kwargs: reported.append(check)
-    falling = [*trains[:9], 0.0150, 0.0120, 0.0100]
-    for epoch, (val, train) in enumerate(zip(vals, falling)):
-        point = {"step": 22 * (epoch + 1), "val": val, "train": train, "lr": 1e-3, "epoch": epoch}
-        callback.validations.append(point)
-        callback._judge_overfitting(trainer, point)
-    assert reported == ["loss_curve.overfitting"]
+    assert judged([*trains[:9], 0.0150, 0.0120, 0.0100]) == ["loss_curve.overfitting"]
 
 
 def test_validation_loss_rising_with_a_one_cycle_lr_is_not_overfitting(tmp_path):
